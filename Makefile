@@ -1,0 +1,32 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medsynth-installed
+
+# Without a GPU, pin the CPU build of torch that this kind of machine provides (pip finds it
+# through its configured find-links); with a GPU, let pip resolve the range in pyproject.toml.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),,torch==2.13.0)
+
+.PHONY: install demo test test-fast benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_SPEC),$(BIN)/pip install "$(TORCH_SPEC)")
+	$(BIN)/pip install -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/medsynth run $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+clean:
+	rm -rf outputs mlflow.db mlruns mlartifacts .pytest_cache

@@ -1,0 +1,173 @@
+"""Turn an image and its label map into cached records and a manifest."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medsynth import ConfigError, MedsynthError
+from medsynth.data.manifest import Manifest, Record, write_record
+from medsynth.data.splits import block_splits
+from medsynth.io import load_nifti
+from medsynth.transforms import volume_preprocessing
+
+
+def load_pair(image_path: str | os.PathLike[str], label_path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read an image and its label map and check that they share one voxel grid.
+
+    Args:
+        image_path: The image file.
+        label_path: The label map file.
+
+    Returns:
+        ``(image, label, affine)``.
+
+    Raises:
+        MedsynthError: If a file is missing or unreadable, or the shapes or affines differ.
+    """
+    image, affine = load_nifti(image_path)
+    label, label_affine = load_nifti(label_path)
+    if image.ndim != 3:
+        raise MedsynthError(f"{image_path}: expected a 3D image, got shape {image.shape}")
+    if label.shape != image.shape:
+        raise MedsynthError(f"label map {label_path} has shape {label.shape}, but image {image_path} has {image.shape}")
+    if not np.allclose(label_affine, affine, atol=1e-3):
+        raise MedsynthError(
+            f"label map {label_path} and image {image_path} have different affines (voxel grids):\n"
+            f"label:\n{np.round(label_affine, 4)}\nimage:\n{np.round(affine, 4)}"
+        )
+    if np.any(label < 0) or not np.allclose(label, np.round(label)):
+        raise MedsynthError(f"label map {label_path} must hold non-negative integer values")
+    return image, label.astype(np.int64), affine
+
+
+def slice_affine(affine: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """Affine of the plane ``index`` along ``axis`` of a volume with ``affine`` (origin moved to that plane)."""
+    out = np.array(affine, dtype=np.float64)
+    out[:3, 3] = out[:3, 3] + out[:3, axis] * index
+    return out
+
+
+def build_slice_dataset(
+    image_path: str | os.PathLike[str],
+    label_path: str | os.PathLike[str],
+    *,
+    out_dir: str | os.PathLike[str],
+    label_names: Sequence[str],
+    case_id: str,
+    spacing: Sequence[float],
+    size: Sequence[int],
+    slice_axis: int = 2,
+    min_foreground: float = 0.05,
+    margin: int = 2,
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    block: int = 8,
+    gap: int = 2,
+    fractions: Mapping[str, float] | None = None,
+) -> Manifest:
+    """Preprocess one image/label volume into 2D slice records, then write the manifest.
+
+    The volume is reoriented to RAS, resampled, intensity-scaled and cropped by
+    :func:`medsynth.transforms.volume_preprocessing`; slices along ``slice_axis`` whose labelled
+    fraction reaches ``min_foreground`` are kept and split with :func:`block_splits`. Inputs are
+    validated before anything is written; the manifest is written last, atomically.
+
+    Args:
+        image_path: The image file.
+        label_path: The label map file.
+        out_dir: The data folder to write ``records/`` and ``manifest.json`` into.
+        label_names: Name per label value, background first.
+        case_id: Id of this case in the manifest.
+        spacing: Target spacing in mm per axis.
+        size: In-plane size (the two axes other than ``slice_axis``).
+        slice_axis: Axis cut into slices.
+        min_foreground: Smallest labelled fraction for a slice to be kept.
+        margin: Voxels kept around the label's bounding box.
+        lower_percentile: Foreground intensity percentile mapped to 0.
+        upper_percentile: Foreground intensity percentile mapped to 1.
+        block: Slices per split block.
+        gap: Slices dropped between blocks.
+        fractions: Split shares; default 70/10/20 train/validation/holdout.
+
+    Returns:
+        The written manifest.
+    """
+    if slice_axis not in (0, 1, 2):
+        raise ConfigError(f"data.slice_axis must be 0, 1 or 2, got {slice_axis}")
+    if len(spacing) != 3 or len(size) != 2:
+        raise ConfigError(f"data.spacing needs 3 values and data.size 2, got {list(spacing)} and {list(size)}")
+    fractions = dict(fractions or {"train": 0.7, "validation": 0.1, "holdout": 0.2})
+    image, label, affine = load_pair(image_path, label_path)
+    if label.max() >= len(label_names):
+        raise MedsynthError(
+            f"label map {label_path} holds value {int(label.max())}, but data.label_names names only "
+            f"{len(label_names)} values (0..{len(label_names) - 1})"
+        )
+
+    in_plane = iter(size)
+    spatial_size = [-1 if axis == slice_axis else int(next(in_plane)) for axis in range(3)]
+    chain = volume_preprocessing(
+        spacing=spacing, lower_percentile=lower_percentile, upper_percentile=upper_percentile,
+        spatial_size=spatial_size, margin=margin,
+    )
+    data = chain({
+        "image": MetaTensor(torch.from_numpy(image[None].astype(np.float32)), affine=torch.from_numpy(affine)),
+        "label": MetaTensor(torch.from_numpy(label[None].astype(np.float32)), affine=torch.from_numpy(affine)),
+    })
+    volume = data["image"].numpy().astype(np.float32)
+    labels = np.rint(data["label"].numpy()).astype(np.uint8)
+    vol_affine = np.asarray(data["image"].affine, dtype=np.float64)
+    vol_spacing = [float(v) for v in np.linalg.norm(vol_affine[:3, :3], axis=0)]
+
+    kept = [
+        k for k in range(volume.shape[1 + slice_axis])
+        if (np.take(labels, k, axis=1 + slice_axis) > 0).mean() >= min_foreground
+    ]
+    if not kept:
+        raise MedsynthError(f"no slice of {label_path} has {min_foreground:.0%} labelled pixels; lower data.min_foreground")
+    try:
+        splits = block_splits(len(kept), block=block, gap=gap, fractions=fractions)
+    except ValueError as err:
+        raise ConfigError(f"data.splits: {err}") from None
+
+    out_dir = Path(out_dir)
+    records: list[Record] = []
+    source = {"image": str(image_path), "label": str(label_path)}
+    for k, split in zip(kept, splits):
+        if split is None:
+            continue
+        record_id = f"{case_id}_s{k:03d}"
+        img = np.take(volume, k, axis=1 + slice_axis)
+        lbl = np.take(labels, k, axis=1 + slice_axis)
+        file, digest = write_record(out_dir, record_id, img, lbl)
+        records.append(
+            Record(
+                id=record_id, case=case_id, split=split, file=file, shape=list(img.shape[1:]),
+                spacing=vol_spacing, affine=slice_affine(vol_affine, slice_axis, k).tolist(),
+                sha256=digest, slice_index=k, source=source,
+            )
+        )
+    manifest = Manifest(
+        root=out_dir, spatial_dims=2, label_names=list(label_names), records=records,
+        settings={
+            "spacing": list(spacing), "size": list(size), "slice_axis": slice_axis,
+            "min_foreground": min_foreground, "intensity_percentiles": [lower_percentile, upper_percentile],
+            "splits": {"block": block, "gap": gap, "fractions": fractions},
+        },
+    )
+    manifest.write()
+    _remove_stale_records(out_dir, {r.file for r in records})
+    return manifest
+
+
+def _remove_stale_records(out_dir: Path, keep: set[str]) -> None:
+    """Delete cached records that an earlier run wrote and the new manifest no longer lists."""
+    for path in (out_dir / "records").glob("*.npz"):
+        if f"records/{path.name}" not in keep:
+            path.unlink()

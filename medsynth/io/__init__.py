@@ -1,0 +1,19 @@
+"""Reading and writing scans and outputs; the only place nibabel and pydicom are imported."""
+
+from __future__ import annotations
+
+from medsynth.io.atomic import atomic_path, write_json, write_text
+from medsynth.io.nifti import load_nifti, save_nifti
+from medsynth.io.png import colorize_labels, display_slice, picture_sheet, save_png
+
+__all__ = [
+    "atomic_path",
+    "colorize_labels",
+    "display_slice",
+    "load_nifti",
+    "picture_sheet",
+    "save_nifti",
+    "save_png",
+    "write_json",
+    "write_text",
+]

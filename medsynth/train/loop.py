@@ -1,0 +1,120 @@
+"""The training loop: one optimiser step per batch, EMA, clipping, LR schedule, progress, logging."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medsynth.train.ema import EMA
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run reports.
+
+    Attributes:
+        steps: Optimiser steps taken.
+        losses: Loss of every step, in order.
+        examples: Examples seen (images or volumes).
+        seconds: Wall time of the loop.
+    """
+
+    steps: int
+    losses: list[float]
+    examples: int
+    seconds: float
+
+    @property
+    def examples_per_second(self) -> float:
+        """Training throughput in examples per second."""
+        return self.examples / max(self.seconds, 1e-9)
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_factor: float = 0.1) -> float:
+    """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine decay to ``min_factor``.
+
+    Args:
+        step: Current optimiser step (0-based).
+        warmup_steps: Length of the warm-up.
+        max_steps: Total steps of the run.
+        min_factor: Multiplier reached at ``max_steps``.
+
+    Returns:
+        The multiplier for this step.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(
+    model: nn.Module,
+    *,
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    batches: Iterator[Batch],
+    optimizer: torch.optim.Optimizer,
+    max_steps: int,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    ema: EMA | None = None,
+    grad_clip: float | None = 1.0,
+    on_step: Callable[[int, float, float], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run ``max_steps`` optimiser steps.
+
+    Args:
+        model: The module being trained (in train mode on return).
+        loss_fn: ``loss_fn(model, batch)`` returns the scalar loss of one batch.
+        batches: Endless iterator of batches.
+        optimizer: Optimiser over ``model``'s parameters.
+        max_steps: Number of steps to take.
+        lr_scheduler: Stepped after every optimiser step.
+        ema: Updated after every optimiser step.
+        grad_clip: Largest gradient norm; ``None`` disables clipping.
+        on_step: Called as ``on_step(step, loss, lr)`` after each step (1-based step).
+        progress: Show a progress bar with step, loss and rate.
+
+    Returns:
+        Steps, per-step losses and wall time.
+    """
+    if max_steps < 1:
+        raise ValueError(f"trainer.max_steps must be >= 1, got {max_steps}")
+    model.train()
+    losses: list[float] = []
+    examples = 0
+    bar = tqdm(total=max_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    for step in range(1, max_steps + 1):
+        batch = next(batches)
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower trainer.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        value = float(loss.detach())
+        losses.append(value)
+        examples += batch[0].shape[0]
+        if on_step is not None:
+            on_step(step, value, lr)
+        elapsed = time.perf_counter() - start
+        bar.set_postfix(loss=f"{value:.4f}", img_s=f"{examples / max(elapsed, 1e-9):.1f}")
+        bar.update(1)
+    bar.close()
+    return TrainResult(steps=max_steps, losses=losses, examples=examples, seconds=time.perf_counter() - start)

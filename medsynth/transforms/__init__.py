@@ -1,0 +1,11 @@
+"""MONAI dict-transform chains: orientation, spacing, intensity, crop/pad, augmentation."""
+
+from __future__ import annotations
+
+from medsynth.transforms.chains import (
+    ForegroundPercentileScaled,
+    label_augmentation,
+    volume_preprocessing,
+)
+
+__all__ = ["ForegroundPercentileScaled", "label_augmentation", "volume_preprocessing"]

@@ -1,0 +1,1 @@
+"""Thin Hydra pipelines, one module per stage: `run(cfg)` wires library objects from the config."""

@@ -1,0 +1,106 @@
+"""What every stage shares: the Hydra entry shim, the MLflow stage run, device choice."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from monai.networks.schedulers import Scheduler
+from omegaconf import DictConfig, OmegaConf
+
+from medsynth import MedsynthError, __version__
+from medsynth.diffusion import Denoiser
+from medsynth.io import write_text
+from medsynth.tracking import Tracker, flatten
+
+log = logging.getLogger("medsynth")
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+"""Absolute path of the ``conf/`` folder, so the stages compose the same config however they are started."""
+
+
+def exit_on_user_error(stage: str, run: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Call ``run(cfg)``; a :class:`MedsynthError` ends the process with its message alone and status 2.
+
+    Set ``MEDSYNTH_DEBUG=1`` to see the traceback instead.
+    """
+    try:
+        return run(cfg)
+    except MedsynthError as err:
+        if os.environ.get("MEDSYNTH_DEBUG"):
+            raise
+        print(f"medsynth {stage}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def make_tracker(cfg: DictConfig) -> Tracker:
+    """The MLflow tracker configured by ``cfg.mlflow``."""
+    return Tracker(
+        cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name, artifact_location=cfg.mlflow.artifact_location
+    )
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain, fully resolved Python containers."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+
+
+def log_config(tracker: Tracker, run_id: str, cfg: DictConfig) -> None:
+    """Log the flattened resolved config as params and the YAML as ``config.yaml``."""
+    tracker.log_params(run_id, flatten(resolved(cfg)))
+    path = Path(cfg.paths.output) / "config.yaml"
+    write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
+    tracker.log_artifact(run_id, path)
+
+
+@contextlib.contextmanager
+def stage_run(
+    cfg: DictConfig, stage: str, *, tracker: Tracker | None = None, parent_run_id: str | None = None
+) -> Iterator[tuple[Tracker, str]]:
+    """An MLflow run for one stage, nested under ``parent_run_id`` when the stage is part of ``run``.
+
+    A top-level stage run logs the resolved config itself; a nested one leaves that to its parent.
+    """
+    tracker = tracker or make_tracker(cfg)
+    tags = {"medsynth.stage": stage, "medsynth.version": __version__, "medsynth.output": str(Path(cfg.paths.output).resolve())}
+    with tracker.run(stage, parent_run_id=parent_run_id, tags=tags) as run_id:
+        if parent_run_id is None:
+            log_config(tracker, run_id, cfg)
+        log.info("%s: MLflow run %s", stage, run_id)
+        yield tracker, run_id
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; other names are passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MedsynthError(f"device={name} was asked for, but no CUDA device is available")
+    return device
+
+
+def build_denoiser(model_cfg: DictConfig, *, num_classes: int) -> Denoiser:
+    """Instantiate ``model_cfg.network`` with the input channels its conditioning needs, wrapped as a :class:`Denoiser`."""
+    in_channels = Denoiser.in_channels(
+        conditioning=model_cfg.conditioning, image_channels=model_cfg.image_channels, num_classes=num_classes
+    )
+    network = hydra.utils.instantiate(model_cfg.network, in_channels=in_channels)
+    return Denoiser(network, conditioning=model_cfg.conditioning, num_classes=num_classes)
+
+
+def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig | dict) -> Scheduler:
+    """The sampling scheduler of ``sampler_cfg`` with the training schedule of ``scheduler_cfg``.
+
+    The noise schedule and prediction type must match training, so everything but ``_target_``
+    comes from the training scheduler's config.
+    """
+    settings = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(scheduler_cfg), resolve=True).items() if k != "_target_"}
+    return hydra.utils.instantiate(sampler_cfg, **settings)
