@@ -47,9 +47,16 @@ def load_pair(image_path: str | os.PathLike[str], label_path: str | os.PathLike[
 
 
 def slice_affine(affine: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """Affine of the plane ``index`` along ``axis`` of a volume with ``affine`` (origin moved to that plane)."""
-    out = np.array(affine, dtype=np.float64)
-    out[:3, 3] = out[:3, 3] + out[:3, axis] * index
+    """Affine of plane ``index`` along ``axis`` of a volume with ``affine``.
+
+    The plane's pixel axes are the volume's other two axes, in order, and its third axis (the
+    single-slice depth when written as NIfTI) is ``axis``; the origin moves to that plane.
+    """
+    volume = np.asarray(affine, dtype=np.float64)
+    order = [a for a in range(3) if a != axis] + [axis]
+    out = np.eye(4)
+    out[:3, :3] = volume[:3, order]
+    out[:3, 3] = volume[:3, 3] + volume[:3, axis] * index
     return out
 
 

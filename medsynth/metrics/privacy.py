@@ -13,7 +13,7 @@ def nearest_neighbours(
 
     The distance is the root-mean-square intensity difference (L2 norm divided by the square
     root of the number of voxels), so it is comparable across image sizes: 0 means an exact
-    copy; on [0, 1] images, 0.1 means a typical voxel differs by about 10% of the range.
+    copy (up to float32 rounding, about 1e-4); on [0, 1] images, 0.1 means a typical voxel differs by about 10% of the range.
     Queries are processed in chunks, so memory grows with ``chunk x len(references)``, not with
     ``len(queries) x len(references)``.
 

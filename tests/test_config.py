@@ -1,0 +1,57 @@
+"""Every preset composes with the real config files, resolves, and keeps the command-line contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipelines.common import CONFIG_DIR
+from tests.conftest import compose_config
+
+PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+GROUPS = ["data", "model", "scheduler", "trainer", "generate", "evaluate", "mlflow", "paths", "experiment"]
+
+
+def test_config_groups_exist() -> None:
+    """conf/ holds one folder per config group named in the design."""
+    for group in GROUPS:
+        assert (Path(CONFIG_DIR) / group).is_dir(), group
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_and_resolves(preset: str) -> None:
+    """Each preset composes and every interpolation resolves."""
+    cfg = compose_config([f"experiment={preset}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["paths"]["output"].endswith(cfg.name)
+    assert resolved["mlflow"]["tracking_uri"].startswith("sqlite:///")
+    assert cfg.model.network.spatial_dims == cfg.data.spatial_dims
+
+
+def test_default_is_demo() -> None:
+    """Without overrides the CPU demo on MNI152 is selected."""
+    cfg = compose_config()
+    assert cfg.name == "demo"
+    assert cfg.data.source == "mni152"
+    assert list(cfg.data.size) == [64, 64]
+    assert cfg.model.conditioning == "mask"
+
+
+def test_contract_overrides_are_accepted(tmp_path: Path) -> None:
+    """The overrides users type often exist under their documented names."""
+    cfg = compose_config([
+        f"paths.input={tmp_path}", f"paths.output={tmp_path / 'o'}", "mlflow.tracking_uri=sqlite:///x.db",
+        "trainer.max_steps=7", "generate.num_samples=3", "generate.steps=4", "generate.formats=[nifti]",
+        "model.conditioning=mask", "data=demo",
+    ])
+    assert cfg.trainer.max_steps == 7 and cfg.generate.num_samples == 3 and cfg.generate.steps == 4
+    assert cfg.paths.data == str(tmp_path / "o" / "data")
+    assert list(cfg.generate.formats) == ["nifti"]
+
+
+def test_unknown_key_is_rejected() -> None:
+    """A misspelt key fails at composition instead of being silently ignored."""
+    with pytest.raises(Exception, match="trainer.max_stepz"):
+        compose_config(["trainer.max_stepz=3"])
