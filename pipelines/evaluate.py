@@ -1,22 +1,27 @@
-"""Stage 4: the synthetic set and the real splits in, realism and privacy figures out."""
+"""Stage 4: the synthetic set and the real splits in; realism, privacy and utility figures, a verdict and a report out."""
 
 from __future__ import annotations
 
 import csv
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from medsynth import MedsynthError
-from medsynth.data import load_split, read_manifest
-from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_png, write_json
-from medsynth.metrics import closer_to_train_fraction, mean_pairwise_ssim, nearest_neighbours, tissue_intensity_distances
+from medsynth.data import LabelledArrays, load_split, read_manifest
+from medsynth.diffusion import denoising_errors, from_unit_range
+from medsynth.evaluation import privacy_figures, realism_figures, render_report, utility_figures, verdict
+from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_png, write_json, write_text
+from medsynth.metrics.segmentation import mean_dice
 from medsynth.tracking import Tracker
-from pipelines.common import CONFIG_DIR, exit_on_user_error, stage_run
+from medsynth.train import file_sha256, load_checkpoint, save_checkpoint
+from medsynth.train.encoder import FeatureEncoder, encode, train_encoder
+from medsynth.train.segmenter import segment, train_segmenter
+from pipelines.common import CONFIG_DIR, build_denoiser, exit_on_user_error, pick_device, stage_run
 
 log = logging.getLogger("medsynth")
 
@@ -40,19 +45,32 @@ def read_synthetic(folder: Path, *, spatial_dims: int) -> tuple[list[dict[str, s
             image, label = image[..., 0], label[..., 0]
         images.append(image[None])
         labels.append(label[None])
-    return rows, np.stack(images), np.rint(np.stack(labels)).astype(np.int64)
+    return rows, np.stack(images).astype(np.float32), np.rint(np.stack(labels)).astype(np.int64)
 
 
-def figure(value: float, *, better: str, meaning: str, reference: float | None = None) -> dict[str, Any]:
-    """One entry of ``metrics.json``: the value, which way is better, and a reference to read it against."""
-    entry: dict[str, Any] = {"value": float(value), "better": better, "meaning": meaning}
-    if reference is not None:
-        entry["reference"] = float(reference)
-    return entry
+def dataset_encoder(cfg: DictConfig, train: LabelledArrays, *, spatial_dims: int, device: torch.device) -> FeatureEncoder:
+    """The dataset's feature encoder: loaded from ``data/encoder.pt`` when it was trained on this manifest, else trained and saved."""
+    e = cfg.evaluate.encoder
+    path = Path(cfg.paths.data) / "encoder.pt"
+    manifest_hash = file_sha256(Path(cfg.paths.data) / "manifest.json")
+    settings = OmegaConf.to_container(e, resolve=True)
+    if path.is_file():
+        saved = load_checkpoint(path)
+        if saved.get("manifest_sha256") == manifest_hash and saved.get("settings") == settings:
+            encoder = FeatureEncoder(spatial_dims=spatial_dims, channels=e.channels)
+            encoder.load_state_dict(saved["state"])
+            return encoder.eval()
+    log.info("evaluate: training the feature encoder on %d real training images", len(train))
+    encoder = train_encoder(
+        train, spatial_dims=spatial_dims, channels=e.channels, steps=e.steps, batch_size=e.batch_size, lr=e.lr,
+        temperature=e.temperature, seed=cfg.evaluate.seed, device=device, progress=cfg.trainer.progress,
+    )
+    save_checkpoint(path, {"state": encoder.state_dict(), "manifest_sha256": manifest_hash, "settings": settings})
+    return encoder
 
 
 def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:
-    """Compute realism and privacy figures of the synthetic set listed in ``synthetic/manifest.csv``.
+    """Audit the synthetic set listed in ``synthetic/manifest.csv`` against the real splits.
 
     Args:
         cfg: The composed config.
@@ -64,78 +82,124 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
     """
     e = cfg.evaluate
     with stage_run(cfg, "evaluate", tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
+        device = pick_device(e.device)
         manifest = read_manifest(cfg.paths.data)
         rows, syn_images, syn_labels = read_synthetic(Path(cfg.paths.synthetic), spatial_dims=manifest.spatial_dims)
-        train = load_split(manifest, "train")
-        holdout = load_split(manifest, "holdout")
-        train_images, holdout_images = train.images.numpy(), holdout.images.numpy()
-        if syn_images.shape[1:] != holdout_images.shape[1:]:
+        train, holdout = load_split(manifest, "train"), load_split(manifest, "holdout")
+        if syn_images.shape[1:] != tuple(holdout.images.shape[1:]):
             raise MedsynthError(
-                f"synthetic images have shape {syn_images.shape[1:]}, the dataset {holdout_images.shape[1:]}: "
+                f"synthetic images have shape {syn_images.shape[1:]}, the dataset {tuple(holdout.images.shape[1:])}: "
                 "generate again from a model trained on this dataset"
             )
-        names = manifest.label_names
-        dims = manifest.spatial_dims
+        names, dims, num_classes = manifest.label_names, manifest.spatial_dims, manifest.num_classes
+        train_images, train_labels = train.images.numpy(), train.labels.numpy()
+        holdout_images, holdout_labels = holdout.images.numpy(), holdout.labels.numpy()
+        synthetic = LabelledArrays(torch.from_numpy(syn_images), torch.from_numpy(syn_labels), [r["sample_id"] for r in rows], [])
 
-        metrics: dict[str, dict[str, Any]] = {}
-        syn_tissue = tissue_intensity_distances(holdout_images, holdout.labels.numpy(), syn_images, syn_labels, label_names=names)
-        ref_tissue = tissue_intensity_distances(holdout_images, holdout.labels.numpy(), train_images, train.labels.numpy(), label_names=names)
-        for name, value in syn_tissue.items():
-            metrics[f"realism/intensity_w1_{name}"] = figure(
-                value, better="lower", reference=ref_tissue.get(name),
-                meaning=f"Wasserstein-1 distance of {name} intensities, synthetic vs real holdout ([0,1] scale); reference: real train vs holdout",
-            )
-        metrics["realism/ssim_diversity"] = figure(
-            mean_pairwise_ssim(syn_images, spatial_dims=dims, max_pairs=e.max_ssim_pairs), better="closer to reference",
-            reference=mean_pairwise_ssim(holdout_images, spatial_dims=dims, max_pairs=e.max_ssim_pairs),
-            meaning="mean SSIM between pairs of synthetic images; reference: the same among real holdout images; above it = too little variety",
-        )
+        encoder = dataset_encoder(cfg, train, spatial_dims=dims, device=device).to(device)
+        features = {name: encode(encoder, torch.as_tensor(x)).numpy()
+                    for name, x in (("train", train_images), ("holdout", holdout_images), ("synthetic", syn_images))}
 
-        to_train, nearest_train = nearest_neighbours(syn_images, train_images)
-        to_holdout, _ = nearest_neighbours(syn_images, holdout_images)
-        holdout_to_train, _ = nearest_neighbours(holdout_images, train_images)
-        metrics["privacy/closer_to_train_fraction"] = figure(
-            closer_to_train_fraction(to_train, to_holdout), better="0.5 (higher = memorisation)", reference=0.5,
-            meaning="fraction of synthetic images nearer to a training image than to any holdout image (pixel RMSE)",
+        s = e.segmenter
+        segmenter_args = dict(num_classes=num_classes, spatial_dims=dims, channels=s.channels, steps=s.steps,
+                              batch_size=s.batch_size, lr=s.lr, seed=e.seed, device=device, progress=cfg.trainer.progress)
+        both = LabelledArrays(torch.cat([train.images, synthetic.images]), torch.cat([train.labels, synthetic.labels]),
+                              train.ids + synthetic.ids, [])
+        segmenters = {name: train_segmenter(data, desc=f"segmenter ({name})", **segmenter_args)
+                      for name, data in (("real", train), ("synthetic", synthetic), ("real+synthetic", both))}
+
+        def holdout_dice(name: str) -> float:
+            return mean_dice(segment(segmenters[name], holdout.images), holdout_labels, num_classes=num_classes)
+
+        checkpoint = load_checkpoint(cfg.generate.checkpoint)
+        train_cfg = OmegaConf.create(checkpoint["config"])
+        model = build_denoiser(train_cfg.model, num_classes=num_classes)
+        model.load_state_dict(checkpoint["ema"]["shadow"])
+        model.to(device)
+        scheduler = hydra.utils.instantiate(train_cfg.scheduler)
+        errors = {name: denoising_errors(model, from_unit_range(data.images), data.labels, scheduler,
+                                         timesteps=list(e.membership.timesteps), seed=e.seed).numpy()
+                  for name, data in (("train", train), ("holdout", holdout))}
+
+        figures = realism_figures(
+            train_images=train_images, train_labels=train_labels, holdout_images=holdout_images,
+            holdout_labels=holdout_labels, synthetic_images=syn_images, synthetic_labels=syn_labels,
+            train_features=features["train"], holdout_features=features["holdout"], synthetic_features=features["synthetic"],
+            label_names=names, spatial_dims=dims, max_ssim_pairs=e.max_ssim_pairs, seed=e.seed,
+            segment=lambda x: segment(segmenters["real"], torch.as_tensor(x)).numpy(),
         )
-        metrics["privacy/min_distance_to_train"] = figure(
-            to_train.min(), better="higher", reference=holdout_to_train.min(),
-            meaning="smallest pixel RMSE from a synthetic image to a training image; reference: smallest holdout-to-train distance",
+        privacy, correlation, nearest = privacy_figures(
+            train_images=train_images, train_labels=train_labels, holdout_images=holdout_images,
+            holdout_labels=holdout_labels, synthetic_images=syn_images, synthetic_labels=syn_labels,
+            train_features=features["train"], holdout_features=features["holdout"], synthetic_features=features["synthetic"],
+            num_classes=num_classes, member_errors=errors["train"], nonmember_errors=errors["holdout"],
+            memorisation_threshold=e.memorisation_threshold,
         )
-        metrics["privacy/p05_distance_to_train"] = figure(
-            np.percentile(to_train, 5), better="higher", reference=np.percentile(holdout_to_train, 5),
-            meaning="5th percentile of synthetic-to-train pixel RMSE; reference: the same for holdout-to-train",
-        )
-        metrics["privacy/median_distance_to_train"] = figure(
-            np.median(to_train), better="close to reference", reference=np.median(holdout_to_train),
-            meaning="median synthetic-to-train pixel RMSE; reference: the same for holdout-to-train",
-        )
-        metrics["privacy/below_holdout_p05_count"] = figure(
-            int(np.sum(to_train < np.percentile(holdout_to_train, 5))), better="lower",
-            meaning="synthetic images nearer to a training image than 95% of real holdout images are",
-        )
+        figures += privacy
+        figures += utility_figures(dice_real=holdout_dice("real"), dice_synthetic=holdout_dice("synthetic"),
+                                   dice_both=holdout_dice("real+synthetic"))
+        limits = {k: dict(v) for k, v in OmegaConf.to_container(e.limits, resolve=True).items() if v is not None}
+        passed, reasons = verdict(figures, limits)
 
         out = Path(cfg.paths.evaluation)
-        body = {"num_synthetic": len(rows), "num_train": len(train), "num_holdout": len(holdout), "metrics": metrics}
-        metrics_path = write_json(out / "metrics.json", body)
-        tracker.log_metrics(run_id, {name.replace("/", "_"): m["value"] for name, m in metrics.items()})
-        tracker.log_artifact(run_id, metrics_path, artifact_path="evaluation")
-
+        pictures: dict[str, Path] = {}
         if dims == 2:
-            source_index = {rid: i for i, rid in enumerate(train.ids)}
-            sheet_rows = []
-            for i, row in enumerate(rows[: e.sheet_rows]):
-                src = source_index.get(row["label_source"])
-                real = train.images[src, 0].numpy() if src is not None else np.zeros(syn_images.shape[2:])
-                sheet_rows.append([
-                    colorize_labels(display_slice(syn_labels[i, 0])), display_slice(syn_images[i, 0]),
-                    display_slice(real), display_slice(train_images[nearest_train[i], 0]),
-                ])
-            sheet = save_png(out / "comparison.png", picture_sheet(
-                sheet_rows, titles=["label", "synthetic", "real (label src)", "nearest train"]))
-            tracker.log_artifact(run_id, sheet, artifact_path="evaluation")
-        log.info("evaluate: %s", ", ".join(f"{k}={v['value']:.4g}" for k, v in metrics.items()))
+            pictures = _picture_sheets(out, rows, syn_images, syn_labels, train, correlation, nearest, sheet_rows=e.sheet_rows)
+        body = {
+            "num_synthetic": len(rows), "num_train": len(train), "num_holdout": len(holdout),
+            "verdict": {"passed": passed, "reasons": reasons, "limits": limits},
+            "metrics": {f.name: f.as_json() for f in figures},
+            "label_intensity_stats": _intensity_stats(names, train_images, train_labels, holdout_images, holdout_labels, syn_images, syn_labels),
+        }
+        metrics_path = write_json(out / "metrics.json", body)
+        facts = {"synthetic samples": str(len(rows)), "training records": str(len(train)),
+                 "holdout records": str(len(holdout)), "checkpoint sha256": rows[0].get("checkpoint_sha256", ""),
+                 "MLflow run": run_id}
+        report = write_text(out / "report.html", render_report(
+            title=f"medsynth evaluation: {cfg.name}", figures=figures, passed=passed, reasons=reasons,
+            pictures=pictures, facts=facts))
+
+        tracker.log_metrics(run_id, {f.name.replace("/", "_"): f.value for f in figures if np.isfinite(f.value)})
+        tracker.set_tags(run_id, {"medsynth.verdict": "pass" if passed else "fail",
+                                  "medsynth.verdict_reasons": "; ".join(reasons) or "all limits hold"})
+        for path in (metrics_path, report, *pictures.values()):
+            tracker.log_artifact(run_id, path, artifact_path="evaluation")
+        if parent_run_id:
+            tracker.log_metrics(parent_run_id, {f.name.replace("/", "_"): f.value for f in figures if f.headline and np.isfinite(f.value)})
+            tracker.set_tags(parent_run_id, {"medsynth.verdict": "pass" if passed else "fail"})
+        log.info("evaluate: verdict %s%s", "PASS" if passed else "FAIL", "" if passed else ": " + "; ".join(reasons))
+        log.info("evaluate: %s", ", ".join(f"{f.name}={f.value:.4g}" for f in figures if f.headline))
         return metrics_path
+
+
+def _intensity_stats(names, train_images, train_labels, holdout_images, holdout_labels, syn_images, syn_labels) -> dict:
+    from medsynth.metrics import label_intensity_stats
+
+    return {split: label_intensity_stats(images, labels, label_names=names)
+            for split, images, labels in (("train", train_images, train_labels), ("holdout", holdout_images, holdout_labels),
+                                          ("synthetic", syn_images, syn_labels))}
+
+
+def _picture_sheets(out: Path, rows, syn_images, syn_labels, train: LabelledArrays, correlation, nearest, *, sheet_rows: int) -> dict[str, Path]:
+    """The comparison sheet (label, synthetic, real source, nearest train) and the five most similar pairs."""
+    source_index = {rid: i for i, rid in enumerate(train.ids)}
+    blank = np.zeros(syn_images.shape[2:])
+    comparison = []
+    for i, row in enumerate(rows[:sheet_rows]):
+        src = source_index.get(row["label_source"])
+        comparison.append([
+            colorize_labels(display_slice(syn_labels[i, 0])), display_slice(syn_images[i, 0]),
+            display_slice(train.images[src, 0].numpy() if src is not None else blank),
+            display_slice(train.images[nearest[i], 0].numpy()),
+        ])
+    top = np.argsort(-correlation)[:5]
+    pairs = [[display_slice(syn_images[i, 0]), display_slice(train.images[nearest[i], 0].numpy())] for i in top]
+    return {
+        "Synthetic samples beside real images": save_png(out / "comparison.png", picture_sheet(
+            comparison, titles=["label", "synthetic", "real (label src)", "nearest train"])),
+        "The five synthetic images most correlated with a training image": save_png(out / "most_similar_pairs.png", picture_sheet(
+            pairs, titles=["synthetic", "training"])),
+    }
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -26,9 +25,6 @@ def run(cfg: DictConfig) -> str:
         log_config(tracker, run_id, cfg)
         for stage in (preprocess, train, generate, evaluate):
             stage.run(cfg, tracker=tracker, parent_run_id=run_id)
-        metrics_path = Path(cfg.paths.evaluation) / "metrics.json"
-        summary = json.loads(metrics_path.read_text(encoding="utf-8"))["metrics"]
-        tracker.log_metrics(run_id, {k.replace("/", "_"): v["value"] for k, v in summary.items()})
         tracker.log_metrics(run_id, {"pipeline_seconds": time.perf_counter() - start})
     print(f"\nmedsynth run finished in {time.perf_counter() - start:.0f} s; outputs in {cfg.paths.output}")
     print(f"MLflow run id: {run_id} (experiment '{cfg.mlflow.experiment_name}')")

@@ -33,6 +33,13 @@ TINY = [
     "generate.num_samples=5",
     "generate.batch_size=3",
     "evaluate.sheet_rows=3",
+    "evaluate.encoder.channels=[8,16]",
+    "evaluate.encoder.steps=3",
+    "evaluate.encoder.batch_size=8",
+    "evaluate.segmenter.channels=[8,16]",
+    "evaluate.segmenter.steps=3",
+    "evaluate.segmenter.batch_size=4",
+    "evaluate.membership.timesteps=[2,5]",
 ]
 
 

@@ -317,3 +317,28 @@ def test_tpr_at_fpr_chance_and_perfect_attack() -> None:
     assert tpr_at_fpr(np.array([3.0, 4.0]), np.array([0.0, 1.0, 2.0]), fpr=0.0) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         tpr_at_fpr(np.array([1.0]), np.array([0.0]), fpr=1.5)
+
+
+def test_dice_per_class_pooled_over_the_set() -> None:
+    from medsynth.metrics.segmentation import dice_per_class, mean_dice
+
+    target = np.array([[[1, 1, 0, 2]], [[0, 0, 0, 0]]])
+    prediction = np.array([[[1, 0, 0, 2]], [[0, 0, 0, 1]]])
+    # class 1: |P & T| = 1, |P| = 2, |T| = 2 -> 0.5; class 2: 1.0; class 3 absent -> NaN
+    values = dice_per_class(prediction, target, num_classes=4)
+    np.testing.assert_allclose(values[:2], [0.5, 1.0])
+    assert np.isnan(values[2])
+    assert mean_dice(prediction, target, num_classes=4) == pytest.approx(0.75)
+
+
+def test_orthogonal_slices_cut_every_axis() -> None:
+    from medsynth.metrics.realism import orthogonal_slices
+
+    volumes = np.arange(2 * 1 * 3 * 4 * 5, dtype=np.float32).reshape(2, 1, 3, 4, 5)
+    cuts = orthogonal_slices(volumes)
+    assert cuts["sagittal"].shape == (6, 1, 4, 5)
+    assert cuts["coronal"].shape == (8, 1, 3, 5)
+    assert cuts["axial"].shape == (10, 1, 3, 4)
+    np.testing.assert_array_equal(cuts["axial"][1], volumes[0, :, :, :, 1])
+    with pytest.raises(ValueError):
+        orthogonal_slices(volumes[0])

@@ -54,18 +54,26 @@ def test_demo_pipeline_end_to_end(tiny_config, tmp_path: Path) -> None:
     np.testing.assert_allclose(label_affine, affine)
     assert set(np.unique(label)) <= {0, 1, 2, 3}
 
-    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())["metrics"]
-    assert 0.0 <= metrics["privacy/closer_to_train_fraction"]["value"] <= 1.0
-    assert metrics["privacy/min_distance_to_train"]["value"] > 0.0
-    assert all("better" in m and np.isfinite(m["value"]) for m in metrics.values())
+    evaluation = json.loads((out / "evaluation" / "metrics.json").read_text())
+    metrics = evaluation["metrics"]
+    assert 0.0 <= metrics["privacy/closer_to_train_fraction_pixel"]["value"] <= 1.0
+    assert metrics["privacy/min_distance_to_train_pixel"]["value"] > 0.0
+    assert 0.0 <= metrics["privacy/membership_auc"]["value"] <= 1.0
+    assert {"utility/dice_real_only", "utility/dice_synthetic_only", "utility/dice_real_plus_synthetic"} <= set(metrics)
+    assert all("better" in m and "meaning" in m for m in metrics.values())
+    assert all(np.isfinite(m["value"]) for m in metrics.values() if m["value"] is not None)
+    assert isinstance(evaluation["verdict"]["passed"], bool)
     assert (out / "evaluation" / "comparison.png").is_file()
+    assert "Verdict" in (out / "evaluation" / "report.html").read_text()
+    assert (out / "data" / "encoder.pt").is_file()
 
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     parent = client.get_run(run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["trainer.max_steps"] == "3"
     assert parent.data.params["model.conditioning"] == "mask"
-    assert "privacy_closer_to_train_fraction" in parent.data.metrics
+    assert "privacy_membership_auc" in parent.data.metrics
+    assert parent.data.tags["medsynth.verdict"] in {"pass", "fail"}
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     stages = {c.data.tags["medsynth.stage"]: c for c in children}
     assert set(stages) == {"preprocess", "train", "generate", "evaluate"}
@@ -74,7 +82,9 @@ def test_demo_pipeline_end_to_end(tiny_config, tmp_path: Path) -> None:
     assert [m.step for m in losses] == [1, 2, 3] and all(np.isfinite(m.value) for m in losses)
     assert any(p.startswith("samples/") for p in artifact_paths(client, stages["train"].info.run_id))
     assert "synthetic/manifest.csv" in artifact_paths(client, stages["generate"].info.run_id)
-    assert {"evaluation/metrics.json", "evaluation/comparison.png"} <= artifact_paths(client, stages["evaluate"].info.run_id)
+    assert {"evaluation/metrics.json", "evaluation/comparison.png", "evaluation/report.html",
+            "evaluation/most_similar_pairs.png"} <= artifact_paths(client, stages["evaluate"].info.run_id)
+    assert stages["evaluate"].data.tags["medsynth.verdict"] == parent.data.tags["medsynth.verdict"]
     assert "data/manifest.json" in artifact_paths(client, stages["preprocess"].info.run_id)
     assert "config.yaml" in artifact_paths(client, run_id)
 

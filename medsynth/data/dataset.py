@@ -29,7 +29,7 @@ class LabelledArrays:
     affines: list[np.ndarray]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.images.shape[0])
 
 
 def load_split(manifest: Manifest, split: str) -> LabelledArrays:
@@ -74,6 +74,8 @@ def infinite_batches(
         An endless iterator of batches.
     """
     n = len(data)
+    if n == 0 or batch_size < 1:
+        raise ValueError(f"need a non-empty dataset and batch_size >= 1, got {n} examples and batch_size {batch_size}")
     batch_size = min(batch_size, n)
     while True:
         order = torch.randperm(n, generator=generator)

@@ -37,11 +37,60 @@ def diffusion_loss(
     # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
     x_t = scheduler.add_noise(original_samples=x0, noise=eps, timesteps=t)
     # target: eps, x0, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0
-    if scheduler.prediction_type == "epsilon":
-        target = eps
-    elif scheduler.prediction_type == "sample":
-        target = x0
-    else:
-        target = scheduler.get_velocity(sample=x0, noise=eps, timesteps=t)
+    target = prediction_target(scheduler, x0, eps, t)
     prediction = model(x_t, t, label)
     return F.mse_loss(prediction.float(), target.float())
+
+
+def prediction_target(scheduler: Scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the network regresses under the scheduler's ``prediction_type``: eps, x0 or velocity."""
+    if scheduler.prediction_type == "epsilon":
+        return eps
+    if scheduler.prediction_type == "sample":
+        return x0
+    return scheduler.get_velocity(sample=x0, noise=eps, timesteps=t)
+
+
+@torch.no_grad()
+def denoising_errors(
+    model: Denoiser,
+    x0: torch.Tensor,
+    label: torch.Tensor,
+    scheduler: Scheduler,
+    *,
+    timesteps: list[int],
+    seed: int = 0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Per-example denoising error at fixed timesteps with fixed noise: a membership-inference score.
+
+    A model tends to denoise the images it was trained on better than new ones, so a low error
+    hints that an example was in the training set (Carlini et al. 2023). The same noise draw is
+    used for every example at a given timestep, so the errors of different sets are comparable.
+
+    Args:
+        model: The trained denoiser (EMA weights).
+        x0: ``(N, C, *spatial)`` clean images in model range [-1, 1].
+        label: ``(N, 1, *spatial)`` their label maps.
+        scheduler: The training scheduler.
+        timesteps: Timesteps to average over.
+        seed: Seed of the noise draws.
+        batch_size: Examples per forward pass.
+
+    Returns:
+        ``(N,)`` mean squared error of each example, averaged over ``timesteps``.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(x0.shape[0])
+    for k, step in enumerate(timesteps):
+        # one noise image, shared by every example at this timestep
+        eps = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + k))
+        for start in range(0, x0.shape[0], batch_size):
+            x = x0[start : start + batch_size].to(device)
+            e = eps.expand_as(x).to(device)
+            t = torch.full((x.shape[0],), int(step), device=device, dtype=torch.long)
+            x_t = scheduler.add_noise(original_samples=x, noise=e, timesteps=t)
+            error = (model(x_t, t, label[start : start + batch_size].to(device)) - prediction_target(scheduler, x, e, t)) ** 2
+            total[start : start + batch_size] += error.flatten(1).mean(dim=1).cpu()
+    return total / len(timesteps)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import SSIMMetric
+from monai.metrics import MultiScaleSSIMMetric, SSIMMetric
 from scipy.stats import wasserstein_distance
 
 
@@ -49,21 +49,27 @@ def tissue_intensity_distances(
     return out
 
 
-def mean_pairwise_ssim(images: np.ndarray | torch.Tensor, *, spatial_dims: int, max_pairs: int = 2000, seed: int = 0) -> float:
-    """Mean SSIM over pairs of distinct images of one set: a (inverse) measure of diversity.
+def mean_pairwise_ssim(
+    images: np.ndarray | torch.Tensor, *, spatial_dims: int, max_pairs: int = 2000, seed: int = 0, multiscale: bool = True
+) -> float:
+    """Mean (MS-)SSIM over pairs of distinct images of one set: an inverse measure of diversity.
 
     Compare the synthetic set's value with the real set's: a synthetic value well above the real
     one means the generator produces too little variety (mode collapse); close to the real value
     is best. Alone, lower means more diverse.
+
+    With ``multiscale=True`` this is MS-SSIM with as many of the standard five scales as the image
+    size allows for a 7-voxel window (at least one; one scale is plain SSIM).
 
     Args:
         images: ``(N, C, *spatial)`` intensities in [0, 1], ``N >= 2``.
         spatial_dims: 2 or 3.
         max_pairs: Use at most this many pairs, drawn at random without repetition.
         seed: Seed for the pair draw.
+        multiscale: MS-SSIM (True) or single-scale SSIM (False).
 
     Returns:
-        Mean SSIM in [-1, 1].
+        Mean (MS-)SSIM in [-1, 1].
     """
     x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
     n = x.shape[0]
@@ -73,8 +79,45 @@ def mean_pairwise_ssim(images: np.ndarray | torch.Tensor, *, spatial_dims: int, 
     if i.numel() > max_pairs:
         keep = torch.randperm(i.numel(), generator=torch.Generator().manual_seed(seed))[:max_pairs]
         i, j = i[keep], j[keep]
-    win = min(7, *x.shape[2:])
+    smallest = min(x.shape[2:])
+    win = min(7, smallest)
     win -= 1 - win % 2  # odd window, no larger than the image
-    metric = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0, win_size=win)
+    scales = 1
+    while multiscale and scales < len(_MS_SSIM_WEIGHTS) and (win - 1) * 2 ** scales < smallest:
+        scales += 1
+    if scales == 1:
+        metric = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0, win_size=win)
+    else:
+        weights = _MS_SSIM_WEIGHTS[:scales]
+        metric = MultiScaleSSIMMetric(
+            spatial_dims=spatial_dims, data_range=1.0, kernel_size=win, weights=[w / sum(weights) for w in weights]
+        )
     values = [metric(x[i[k : k + 256]], x[j[k : k + 256]]) for k in range(0, i.numel(), 256)]
     return float(torch.cat(values).mean())
+
+
+# Scale weights of Wang et al. (2003) for MS-SSIM; truncated and renormalised for small images.
+_MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def orthogonal_slices(volumes: np.ndarray, *, step: int = 1) -> dict[str, np.ndarray]:
+    """Cut ``(N, C, X, Y, Z)`` volumes into 2D slices along each axis (the 2.5D protocol of MAISI).
+
+    2D metrics (features of a 2D encoder, SSIM) are then computed per orientation and reported
+    side by side, so a 3D generator is judged in all three planes.
+
+    Args:
+        volumes: RAS volumes, channel-first.
+        step: Keep every ``step``-th slice.
+
+    Returns:
+        ``{"sagittal": (N*X', C, Y, Z), "coronal": (N*Y', C, X, Z), "axial": (N*Z', C, X, Y)}``.
+    """
+    v = np.asarray(volumes)
+    if v.ndim != 5:
+        raise ValueError(f"expected (N, C, X, Y, Z) volumes, got shape {v.shape}")
+    out = {}
+    for name, axis in (("sagittal", 2), ("coronal", 3), ("axial", 4)):
+        moved = np.moveaxis(v, axis, 1)[:, ::step]  # (N, S, C, a, b)
+        out[name] = moved.reshape(-1, *moved.shape[2:])
+    return out

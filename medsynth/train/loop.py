@@ -68,6 +68,7 @@ def train(
     grad_clip: float | None = 1.0,
     on_step: Callable[[int, float, float], None] | None = None,
     progress: bool = True,
+    desc: str = "train",
 ) -> TrainResult:
     """Run ``max_steps`` optimiser steps.
 
@@ -82,6 +83,7 @@ def train(
         grad_clip: Largest gradient norm; ``None`` disables clipping.
         on_step: Called as ``on_step(step, loss, lr)`` after each step (1-based step).
         progress: Show a progress bar with step, loss and rate.
+        desc: Label of the progress bar.
 
     Returns:
         Steps, per-step losses and wall time.
@@ -91,7 +93,7 @@ def train(
     model.train()
     losses: list[float] = []
     examples = 0
-    bar = tqdm(total=max_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=max_steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     for step in range(1, max_steps + 1):
         batch = next(batches)
