@@ -14,8 +14,9 @@ from omegaconf import DictConfig, OmegaConf
 from medsynth import MedsynthError
 from medsynth.data import LabelledArrays, load_split, read_manifest
 from medsynth.diffusion import denoising_errors, from_unit_range
-from medsynth.evaluation import privacy_figures, realism_figures, render_report, utility_figures, verdict
+from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, render_report, utility_figures, verdict
 from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_png, write_json, write_text
+from medsynth.metrics import label_intensity_stats
 from medsynth.metrics.segmentation import mean_dice
 from medsynth.tracking import Tracker
 from medsynth.train import file_sha256, load_checkpoint, save_checkpoint
@@ -121,18 +122,17 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
                                          timesteps=list(e.membership.timesteps), seed=e.seed).numpy()
                   for name, data in (("train", train), ("holdout", holdout))}
 
+        sets = (
+            AuditSet(train_images, train_labels, features["train"]),
+            AuditSet(holdout_images, holdout_labels, features["holdout"]),
+            AuditSet(syn_images, syn_labels, features["synthetic"]),
+        )
         figures = realism_figures(
-            train_images=train_images, train_labels=train_labels, holdout_images=holdout_images,
-            holdout_labels=holdout_labels, synthetic_images=syn_images, synthetic_labels=syn_labels,
-            train_features=features["train"], holdout_features=features["holdout"], synthetic_features=features["synthetic"],
-            label_names=names, spatial_dims=dims, max_ssim_pairs=e.max_ssim_pairs, seed=e.seed,
+            *sets, label_names=names, spatial_dims=dims, max_ssim_pairs=e.max_ssim_pairs, seed=e.seed,
             segment=lambda x: segment(segmenters["real"], torch.as_tensor(x)).numpy(),
         )
         privacy, correlation, nearest = privacy_figures(
-            train_images=train_images, train_labels=train_labels, holdout_images=holdout_images,
-            holdout_labels=holdout_labels, synthetic_images=syn_images, synthetic_labels=syn_labels,
-            train_features=features["train"], holdout_features=features["holdout"], synthetic_features=features["synthetic"],
-            num_classes=num_classes, member_errors=errors["train"], nonmember_errors=errors["holdout"],
+            *sets, num_classes=num_classes, member_errors=errors["train"], nonmember_errors=errors["holdout"],
             memorisation_threshold=e.memorisation_threshold,
         )
         figures += privacy
@@ -149,7 +149,8 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
             "num_synthetic": len(rows), "num_train": len(train), "num_holdout": len(holdout),
             "verdict": {"passed": passed, "reasons": reasons, "limits": limits},
             "metrics": {f.name: f.as_json() for f in figures},
-            "label_intensity_stats": _intensity_stats(names, train_images, train_labels, holdout_images, holdout_labels, syn_images, syn_labels),
+            "label_intensity_stats": {split: label_intensity_stats(x.images, x.labels, label_names=names)
+                                      for split, x in zip(("train", "holdout", "synthetic"), sets)},
         }
         metrics_path = write_json(out / "metrics.json", body)
         facts = {"synthetic samples": str(len(rows)), "training records": str(len(train)),
@@ -172,15 +173,17 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
         return metrics_path
 
 
-def _intensity_stats(names, train_images, train_labels, holdout_images, holdout_labels, syn_images, syn_labels) -> dict:
-    from medsynth.metrics import label_intensity_stats
-
-    return {split: label_intensity_stats(images, labels, label_names=names)
-            for split, images, labels in (("train", train_images, train_labels), ("holdout", holdout_images, holdout_labels),
-                                          ("synthetic", syn_images, syn_labels))}
-
-
-def _picture_sheets(out: Path, rows, syn_images, syn_labels, train: LabelledArrays, correlation, nearest, *, sheet_rows: int) -> dict[str, Path]:
+def _picture_sheets(
+    out: Path,
+    rows: list[dict[str, str]],
+    syn_images: np.ndarray,
+    syn_labels: np.ndarray,
+    train: LabelledArrays,
+    correlation: np.ndarray,
+    nearest: np.ndarray,
+    *,
+    sheet_rows: int,
+) -> dict[str, Path]:
     """The comparison sheet (label, synthetic, real source, nearest train) and the five most similar pairs."""
     source_index = {rid: i for i, rid in enumerate(train.ids)}
     blank = np.zeros(syn_images.shape[2:])

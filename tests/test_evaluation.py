@@ -10,7 +10,7 @@ import torch
 
 from medsynth.data import LabelledArrays
 from medsynth.diffusion import denoising_errors
-from medsynth.evaluation import Figure, privacy_figures, realism_figures, render_report, utility_figures, verdict
+from medsynth.evaluation import AuditSet, Figure, privacy_figures, realism_figures, render_report, utility_figures, verdict
 from medsynth.io import save_png
 from medsynth.train.encoder import FeatureEncoder, encode, nt_xent, train_encoder
 from medsynth.train.segmenter import segment, train_segmenter
@@ -43,9 +43,8 @@ def privacy_case(synthetic_images: np.ndarray, synthetic_labels: np.ndarray):
     train_i, train_l = blobs(30, seed=1)
     hold_i, hold_l = blobs(20, seed=2)
     return privacy_figures(
-        train_images=train_i, train_labels=train_l, holdout_images=hold_i, holdout_labels=hold_l,
-        synthetic_images=synthetic_images, synthetic_labels=synthetic_labels, train_features=features(train_i),
-        holdout_features=features(hold_i), synthetic_features=features(synthetic_images), num_classes=3,
+        AuditSet(train_i, train_l, features(train_i)), AuditSet(hold_i, hold_l, features(hold_i)),
+        AuditSet(synthetic_images, synthetic_labels, features(synthetic_images)), num_classes=3,
         member_errors=np.linspace(0, 1, 30), nonmember_errors=np.linspace(2, 3, 20),
     )
 
@@ -87,10 +86,8 @@ def test_realism_ranks_real_like_images_above_noise() -> None:
 
     def realism(images: np.ndarray) -> dict[str, float]:
         return by_name(realism_figures(
-            train_images=train_i, train_labels=train_l, holdout_images=hold_i, holdout_labels=hold_l,
-            synthetic_images=images, synthetic_labels=good_l, train_features=features(train_i),
-            holdout_features=features(hold_i), synthetic_features=features(images), label_names=["bg", "disc", "square"],
-            spatial_dims=2, segment=lambda x: (np.asarray(x) > 0.3).astype(np.int64) + (np.asarray(x) > 0.7),
+            AuditSet(train_i, train_l, features(train_i)), AuditSet(hold_i, hold_l, features(hold_i)),
+            AuditSet(images, good_l, features(images)), label_names=["bg", "disc", "square"], spatial_dims=2, segment=lambda x: (np.asarray(x) > 0.3).astype(np.int64) + (np.asarray(x) > 0.7),
         ))
 
     good, bad = realism(good_i), realism(noise)

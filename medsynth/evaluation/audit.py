@@ -6,6 +6,7 @@ against real holdout, which shows what "as good as real" looks like at this samp
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -30,6 +31,21 @@ from medsynth.metrics import (
 from medsynth.metrics.segmentation import mean_dice
 
 
+@dataclasses.dataclass(frozen=True)
+class AuditSet:
+    """One set of the audit (real train, real holdout, or synthetic).
+
+    Attributes:
+        images: ``(N, C, *spatial)`` intensities in [0, 1].
+        labels: ``(N, 1, *spatial)`` integer label maps.
+        features: ``(N, D)`` encoder features of the images.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+
+
 def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
     """``n`` rows of ``x`` drawn without replacement (all rows when ``n >= len(x)``)."""
     if n >= len(x):
@@ -38,16 +54,10 @@ def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def realism_figures(
+    train: AuditSet,
+    holdout: AuditSet,
+    synthetic: AuditSet,
     *,
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    holdout_images: np.ndarray,
-    holdout_labels: np.ndarray,
-    synthetic_images: np.ndarray,
-    synthetic_labels: np.ndarray,
-    train_features: np.ndarray,
-    holdout_features: np.ndarray,
-    synthetic_features: np.ndarray,
     label_names: Sequence[str],
     spatial_dims: int,
     segment: Callable[[np.ndarray], np.ndarray],
@@ -60,9 +70,9 @@ def realism_figures(
     the holdout, because Fréchet distance and KID depend on the sample size.
 
     Args:
-        train_images, train_labels, holdout_images, holdout_labels: Real splits, ``(N, C, *spatial)``.
-        synthetic_images, synthetic_labels: The synthetic set and its label maps.
-        train_features, holdout_features, synthetic_features: Encoder features, ``(N, D)``.
+        train: Real training set.
+        holdout: Real holdout set.
+        synthetic: The synthetic set and the label maps it was generated for.
         label_names: Name per label value.
         spatial_dims: 2 or 3.
         segment: A segmenter trained on real data: images in, label maps out.
@@ -72,6 +82,9 @@ def realism_figures(
     Returns:
         The figures.
     """
+    train_images, train_labels, train_features = train.images, train.labels, train.features
+    holdout_images, holdout_labels, holdout_features = holdout.images, holdout.labels, holdout.features
+    synthetic_images, synthetic_labels, synthetic_features = synthetic.images, synthetic.labels, synthetic.features
     n = len(synthetic_features)
     ref_features = _subsample(train_features, n, seed)
     figures = [
@@ -127,16 +140,10 @@ def realism_figures(
 
 
 def privacy_figures(
+    train: AuditSet,
+    holdout: AuditSet,
+    synthetic: AuditSet,
     *,
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    holdout_images: np.ndarray,
-    holdout_labels: np.ndarray,
-    synthetic_images: np.ndarray,
-    synthetic_labels: np.ndarray,
-    train_features: np.ndarray,
-    holdout_features: np.ndarray,
-    synthetic_features: np.ndarray,
     num_classes: int,
     member_errors: np.ndarray | None,
     nonmember_errors: np.ndarray | None,
@@ -145,9 +152,9 @@ def privacy_figures(
     """Privacy of the synthetic set: nearness to training records, memorisation, membership inference.
 
     Args:
-        train_images, train_labels, holdout_images, holdout_labels: Real splits.
-        synthetic_images, synthetic_labels: The synthetic set and its label maps.
-        train_features, holdout_features, synthetic_features: Encoder features.
+        train: Real training set (the members).
+        holdout: Real holdout set (the non-members).
+        synthetic: The synthetic set.
         num_classes: Label values including background.
         member_errors, nonmember_errors: The model's denoising error on training and holdout images
             (lower error = more likely a member); ``None`` skips membership inference.
@@ -158,13 +165,12 @@ def privacy_figures(
         correlation with a training image and that image's index (for the report's pairs).
     """
     figures: list[Figure] = []
-    for space, syn, train, hold in (
-        ("pixel", synthetic_images, train_images, holdout_images),
-        ("feature", synthetic_features, train_features, holdout_features),
-    ):
-        to_train, _ = nearest_neighbours(syn, train)
+    for space in ("pixel", "feature"):
+        field = "images" if space == "pixel" else "features"
+        syn, real, hold = (getattr(x, field) for x in (synthetic, train, holdout))
+        to_train, _ = nearest_neighbours(syn, real)
         to_holdout, _ = nearest_neighbours(syn, hold)
-        ref, _ = nearest_neighbours(hold, train)
+        ref, _ = nearest_neighbours(hold, real)
         p05 = float(np.percentile(ref, 5))
         figures += [
             Figure(f"privacy/closer_to_train_fraction_{space}", closer_to_train_fraction(to_train, to_holdout),
@@ -180,8 +186,8 @@ def privacy_figures(
                    f"synthetic images nearer ({space} space) to a training image than 95% of real holdout images are; "
                    "reference: the 5% of holdout images expected there", 0.05 * len(syn)),
         ]
-    correlation, nearest = max_normalised_correlation(synthetic_images, train_images)
-    ref_correlation, _ = max_normalised_correlation(holdout_images, train_images)
+    correlation, nearest = max_normalised_correlation(synthetic.images, train.images)
+    ref_correlation, _ = max_normalised_correlation(holdout.images, train.images)
     figures += [
         Figure("privacy/max_correlation_to_train", float(correlation.max()), "lower",
                "highest normalised correlation of any synthetic image with any training image (1 = copy); reference: "
@@ -190,8 +196,8 @@ def privacy_figures(
                f"synthetic images whose correlation with a training image exceeds {memorisation_threshold}; reference: "
                "holdout images above it", float(np.sum(ref_correlation > memorisation_threshold)), True),
     ]
-    label_dice, _ = dice_to_nearest_label_map(synthetic_labels, train_labels, num_classes=num_classes)
-    ref_dice, _ = dice_to_nearest_label_map(holdout_labels, train_labels, num_classes=num_classes)
+    label_dice, _ = dice_to_nearest_label_map(synthetic.labels, train.labels, num_classes=num_classes)
+    ref_dice, _ = dice_to_nearest_label_map(holdout.labels, train.labels, num_classes=num_classes)
     figures.append(Figure(
         "privacy/label_dice_to_nearest_train", float(np.mean(label_dice)), "close to reference (higher = copied labels)",
         "mean over synthetic label maps of the Dice with the most similar training label map; reference: the same "
