@@ -17,10 +17,11 @@ from medsynth.diffusion import denoising_errors, from_unit_range
 from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, render_report, utility_figures, verdict
 from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_png, write_json, write_text
 from medsynth.metrics import label_intensity_stats
+from medsynth.metrics.realism import orthogonal_slices
 from medsynth.metrics.segmentation import mean_dice
 from medsynth.tracking import Tracker
 from medsynth.train import file_sha256, load_checkpoint, save_checkpoint
-from medsynth.train.encoder import FeatureEncoder, encode, train_encoder
+from medsynth.train.encoder import FeatureEncoder, encode, encode_volumes, train_encoder
 from medsynth.train.segmenter import segment, train_segmenter
 from pipelines.common import CONFIG_DIR, build_denoiser, exit_on_user_error, pick_device, stage_run
 
@@ -50,7 +51,10 @@ def read_synthetic(folder: Path, *, spatial_dims: int) -> tuple[list[dict[str, s
 
 
 def dataset_encoder(cfg: DictConfig, train: LabelledArrays, *, spatial_dims: int, device: torch.device) -> FeatureEncoder:
-    """The dataset's feature encoder: loaded from ``data/encoder.pt`` when it was trained on this manifest, else trained and saved."""
+    """The dataset's 2D feature encoder: loaded from ``data/encoder.pt`` when it was trained on this manifest, else trained and saved.
+
+    For 3D datasets it learns from the axial slices of the training volumes (2.5D protocol).
+    """
     e = cfg.evaluate.encoder
     path = Path(cfg.paths.data) / "encoder.pt"
     manifest_hash = file_sha256(Path(cfg.paths.data) / "manifest.json")
@@ -58,12 +62,15 @@ def dataset_encoder(cfg: DictConfig, train: LabelledArrays, *, spatial_dims: int
     if path.is_file():
         saved = load_checkpoint(path)
         if saved.get("manifest_sha256") == manifest_hash and saved.get("settings") == settings:
-            encoder = FeatureEncoder(spatial_dims=spatial_dims, channels=e.channels)
+            encoder = FeatureEncoder(spatial_dims=2, channels=e.channels)
             encoder.load_state_dict(saved["state"])
             return encoder.eval()
+    if spatial_dims == 3:
+        axial = torch.as_tensor(orthogonal_slices(train.images.numpy())["axial"])
+        train = LabelledArrays(axial, torch.zeros_like(axial, dtype=torch.long), [str(i) for i in range(len(axial))], [])
     log.info("evaluate: training the feature encoder on %d real training images", len(train))
     encoder = train_encoder(
-        train, spatial_dims=spatial_dims, channels=e.channels, steps=e.steps, batch_size=e.batch_size, lr=e.lr,
+        train, spatial_dims=2, channels=e.channels, steps=e.steps, batch_size=e.batch_size, lr=e.lr,
         temperature=e.temperature, seed=cfg.evaluate.seed, device=device, progress=cfg.trainer.progress,
     )
     save_checkpoint(path, {"state": encoder.state_dict(), "manifest_sha256": manifest_hash, "settings": settings})
@@ -98,8 +105,13 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
         synthetic = LabelledArrays(torch.from_numpy(syn_images), torch.from_numpy(syn_labels), [r["sample_id"] for r in rows], [])
 
         encoder = dataset_encoder(cfg, train, spatial_dims=dims, device=device).to(device)
-        features = {name: encode(encoder, torch.as_tensor(x)).numpy()
-                    for name, x in (("train", train_images), ("holdout", holdout_images), ("synthetic", syn_images))}
+        features = {}
+        for name, x in (("train", train_images), ("holdout", holdout_images), ("synthetic", syn_images)):
+            if dims == 2:
+                features[name] = (encode(encoder, torch.as_tensor(x)).numpy(), {})
+            else:
+                per_volume, planes = encode_volumes(encoder, torch.as_tensor(x))
+                features[name] = (per_volume.numpy(), {p: f.numpy() for p, f in planes.items()})
 
         s = e.segmenter
         segmenter_args = dict(num_classes=num_classes, spatial_dims=dims, channels=s.channels, steps=s.steps,
@@ -123,9 +135,9 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
                   for name, data in (("train", train), ("holdout", holdout))}
 
         sets = (
-            AuditSet(train_images, train_labels, features["train"]),
-            AuditSet(holdout_images, holdout_labels, features["holdout"]),
-            AuditSet(syn_images, syn_labels, features["synthetic"]),
+            AuditSet(train_images, train_labels, *features["train"]),
+            AuditSet(holdout_images, holdout_labels, *features["holdout"]),
+            AuditSet(syn_images, syn_labels, *features["synthetic"]),
         )
         figures = realism_figures(
             *sets, label_names=names, spatial_dims=dims, max_ssim_pairs=e.max_ssim_pairs, seed=e.seed,

@@ -108,3 +108,39 @@ def test_stages_run_alone_on_a_phantom(tiny_config, phantom, tmp_path: Path) -> 
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])
     assert len(runs) == 5 and all("mlflow.parentRunId" not in r.data.tags for r in runs)
     assert all(r.data.params.get("data.source") == "nifti" for r in runs)
+
+
+def test_evaluate_a_3d_dataset_with_the_25d_protocol(tiny_config, tmp_path: Path) -> None:
+    """Evaluation runs on volumes: 3D segmenters and MS-SSIM, 2D encoder features per plane (2.5D)."""
+    from medsynth.data import Manifest, Record, write_record
+    from medsynth.io import save_nifti
+    from medsynth.train import EMA, save_checkpoint
+    from pipelines.common import build_denoiser, resolved
+    from tests.test_evaluation import blobs
+
+    cfg = tiny_config("data.spatial_dims=3", "data.size=[12,12]", "evaluate.membership.timesteps=[3]")
+    data_dir, synthetic_dir = Path(cfg.paths.data), Path(cfg.paths.synthetic)
+    images, labels = blobs(12 * 12, seed=0, size=12)  # 144 slices -> 12 volumes of 12^3
+    volumes = images.reshape(12, 12, 1, 12, 12).transpose(0, 2, 3, 4, 1)
+    label_volumes = labels.reshape(12, 12, 1, 12, 12).transpose(0, 2, 3, 4, 1)
+    records = []
+    for i in range(8):
+        split = "train" if i < 5 else ("validation" if i == 5 else "holdout")
+        file, digest = write_record(data_dir, f"case{i}", volumes[i], label_volumes[i])
+        records.append(Record(f"case{i}", f"case{i}", split, file, [12, 12, 12], [1.0] * 3, np.eye(4).tolist(), digest))
+    Manifest(data_dir, 3, ["background", "disc", "square"], records).write()
+    rows = ["sample_id,image,label,label_source,checkpoint_sha256"]
+    for i in range(8, 12):
+        save_nifti(synthetic_dir / "images" / f"syn_{i}.nii.gz", volumes[i, 0], np.eye(4))
+        save_nifti(synthetic_dir / "labels" / f"syn_{i}.nii.gz", label_volumes[i, 0], np.eye(4), dtype=np.uint8)
+        rows.append(f"syn_{i},images/syn_{i}.nii.gz,labels/syn_{i}.nii.gz,case0,abc")
+    (synthetic_dir / "manifest.csv").write_text("\n".join(rows) + "\n")
+    model = build_denoiser(cfg.model, num_classes=3)
+    save_checkpoint(cfg.generate.checkpoint, {"ema": EMA(model).state_dict(), "config": resolved(cfg)})
+
+    metrics = json.loads(evaluate.run(cfg).read_text())["metrics"]
+    for plane in ("sagittal", "coronal", "axial"):
+        assert np.isfinite(metrics[f"realism/fid_features_{plane}"]["value"])
+    assert 0.0 <= metrics["utility/dice_real_plus_synthetic"]["value"] <= 1.0
+    assert not (Path(cfg.paths.evaluation) / "comparison.png").exists()  # picture sheets are 2D only
+    assert "Verdict" in (Path(cfg.paths.evaluation) / "report.html").read_text()

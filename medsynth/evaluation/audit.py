@@ -7,7 +7,7 @@ against real holdout, which shows what "as good as real" looks like at this samp
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,11 +39,14 @@ class AuditSet:
         images: ``(N, C, *spatial)`` intensities in [0, 1].
         labels: ``(N, 1, *spatial)`` integer label maps.
         features: ``(N, D)`` encoder features of the images.
+        plane_features: For 3D sets, features of the 2D slices of each plane (``sagittal``,
+            ``coronal``, ``axial``), the 2.5D protocol; empty for 2D sets.
     """
 
     images: np.ndarray
     labels: np.ndarray
     features: np.ndarray
+    plane_features: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _subsample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -98,6 +101,17 @@ def realism_figures(
                "Gaussian-kernel MMD^2 on encoder features, synthetic vs holdout; reference: real train vs holdout",
                gaussian_mmd(holdout_features, ref_features)),
     ]
+    for plane, synthetic_planes in synthetic.plane_features.items():
+        holdout_planes = holdout.plane_features[plane]
+        reference_planes = _subsample(train.plane_features[plane], len(synthetic_planes), seed)
+        figures += [
+            Figure(f"realism/fid_features_{plane}", frechet_distance(holdout_planes, synthetic_planes), "lower",
+                   f"Fréchet distance between encoder features of {plane} slices, synthetic vs holdout volumes (2.5D); "
+                   "reference: as many training slices", frechet_distance(holdout_planes, reference_planes)),
+            Figure(f"realism/kid_features_{plane}", kernel_inception_distance(holdout_planes, synthetic_planes, seed=seed)[0],
+                   "lower", f"KID on encoder features of {plane} slices, synthetic vs holdout volumes (2.5D); reference: "
+                   "training slices", kernel_inception_distance(holdout_planes, reference_planes, seed=seed)[0]),
+        ]
     m = min(n, len(holdout_features))
     mmd = MMDMetric()
     pick = lambda x: torch.as_tensor(_subsample(x, m, seed), dtype=torch.float32)  # noqa: E731

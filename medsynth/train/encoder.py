@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
@@ -115,6 +116,24 @@ def train_encoder(
     train(model, loss_fn=loss_fn, batches=batches, optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
           max_steps=steps, progress=progress, desc="encoder")
     return model.encoder.cpu().eval()
+
+
+def encode_volumes(encoder: nn.Module, volumes: torch.Tensor, *, batch_size: int = 256) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """2.5D features of ``(N, C, X, Y, Z)`` volumes with a 2D encoder (MAISI's protocol).
+
+    Every sagittal, coronal and axial slice is encoded; a volume's feature vector is the mean
+    slice feature of each plane, concatenated.
+
+    Returns:
+        ``(volume_features (N, 3D), {plane: slice_features (N * slices, D)})``.
+    """
+    from medsynth.metrics.realism import orthogonal_slices
+
+    n = volumes.shape[0]
+    planes = {name: encode(encoder, torch.as_tensor(cut), batch_size=batch_size)
+              for name, cut in orthogonal_slices(np.asarray(volumes)).items()}
+    per_volume = torch.cat([f.reshape(n, -1, f.shape[1]).mean(dim=1) for f in planes.values()], dim=1)
+    return per_volume, planes
 
 
 @torch.no_grad()
