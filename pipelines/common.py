@@ -62,16 +62,22 @@ def log_config(tracker: Tracker, run_id: str, cfg: DictConfig) -> None:
 
 @contextlib.contextmanager
 def stage_run(
-    cfg: DictConfig, stage: str, *, tracker: Tracker | None = None, parent_run_id: str | None = None
+    cfg: DictConfig,
+    stage: str,
+    *,
+    tracker: Tracker | None = None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[tuple[Tracker, str]]:
     """An MLflow run for one stage, nested under ``parent_run_id`` when the stage is part of ``run``.
 
     A top-level stage run logs the resolved config itself; a nested one leaves that to its parent.
+    ``resume_run_id`` continues an earlier run of the stage (a resumed training) when the store has it.
     """
     tracker = tracker or make_tracker(cfg)
     tags = {"medsynth.stage": stage, "medsynth.version": __version__, "medsynth.output": str(Path(cfg.paths.output).resolve())}
-    with tracker.run(stage, parent_run_id=parent_run_id, tags=tags) as run_id:
-        if parent_run_id is None:
+    with tracker.run(stage, parent_run_id=parent_run_id, tags=tags, resume_run_id=resume_run_id) as run_id:
+        if parent_run_id is None and run_id != resume_run_id:
             log_config(tracker, run_id, cfg)
         log.info("%s: MLflow run %s", stage, run_id)
         yield tracker, run_id

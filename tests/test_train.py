@@ -54,7 +54,7 @@ def test_loss_falls_when_overfitting_a_fixed_batch() -> None:
             yield fixed
 
     result = train(
-        model, loss_fn=lambda m, b: diffusion_loss(m, b[0], b[1], scheduler, generator=noise), batches=batches(),
+        model, loss_fn=lambda m, b, step: diffusion_loss(m, b[0], b[1], scheduler, generator=noise), batches=batches(),
         optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3), max_steps=60, progress=False,
     )
     assert result.steps == 60 and result.examples == 240
@@ -70,7 +70,7 @@ def test_nonfinite_loss_stops_with_a_hint() -> None:
             yield torch.zeros(1, 1), torch.zeros(1, 1)
 
     with pytest.raises(FloatingPointError, match="trainer.lr"):
-        train(model, loss_fn=lambda m, b: m(b[0]).sum() * float("nan"), batches=batches(),
+        train(model, loss_fn=lambda m, b, step: m(b[0]).sum() * float("nan"), batches=batches(),
               optimizer=torch.optim.SGD(model.parameters(), lr=0.1), max_steps=2, progress=False)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medsynth.data.dataset import LabelledArrays, infinite_batches, load_split
+from medsynth.data.dataset import LabelledArrays, infinite_batches, load_split, step_generator
 from medsynth.data.manifest import Manifest, Record, read_manifest, write_record
 from medsynth.data.splits import SPLITS, block_splits
 
@@ -15,5 +15,6 @@ __all__ = [
     "infinite_batches",
     "load_split",
     "read_manifest",
+    "step_generator",
     "write_record",
 ]

@@ -54,21 +54,32 @@ def load_split(manifest: Manifest, split: str) -> LabelledArrays:
     return LabelledArrays(images, labels, [r.id for r in records], [np.asarray(r.affine) for r in records])
 
 
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A generator fixed by ``(seed, step, stream)`` alone, so a resumed run draws what the original would have."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
+
+
 def infinite_batches(
     data: LabelledArrays,
     *,
     batch_size: int,
-    generator: torch.Generator,
+    seed: int,
     flip_dims: Sequence[int] = (),
+    start_step: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield shuffled ``(images, labels)`` batches forever, reshuffling every epoch.
+    """Yield shuffled ``(images, labels)`` batches forever, a new order every epoch.
+
+    The batch of step ``k`` depends only on ``seed`` and ``k``: each epoch's order is drawn from
+    a generator seeded by the epoch, each batch's flips from one seeded by the step. A run resumed
+    at ``start_step`` therefore sees exactly the batches the uninterrupted run would have seen.
 
     Args:
         data: The split to draw from.
         batch_size: Examples per batch; capped at the split size.
-        generator: Source of randomness for order and flips (reproducible runs).
+        seed: Seed of the stream.
         flip_dims: Spatial axes (0-based) along which each example is flipped with probability
             0.5, image and label together.
+        start_step: Index of the first batch to yield (0 = from the beginning).
 
     Returns:
         An endless iterator of batches.
@@ -77,17 +88,21 @@ def infinite_batches(
     if n == 0 or batch_size < 1:
         raise ValueError(f"need a non-empty dataset and batch_size >= 1, got {n} examples and batch_size {batch_size}")
     batch_size = min(batch_size, n)
+    per_epoch = n // batch_size
+    step = start_step
     while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            images, labels = data.images[idx], data.labels[idx]
-            for axis in flip_dims:
-                flip = torch.rand(len(idx), generator=generator) < 0.5
-                dim = axis + 2
-                images = torch.where(_expand(flip, images), images.flip(dim), images)
-                labels = torch.where(_expand(flip, labels), labels.flip(dim), labels)
-            yield images, labels
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
+        idx = order[position * batch_size : (position + 1) * batch_size]
+        images, labels = data.images[idx], data.labels[idx]
+        flips = step_generator(seed, step, stream=2)
+        for axis in flip_dims:
+            flip = torch.rand(len(idx), generator=flips) < 0.5
+            dim = axis + 2
+            images = torch.where(_expand(flip, images), images.flip(dim), images)
+            labels = torch.where(_expand(flip, labels), labels.flip(dim), labels)
+        yield images, labels
+        step += 1
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -89,10 +89,32 @@ class Tracker:
         self.flush(run_id)
         self.client.set_terminated(run_id, status=status)
 
+    def reopen_run(self, run_id: str) -> bool:
+        """Mark an existing run of this store RUNNING again (to continue it); False if it is not here."""
+        try:
+            self.client.get_run(run_id)
+        except Exception:  # mlflow raises its own error type for unknown ids
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        return True
+
     @contextlib.contextmanager
-    def run(self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
-        """Context manager around :meth:`start_run` / :meth:`end_run`; a failure marks the run FAILED."""
-        run_id = self.start_run(name, parent_run_id=parent_run_id, tags=tags)
+    def run(
+        self,
+        name: str,
+        *,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
+    ) -> Iterator[str]:
+        """Context manager around :meth:`start_run` / :meth:`end_run`; a failure marks the run FAILED.
+
+        With ``resume_run_id`` naming a run of this store, that run is continued instead of a new one started.
+        """
+        if resume_run_id and self.reopen_run(resume_run_id):
+            run_id = resume_run_id
+        else:
+            run_id = self.start_run(name, parent_run_id=parent_run_id, tags=tags)
         try:
             yield run_id
         except BaseException:

@@ -50,3 +50,32 @@ def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def link_checkpoint(source: str | os.PathLike[str], name: str | os.PathLike[str]) -> Path:
+    """Point ``name`` (``last.pt``, ``best.pt``) at the checkpoint ``source`` without copying it.
+
+    A hard link is made under a temporary name and renamed over ``name``, so ``name`` always holds
+    a complete checkpoint; a copy is made where the file system has no hard links.
+    """
+    import shutil
+
+    source, name = Path(source), Path(name)
+    with atomic_path(name) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+    return name
+
+
+def prune_checkpoints(folder: str | os.PathLike[str], *, keep: int, pattern: str = "step_*.pt") -> list[Path]:
+    """Delete all but the newest ``keep`` step checkpoints (names sort by step); return those deleted.
+
+    ``last.pt`` and ``best.pt`` are separate links and survive the deletion of their step file.
+    """
+    steps = sorted(Path(folder).glob(pattern))
+    doomed = steps[: max(0, len(steps) - keep)]
+    for path in doomed:
+        path.unlink()
+    return doomed

@@ -106,9 +106,9 @@ def train_encoder(
     torch.manual_seed(seed)
     model = _Contrastive(FeatureEncoder(spatial_dims=spatial_dims, channels=channels), projection_dim=32).to(device)
     augment = torch.Generator().manual_seed(seed + 1)
-    batches = infinite_batches(data, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))
+    batches = infinite_batches(data, batch_size=batch_size, seed=seed)
 
-    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
         images = batch[0]
         v1, v2 = random_views(images, generator=augment), random_views(images, generator=augment)
         return nt_xent(m(v1.to(device)), m(v2.to(device)), temperature=temperature)

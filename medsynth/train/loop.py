@@ -59,7 +59,7 @@ def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_factor: f
 def train(
     model: nn.Module,
     *,
-    loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+    loss_fn: Callable[[nn.Module, Batch, int], torch.Tensor],
     batches: Iterator[Batch],
     optimizer: torch.optim.Optimizer,
     max_steps: int,
@@ -69,35 +69,39 @@ def train(
     on_step: Callable[[int, float, float], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    start_step: int = 0,
 ) -> TrainResult:
-    """Run ``max_steps`` optimiser steps.
+    """Run optimiser steps ``start_step + 1`` to ``max_steps``.
 
     Args:
         model: The module being trained (in train mode on return).
-        loss_fn: ``loss_fn(model, batch)`` returns the scalar loss of one batch.
+        loss_fn: ``loss_fn(model, batch, step)`` returns the scalar loss of one batch (``step`` is
+            1-based; seed per-step randomness from it so a resumed run repeats it exactly).
         batches: Endless iterator of batches.
         optimizer: Optimiser over ``model``'s parameters.
-        max_steps: Number of steps to take.
+        max_steps: Step count at the end of the run.
         lr_scheduler: Stepped after every optimiser step.
         ema: Updated after every optimiser step.
         grad_clip: Largest gradient norm; ``None`` disables clipping.
-        on_step: Called as ``on_step(step, loss, lr)`` after each step (1-based step).
+        on_step: Called as ``on_step(step, loss, lr)`` after each step (1-based step); it may
+            evaluate or checkpoint, the model is put back in train mode before the next step.
         progress: Show a progress bar with step, loss and rate.
         desc: Label of the progress bar.
+        start_step: Steps already taken (when resuming); the iterator must continue from there.
 
     Returns:
-        Steps, per-step losses and wall time.
+        Steps taken in this call, their losses and wall time.
     """
     if max_steps < 1:
         raise ValueError(f"trainer.max_steps must be >= 1, got {max_steps}")
-    model.train()
     losses: list[float] = []
     examples = 0
-    bar = tqdm(total=max_steps, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=start_step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-    for step in range(1, max_steps + 1):
+    for step in range(start_step + 1, max_steps + 1):
+        model.train()
         batch = next(batches)
-        loss = loss_fn(model, batch)
+        loss = loss_fn(model, batch, step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower trainer.lr")
         optimizer.zero_grad(set_to_none=True)
@@ -119,4 +123,4 @@ def train(
         bar.set_postfix(loss=f"{value:.4f}", img_s=f"{examples / max(elapsed, 1e-9):.1f}")
         bar.update(1)
     bar.close()
-    return TrainResult(steps=max_steps, losses=losses, examples=examples, seconds=time.perf_counter() - start)
+    return TrainResult(steps=len(losses), losses=losses, examples=examples, seconds=time.perf_counter() - start)

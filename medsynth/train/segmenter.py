@@ -53,9 +53,9 @@ def train_segmenter(
         channels=tuple(channels), strides=(2,) * (len(channels) - 1), num_res_units=1,
     ).to(device)
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
-    batches = infinite_batches(data, batch_size=batch_size, generator=torch.Generator().manual_seed(seed), flip_dims=flip_dims)
+    batches = infinite_batches(data, batch_size=batch_size, seed=seed, flip_dims=flip_dims)
 
-    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
         images, labels = batch
         return criterion(m(images.to(device)), labels.to(device))
 

@@ -1,0 +1,100 @@
+"""Full resume: a run stopped and resumed ends where the straight run ends, and survives SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines import preprocess, train
+from tests.conftest import TINY, phantom_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_resumed_run_equals_straight_run(tiny_config, phantom, tmp_path: Path) -> None:
+    """4 steps straight == 2 steps, stop, resume for 2 more: same weights, EMA and optimiser state."""
+    common = [*phantom_overrides(*phantom), f"paths.data={tmp_path / 'data'}", "trainer.max_steps=4"]
+    preprocess.run(tiny_config(*common))
+    straight = train.run(tiny_config(*common, f"paths.output={tmp_path / 'a'}"))
+    with_checkpoints = tiny_config(*common, f"paths.output={tmp_path / 'b'}", "trainer.checkpoint_every=2", "trainer.keep_last=5")
+    train.run(with_checkpoints)
+    halfway = Path(with_checkpoints.paths.checkpoints) / "step_0000002.pt"
+    assert halfway.is_file()
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+    shutil.copy(halfway, tmp_path / "c" / "checkpoints" / "last.pt")
+    resumed = train.run(tiny_config(*common, f"paths.output={tmp_path / 'c'}", "trainer.resume=auto"))
+
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for key in ("model",):
+        for name, value in a[key].items():
+            torch.testing.assert_close(b[key][name], value, rtol=1e-5, atol=1e-6)
+    for name, value in a["ema"]["shadow"].items():
+        torch.testing.assert_close(b["ema"]["shadow"][name], value, rtol=1e-5, atol=1e-6)
+    assert a["lr_scheduler"]["last_epoch"] == b["lr_scheduler"]["last_epoch"]
+
+
+def test_checkpoint_policy_keeps_last_k_and_best(tiny_config, phantom, tmp_path: Path) -> None:
+    cfg = tiny_config(*phantom_overrides(*phantom), "trainer.max_steps=5", "trainer.checkpoint_every=1", "trainer.keep_last=2")
+    preprocess.run(cfg)
+    train.run(cfg)
+    folder = Path(cfg.paths.checkpoints)
+    assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_0000004.pt", "step_0000005.pt"]
+    last, best = torch.load(folder / "last.pt", weights_only=True), torch.load(folder / "best.pt", weights_only=True)
+    assert last["step"] == 5
+    assert best["val_loss"] == best["best_val_loss"] == last["best_val_loss"]
+    assert not list(folder.glob(".*tmp*"))
+
+
+def test_resume_refuses_another_model(tiny_config, phantom, tmp_path: Path) -> None:
+    from medsynth import MedsynthError
+    import pytest
+
+    cfg = tiny_config(*phantom_overrides(*phantom))
+    preprocess.run(cfg)
+    train.run(cfg)
+    with pytest.raises(MedsynthError, match="another `model` config"):
+        train.run(tiny_config(*phantom_overrides(*phantom), "trainer.resume=auto", "model.network.channels=[8,16]"))
+
+
+def test_sigkill_then_resume_reaches_the_same_step_with_a_continuous_loss_curve(phantom, tmp_path: Path) -> None:
+    """Kill `medsynth train` mid-run with SIGKILL; `trainer.resume=auto` finishes it in the same MLflow run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*TINY, *phantom_overrides(*phantom), f"paths.output={tmp_path / 'out'}", f"mlflow.tracking_uri={uri}",
+            "trainer.max_steps=150", "trainer.checkpoint_every=5", "trainer.resume=auto"]
+    env = {k: v for k, v in os.environ.items() if k != "MEDSYNTH_DEBUG"}
+    done = subprocess.run([sys.executable, "-m", "medsynth.cli", "preprocess", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    proc = subprocess.Popen([sys.executable, "-m", "medsynth.cli", "train", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "out" / "checkpoints" / "step_0000010.pt"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)["step"]
+    assert 10 <= killed_at < 150
+
+    resumed = subprocess.run([sys.executable, "-m", "medsynth.cli", "train", *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    final = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
+    assert final["step"] == 150
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("medsynth").experiment_id], "tags.`medsynth.stage` = 'train'")
+    assert len(runs) == 1 and runs[0].info.run_id == final["run_id"]
+    assert runs[0].info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(final["run_id"], "loss")}
+    assert steps == set(range(1, 151))
