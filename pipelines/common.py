@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ import torch
 from monai.networks.schedulers import Scheduler
 from omegaconf import DictConfig, OmegaConf
 
-from medsynth import MedsynthError, __version__
+from medsynth import ConfigError, MedsynthError, __version__
 from medsynth.diffusion import Denoiser
 from medsynth.io import write_text
 from medsynth.tracking import Tracker, flatten
@@ -102,11 +103,21 @@ def build_denoiser(model_cfg: DictConfig, *, num_classes: int) -> Denoiser:
     return Denoiser(network, conditioning=model_cfg.conditioning, num_classes=num_classes)
 
 
-def build_sampler(sampler_cfg: DictConfig, scheduler_cfg: DictConfig | dict) -> Scheduler:
+def build_sampler(sampler_cfg: DictConfig | dict, scheduler_cfg: DictConfig | dict) -> Scheduler:
     """The sampling scheduler of ``sampler_cfg`` with the training schedule of ``scheduler_cfg``.
 
-    The noise schedule and prediction type must match training, so everything but ``_target_``
-    comes from the training scheduler's config.
+    The noise schedule and prediction type must match training, so the sampler takes every setting
+    of the training scheduler that its class accepts; only ``_target_`` comes from ``sampler_cfg``.
+    A rectified-flow model needs a rectified-flow sampler and a DDPM/DDIM model a DDPM/DDIM one.
     """
-    settings = {k: v for k, v in OmegaConf.to_container(OmegaConf.create(scheduler_cfg), resolve=True).items() if k != "_target_"}
-    return hydra.utils.instantiate(sampler_cfg, **settings)
+    sampler_target = str(sampler_cfg["_target_"])
+    training = OmegaConf.to_container(scheduler_cfg, resolve=True) if isinstance(scheduler_cfg, DictConfig) else dict(scheduler_cfg)
+    is_flow = [target.endswith("RFlowScheduler") for target in (sampler_target, str(training["_target_"]))]
+    if is_flow[0] != is_flow[1]:
+        raise ConfigError(
+            f"generate.sampler {sampler_target} cannot sample a model trained with {training['_target_']}: "
+            "use RFlowScheduler for rectified flow, DDIMScheduler or DDPMScheduler otherwise"
+        )
+    accepted = inspect.signature(hydra.utils.get_class(sampler_target).__init__).parameters
+    settings = {k: v for k, v in training.items() if k != "_target_" and k in accepted}
+    return hydra.utils.instantiate({"_target_": sampler_target}, **settings)

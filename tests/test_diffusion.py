@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
 from medsynth import ConfigError
 from medsynth.diffusion import Denoiser, diffusion_loss, from_unit_range, sample, to_unit_range
@@ -30,11 +30,20 @@ def batch(spatial_dims: int, n: int = 2, size: int = 8) -> tuple[torch.Tensor, t
     return image, label
 
 
+SCHEDULERS = {
+    "ddpm-epsilon": lambda d: DDPMScheduler(num_train_timesteps=10, prediction_type="epsilon"),
+    "ddpm-sample": lambda d: DDPMScheduler(num_train_timesteps=10, prediction_type="sample"),
+    "ddpm-v": lambda d: DDPMScheduler(num_train_timesteps=10, prediction_type="v_prediction"),
+    "ddim-v": lambda d: DDIMScheduler(num_train_timesteps=10, prediction_type="v_prediction"),
+    "rflow": lambda d: RFlowScheduler(num_train_timesteps=10, spatial_dim=d),
+}
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-def test_loss_is_finite_and_differentiable(spatial_dims: int, prediction_type: str) -> None:
+@pytest.mark.parametrize("kind", list(SCHEDULERS))
+def test_loss_is_finite_and_differentiable(spatial_dims: int, kind: str) -> None:
     model = tiny_denoiser(spatial_dims)
-    scheduler = DDPMScheduler(num_train_timesteps=10, prediction_type=prediction_type)
+    scheduler = SCHEDULERS[kind](spatial_dims)
     x0, label = batch(spatial_dims)
     loss = diffusion_loss(model, x0, label, scheduler, generator=torch.Generator().manual_seed(0))
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -56,11 +65,29 @@ def test_sample_shape_range_and_per_seed_reproducibility(spatial_dims: int) -> N
     assert not torch.allclose(together[0], together[1])
 
 
-def test_sample_with_ddpm_scheduler_returns_same_type() -> None:
-    model = tiny_denoiser(2).eval()
-    _, label = batch(2)
-    out = sample(model, DDPMScheduler(num_train_timesteps=10), label, seeds=[0, 1], steps=5)
-    assert isinstance(out, torch.Tensor) and out.shape == (2, 1, 8, 8)
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("kind", ["ddpm-epsilon", "ddim-v", "rflow"])
+def test_every_sampler_returns_the_same_type(spatial_dims: int, kind: str) -> None:
+    model = tiny_denoiser(spatial_dims).eval()
+    _, label = batch(spatial_dims)
+    out = sample(model, SCHEDULERS[kind](spatial_dims), label, seeds=[0, 1], steps=5)
+    assert isinstance(out, torch.Tensor) and out.shape == label.shape and torch.isfinite(out).all()
+
+
+def test_rflow_target_and_noising() -> None:
+    """Rectified flow: x_t = (1 - t/T) x0 + (t/T) eps, target x0 - eps; one exact Euler step recovers x0."""
+    from medsynth.diffusion import prediction_target
+
+    scheduler = RFlowScheduler(num_train_timesteps=10, spatial_dim=2)
+    x0, eps = torch.rand(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    t = torch.tensor([5, 5])
+    x_t = scheduler.add_noise(x0, eps, t)
+    torch.testing.assert_close(x_t, 0.5 * x0 + 0.5 * eps)
+    v = prediction_target(scheduler, x0, eps, t)
+    torch.testing.assert_close(v, x0 - eps)
+    scheduler.set_timesteps(1)
+    x_next, _ = scheduler.step(v, 5, x_t, 0)
+    torch.testing.assert_close(x_next, x0)
 
 
 def test_condition_changes_the_prediction() -> None:

@@ -144,3 +144,21 @@ def test_evaluate_a_3d_dataset_with_the_25d_protocol(tiny_config, tmp_path: Path
     assert 0.0 <= metrics["utility/dice_real_plus_synthetic"]["value"] <= 1.0
     assert not (Path(cfg.paths.evaluation) / "comparison.png").exists()  # picture sheets are 2D only
     assert "Verdict" in (Path(cfg.paths.evaluation) / "report.html").read_text()
+
+
+def test_rectified_flow_model_end_to_end(tiny_config, phantom) -> None:
+    """scheduler=rflow trains, samples with the RFlow sampler and is evaluated; a DDIM sampler is refused."""
+    from medsynth import ConfigError
+    from tests.conftest import phantom_overrides
+
+    flow = "generate.sampler._target_=monai.networks.schedulers.RFlowScheduler"
+    cfg = tiny_config(*phantom_overrides(*phantom), "scheduler=rflow", flow)
+    preprocess.run(cfg)
+    checkpoint = torch.load(train.run(cfg), weights_only=True)
+    assert checkpoint["config"]["scheduler"]["_target_"].endswith("RFlowScheduler")
+    with open(generate.run(cfg), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5 and rows[0]["sampler"] == "RFlowScheduler"
+    assert json.loads(evaluate.run(cfg).read_text())["metrics"]["privacy/membership_auc"]["value"] is not None
+    with pytest.raises(ConfigError, match="RFlowScheduler"):
+        generate.run(tiny_config(*phantom_overrides(*phantom), "scheduler=rflow"))

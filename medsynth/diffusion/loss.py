@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.schedulers import Scheduler
+from monai.networks.schedulers import RFlowScheduler, Scheduler
 
 from medsynth.diffusion.denoiser import Denoiser
 
@@ -23,7 +23,7 @@ def diffusion_loss(
         model: The conditioned denoiser.
         x0: ``(N, C, *spatial)`` clean images in model range [-1, 1].
         label: ``(N, 1, *spatial)`` label maps.
-        scheduler: A MONAI DDPM-style scheduler; its ``prediction_type`` picks the target.
+        scheduler: A MONAI DDPM, DDIM or RFlow scheduler; it fixes the noising and the target.
         generator: Optional source of randomness for t and noise.
 
     Returns:
@@ -36,14 +36,18 @@ def diffusion_loss(
     eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
     # x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
     x_t = scheduler.add_noise(original_samples=x0, noise=eps, timesteps=t)
-    # target: eps, x0, or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0
+    # target: eps, x0, v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0, or the flow x0 - eps
     target = prediction_target(scheduler, x0, eps, t)
     prediction = model(x_t, t, label)
     return F.mse_loss(prediction.float(), target.float())
 
 
 def prediction_target(scheduler: Scheduler, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """What the network regresses under the scheduler's ``prediction_type``: eps, x0 or velocity."""
+    """What the network regresses: for DDPM/DDIM schedules their ``prediction_type`` (eps, x0 or
+    velocity); for rectified flow (Liu et al. 2023, as in MAISI) the straight-line velocity ``x0 - eps``.
+    """
+    if isinstance(scheduler, RFlowScheduler):
+        return x0 - eps
     if scheduler.prediction_type == "epsilon":
         return eps
     if scheduler.prediction_type == "sample":

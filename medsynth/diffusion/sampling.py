@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.schedulers import DDIMScheduler, Scheduler
+from monai.networks.schedulers import DDIMScheduler, RFlowScheduler, Scheduler
 
 from medsynth.diffusion.denoiser import Denoiser
 
@@ -36,7 +36,7 @@ def sample(
     Args:
         model: The conditioned denoiser (in eval mode, usually the EMA copy).
         scheduler: A MONAI ``DDIMScheduler`` or ``DDPMScheduler`` matching the model's
-            training schedule and prediction type.
+            training schedule and prediction type, or an ``RFlowScheduler`` for a rectified-flow model.
         label: ``(N, 1, *spatial)`` label maps.
         seeds: ``N`` seeds, one per sample: each fixes that sample's starting noise.
         image_channels: Channels of the generated image.
@@ -55,12 +55,15 @@ def sample(
     # x_T ~ N(0, I), one seeded draw per sample
     x = initial_noise(seeds, (image_channels, *label.shape[2:]), device=device)
     noise_gen = torch.Generator(device=device).manual_seed(int(seeds[0]))
-    for t in scheduler.timesteps:
+    timesteps = [int(t) for t in scheduler.timesteps]
+    for i, t in enumerate(timesteps):
         # the network's prediction at this step
-        output = model(x, t.expand(x.shape[0]).to(device), label)
-        # x_{t-1} from x_t and the prediction
-        if isinstance(scheduler, DDIMScheduler):
-            x, _ = scheduler.step(output, int(t), x, eta=eta, generator=noise_gen)
+        output = model(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long), label)
+        # x at the next (less noisy) timestep from x_t and the prediction
+        if isinstance(scheduler, RFlowScheduler):
+            x, _ = scheduler.step(output, t, x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
+        elif isinstance(scheduler, DDIMScheduler):
+            x, _ = scheduler.step(output, t, x, eta=eta, generator=noise_gen)
         else:
-            x, _ = scheduler.step(output, int(t), x, generator=noise_gen)
+            x, _ = scheduler.step(output, t, x, generator=noise_gen)
     return x.clamp(-1.0, 1.0)
