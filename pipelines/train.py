@@ -87,13 +87,18 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
             optimizer,
             functools.partial(warmup_cosine, warmup_steps=t.warmup_steps, max_steps=t.max_steps, min_factor=t.min_lr_factor),
         )
+        layout = torch.channels_last if t.channels_last and manifest.spatial_dims == 2 else torch.contiguous_format
+        model.to(memory_format=layout)
         ema = EMA(model, decay=t.ema_decay)
+        scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
         start_step, best = 0, float("inf")
         if state is not None:
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
             lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             start_step, best = int(state["step"]), float(state.get("best_val_loss", float("inf")))
             log.info("train: resuming from %s at step %d", resume_path, start_step)
         n_params = sum(p.numel() for p in model.parameters())
@@ -103,14 +108,14 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
                  start_step + 1, t.max_steps, device)
 
         batches = infinite_batches(train_data, batch_size=t.batch_size, seed=cfg.seed, flip_dims=list(t.flip_dims),
-                                   start_step=start_step)
+                                   start_step=start_step * t.accumulate)
         val_timesteps = sorted({int(f * (scheduler.num_train_timesteps - 1)) for f in t.validation.timestep_fractions})
         folder = Path(cfg.paths.checkpoints)
 
-        def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
-            images, labels = batch
-            noise = step_generator(cfg.seed, step, stream=3)
-            return diffusion_loss(m, from_unit_range(images.to(device)), labels.to(device), scheduler, generator=noise)
+        def loss_fn(m: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], draw: int) -> torch.Tensor:
+            images, labels = (x.to(device).contiguous(memory_format=layout) for x in batch)
+            noise = step_generator(cfg.seed, draw, stream=3)
+            return diffusion_loss(m, from_unit_range(images), labels, scheduler, generator=noise)
 
         def checkpoint(step: int) -> None:
             nonlocal best
@@ -121,7 +126,8 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
             best = min(best, val_loss)
             path = save_checkpoint(folder / f"step_{step:07d}.pt", {
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(), "step": step, "run_id": run_id, "val_loss": val_loss,
+                "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+                "step": step, "run_id": run_id, "val_loss": val_loss,
                 "best_val_loss": best, "config": resolved(cfg), "label_names": manifest.label_names,
                 "spatial_dims": manifest.spatial_dims,
             })
@@ -138,8 +144,8 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
 
         result = train(
             model, loss_fn=loss_fn, batches=batches, optimizer=optimizer, max_steps=t.max_steps,
-            lr_scheduler=lr_scheduler, ema=ema, grad_clip=t.grad_clip, on_step=on_step, progress=t.progress,
-            start_step=start_step,
+            lr_scheduler=lr_scheduler, ema=ema, grad_clip=t.grad_clip, accumulate=t.accumulate, precision=t.precision,
+            scaler=scaler, on_step=on_step, progress=t.progress, start_step=start_step,
         )
         tracker.flush(run_id)
         if result.steps:

@@ -98,3 +98,18 @@ def test_sigkill_then_resume_reaches_the_same_step_with_a_continuous_loss_curve(
     assert runs[0].info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(final["run_id"], "loss")}
     assert steps == set(range(1, 151))
+
+
+def test_mixed_precision_accumulation_and_channels_last_resume_like_a_straight_run(tiny_config, phantom, tmp_path: Path) -> None:
+    """bf16 autocast, 2 accumulated batches per step and NHWC layout: stop at step 2, resume, same as straight."""
+    common = [*phantom_overrides(*phantom), f"paths.data={tmp_path / 'data'}", "trainer.max_steps=4",
+              "trainer.precision=bf16", "trainer.accumulate=2", "trainer.channels_last=true"]
+    preprocess.run(tiny_config(*common))
+    straight = train.run(tiny_config(*common, f"paths.output={tmp_path / 'a'}", "trainer.checkpoint_every=2", "trainer.keep_last=5"))
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "checkpoints" / "step_0000002.pt", tmp_path / "c" / "checkpoints" / "last.pt")
+    resumed = train.run(tiny_config(*common, f"paths.output={tmp_path / 'c'}", "trainer.resume=auto"))
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5)

@@ -92,3 +92,52 @@ def test_missing_or_corrupt_checkpoint(tmp_path: Path) -> None:
     bad.write_bytes(b"garbage")
     with pytest.raises(MedsynthError, match="bad.pt"):
         load_checkpoint(bad)
+
+
+def test_accumulated_steps_equal_one_large_batch() -> None:
+    """Two accumulated half batches give the gradient, hence the step, of the whole batch."""
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+
+    def run(accumulate: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        size = 8 // accumulate
+
+        def batches():
+            while True:
+                for i in range(0, 8, size):
+                    yield x[i : i + size], y[i : i + size]
+
+        train(model, loss_fn=lambda m, b, draw: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches=batches(),
+              optimizer=torch.optim.SGD(model.parameters(), lr=0.1), max_steps=3, grad_clip=None,
+              accumulate=accumulate, progress=False)
+        return model.weight.detach().clone()
+
+    torch.testing.assert_close(run(2), run(1))
+
+
+def test_bf16_autocast_trains_on_cpu() -> None:
+    model = tiny_denoiser(2)
+    scheduler = DDPMScheduler(num_train_timesteps=10, prediction_type="sample")
+    fixed = batch(2, n=4, size=8)
+
+    def batches():
+        while True:
+            yield fixed
+
+    result = train(model, loss_fn=lambda m, b, draw: diffusion_loss(m, b[0], b[1], scheduler), batches=batches(),
+                   optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3), max_steps=30, precision="bf16", progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+
+
+def test_precision_options_are_checked() -> None:
+    model = torch.nn.Linear(1, 1)
+    kwargs = dict(loss_fn=lambda m, b, d: m(b[0]).sum(), batches=iter([]), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                  max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="trainer.precision"):
+        train(model, precision="fp8", **kwargs)
+    with pytest.raises(ValueError, match="GradScaler"):
+        train(model, precision="fp16", **kwargs)
+    with pytest.raises(ValueError, match="trainer.accumulate"):
+        train(model, accumulate=0, **kwargs)

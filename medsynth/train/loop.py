@@ -56,6 +56,9 @@ def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int, min_factor: f
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def train(
     model: nn.Module,
     *,
@@ -66,6 +69,9 @@ def train(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ema: EMA | None = None,
     grad_clip: float | None = 1.0,
+    accumulate: int = 1,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
     progress: bool = True,
     desc: str = "train",
@@ -74,49 +80,73 @@ def train(
     """Run optimiser steps ``start_step + 1`` to ``max_steps``.
 
     Args:
-        model: The module being trained (in train mode on return).
-        loss_fn: ``loss_fn(model, batch, step)`` returns the scalar loss of one batch (``step`` is
-            1-based; seed per-step randomness from it so a resumed run repeats it exactly).
-        batches: Endless iterator of batches.
+        model: The module being trained.
+        loss_fn: ``loss_fn(model, batch, draw)`` returns the scalar loss of one batch; ``draw`` is
+            the 1-based index of the batch in the run (``step`` when ``accumulate`` is 1). Seed
+            per-batch randomness from it so a resumed run repeats it exactly.
+        batches: Endless iterator of batches, positioned at batch ``start_step * accumulate``.
         optimizer: Optimiser over ``model``'s parameters.
         max_steps: Step count at the end of the run.
         lr_scheduler: Stepped after every optimiser step.
         ema: Updated after every optimiser step.
         grad_clip: Largest gradient norm; ``None`` disables clipping.
-        on_step: Called as ``on_step(step, loss, lr)`` after each step (1-based step); it may
-            evaluate or checkpoint, the model is put back in train mode before the next step.
+        accumulate: Batches whose gradients are averaged into one optimiser step.
+        precision: ``fp32``, or ``bf16`` / ``fp16`` autocast for the forward pass and loss.
+        scaler: Gradient scaler, required for ``fp16`` (keep it to checkpoint its state).
+        on_step: Called as ``on_step(step, loss, lr)`` after each step (1-based step; loss averaged
+            over the accumulated batches); it may evaluate or checkpoint, the model is put back in
+            train mode before the next step.
         progress: Show a progress bar with step, loss and rate.
         desc: Label of the progress bar.
-        start_step: Steps already taken (when resuming); the iterator must continue from there.
+        start_step: Steps already taken (when resuming).
 
     Returns:
         Steps taken in this call, their losses and wall time.
     """
     if max_steps < 1:
         raise ValueError(f"trainer.max_steps must be >= 1, got {max_steps}")
+    if accumulate < 1:
+        raise ValueError(f"trainer.accumulate must be >= 1, got {accumulate}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and scaler is None:
+        raise ValueError("fp16 training needs a GradScaler")
+    dtype = PRECISIONS[precision]
+    device_type = next(model.parameters()).device.type
     losses: list[float] = []
     examples = 0
     bar = tqdm(total=max_steps, initial=start_step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     for step in range(start_step + 1, max_steps + 1):
         model.train()
-        batch = next(batches)
-        loss = loss_fn(model, batch, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower trainer.lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for micro in range(accumulate):
+            batch = next(batches)
+            with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = loss_fn(model, batch, (step - 1) * accumulate + micro + 1)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower trainer.lr")
+            scaled = loss / accumulate
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += float(loss.detach())
+            examples += batch[0].shape[0]
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
         if lr_scheduler is not None:
             lr_scheduler.step()
         if ema is not None:
             ema.update(model)
-        value = float(loss.detach())
+        value = total / accumulate
         losses.append(value)
-        examples += batch[0].shape[0]
         if on_step is not None:
             on_step(step, value, lr)
         elapsed = time.perf_counter() - start
