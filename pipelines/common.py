@@ -95,12 +95,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def build_denoiser(model_cfg: DictConfig, *, num_classes: int) -> Denoiser:
-    """Instantiate ``model_cfg.network`` with the input channels its conditioning needs, wrapped as a :class:`Denoiser`."""
-    in_channels = Denoiser.in_channels(
-        conditioning=model_cfg.conditioning, image_channels=model_cfg.image_channels, num_classes=num_classes
+    """Instantiate ``model_cfg.network`` with the channels its conditioning needs, wrapped as a :class:`Denoiser`."""
+    mode = dict(conditioning=model_cfg.conditioning, image_channels=model_cfg.image_channels, num_classes=num_classes)
+    network = hydra.utils.instantiate(
+        model_cfg.network, in_channels=Denoiser.in_channels(**mode), out_channels=Denoiser.generated_channels(**mode)
     )
-    network = hydra.utils.instantiate(model_cfg.network, in_channels=in_channels)
-    return Denoiser(network, conditioning=model_cfg.conditioning, num_classes=num_classes)
+    return Denoiser(network, **mode)
 
 
 def build_sampler(sampler_cfg: DictConfig | dict, scheduler_cfg: DictConfig | dict) -> Scheduler:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsynth import MedsynthError
 from medsynth.data import LabelledArrays, load_split, read_manifest
-from medsynth.diffusion import denoising_errors, from_unit_range
+from medsynth.diffusion import denoising_errors
 from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, render_report, utility_figures, verdict
 from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_png, write_json, write_text
 from medsynth.metrics import label_intensity_stats
@@ -130,7 +130,7 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
         model.load_state_dict(checkpoint["ema"]["shadow"])
         model.to(device)
         scheduler = hydra.utils.instantiate(train_cfg.scheduler)
-        errors = {name: denoising_errors(model, from_unit_range(data.images), data.labels, scheduler,
+        errors = {name: denoising_errors(model, data.images, data.labels, scheduler,
                                          timesteps=list(e.membership.timesteps), seed=e.seed).numpy()
                   for name, data in (("train", train), ("holdout", holdout))}
 

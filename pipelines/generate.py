@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from medsynth import MedsynthError, __version__
 from medsynth.data import load_split, read_manifest
-from medsynth.diffusion import sample, to_unit_range
+from medsynth.diffusion import Denoiser, sample
 from medsynth.io import colorize_labels, display_slice, picture_sheet, save_nifti, save_png, write_text
 from medsynth.tracking import Tracker
 from medsynth.train import file_sha256, load_checkpoint
@@ -84,6 +84,8 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
         sampler = build_sampler(g.sampler, train_cfg.scheduler)
         checkpoint_hash = file_sha256(checkpoint_path)
         source = load_split(manifest, g.labels.split)
+        shape = (Denoiser.generated_channels(conditioning=model.conditioning, image_channels=model.image_channels,
+                                             num_classes=model.num_classes), *source.images.shape[2:])
 
         out = Path(cfg.paths.synthetic)
         rows: list[dict] = []
@@ -91,18 +93,22 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
         bar = tqdm(total=g.num_samples, desc="generate", unit="sample", disable=not cfg.trainer.progress)
         for start in range(0, g.num_samples, g.batch_size):
             seeds = [g.seed + i for i in range(start, min(start + g.batch_size, g.num_samples))]
+            # the seed picks a training record: its label map (augmented) for mask models, its geometry always
             picks = [int(np.random.default_rng(s).integers(len(source))) for s in seeds]
-            labels = torch.stack([
+            given = torch.stack([
                 augmented_label(source.labels[p], seed=s, augment=g.labels, spatial_dims=manifest.spatial_dims)
                 for p, s in zip(picks, seeds)
-            ])
-            images = to_unit_range(sample(model, sampler, labels.to(device), seeds=seeds, steps=g.steps, eta=g.eta)).cpu()
+            ]) if model.conditioning == "mask" else None
+            x = sample(model, sampler, given.to(device) if given is not None else None, seeds=seeds, shape=shape,
+                       steps=g.steps, eta=g.eta, device=device)
+            images, generated = model.split(x.cpu())
+            labels = generated if generated is not None else given
             for k, (seed, pick) in enumerate(zip(seeds, picks)):
                 sample_id = f"syn_{seed - g.seed:05d}"
                 affine = source.affines[pick]
                 row = {
                     "sample_id": sample_id, "image": "", "label": "", "preview": "", "seed": seed,
-                    "label_source": source.ids[pick], "checkpoint": str(checkpoint_path),
+                    "label_source": source.ids[pick] if given is not None else "generated", "checkpoint": str(checkpoint_path),
                     "checkpoint_sha256": checkpoint_hash, "train_run_id": ckpt.get("run_id", ""),
                     "sampler": g.sampler._target_.rsplit(".", 1)[-1], "steps": g.steps, "eta": g.eta,
                     "medsynth_version": __version__,

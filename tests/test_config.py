@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from pipelines.common import CONFIG_DIR
@@ -55,3 +56,15 @@ def test_unknown_key_is_rejected() -> None:
     """A misspelt key fails at composition instead of being silently ignored."""
     with pytest.raises(Exception, match="trainer.max_stepz"):
         compose_config(["trainer.max_stepz=3"])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_trains_one_tiny_step(preset: str, tiny_config, phantom) -> None:
+    """Every preset's wiring (conditioning, scheduler, trainer options) runs one step on the CPU."""
+    from pipelines import preprocess, train
+    from tests.conftest import phantom_overrides
+
+    cfg = tiny_config(f"experiment={preset}", *phantom_overrides(*phantom), "trainer.max_steps=1", "trainer.device=cpu")
+    preprocess.run(cfg)
+    checkpoint = torch.load(train.run(cfg), weights_only=True)
+    assert checkpoint["step"] == 1 and checkpoint["config"]["name"] == compose_config([f"experiment={preset}"]).name

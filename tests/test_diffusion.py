@@ -57,10 +57,11 @@ def test_sample_shape_range_and_per_seed_reproducibility(spatial_dims: int) -> N
     model = tiny_denoiser(spatial_dims).eval()
     scheduler = DDIMScheduler(num_train_timesteps=10, prediction_type="v_prediction")
     _, label = batch(spatial_dims, n=3)
-    together = sample(model, scheduler, label, seeds=[5, 6, 7], steps=4)
+    shape = (1, *label.shape[2:])
+    together = sample(model, scheduler, label, seeds=[5, 6, 7], shape=shape, steps=4)
     assert together.shape == (3, 1, *label.shape[2:])
     assert together.min() >= -1.0 and together.max() <= 1.0
-    alone = sample(model, scheduler, label[1:2], seeds=[6], steps=4)
+    alone = sample(model, scheduler, label[1:2], seeds=[6], shape=shape, steps=4)
     torch.testing.assert_close(alone, together[1:2], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(together[0], together[1])
 
@@ -70,7 +71,7 @@ def test_sample_shape_range_and_per_seed_reproducibility(spatial_dims: int) -> N
 def test_every_sampler_returns_the_same_type(spatial_dims: int, kind: str) -> None:
     model = tiny_denoiser(spatial_dims).eval()
     _, label = batch(spatial_dims)
-    out = sample(model, SCHEDULERS[kind](spatial_dims), label, seeds=[0, 1], steps=5)
+    out = sample(model, SCHEDULERS[kind](spatial_dims), label, seeds=[0, 1], shape=label.shape[1:], steps=5)
     assert isinstance(out, torch.Tensor) and out.shape == label.shape and torch.isfinite(out).all()
 
 
@@ -106,10 +107,34 @@ def test_bad_options_fail_early() -> None:
     with pytest.raises(ConfigError, match="model.conditioning"):
         Denoiser(torch.nn.Identity(), conditioning="text", num_classes=3)
     with pytest.raises(ValueError, match="one seed per label map"):
-        sample(tiny_denoiser(2), DDIMScheduler(num_train_timesteps=10), batch(2)[1], seeds=[1], steps=2)
+        sample(tiny_denoiser(2), DDIMScheduler(num_train_timesteps=10), batch(2)[1], seeds=[1], shape=(1, 8, 8), steps=2)
 
 
 def test_range_maps_are_inverse() -> None:
     x = torch.linspace(0, 1, 11)
     torch.testing.assert_close(to_unit_range(from_unit_range(x)), x)
     assert from_unit_range(torch.tensor(0.0)) == -1.0 and from_unit_range(torch.tensor(1.0)) == 1.0
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_joint_mode_generates_a_labelled_pair_from_noise(spatial_dims: int) -> None:
+    """joint: image and one-hot label are one variable; split() recovers them; no label map is needed to sample."""
+    mode = dict(conditioning="joint", image_channels=1, num_classes=NUM_CLASSES)
+    channels = Denoiser.generated_channels(**mode)
+    assert channels == 1 + NUM_CLASSES and Denoiser.in_channels(**mode) == channels
+    network = DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=channels, out_channels=channels, channels=(8, 8),
+                                 attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
+    model = Denoiser(network, **mode).eval()
+    image, label = batch(spatial_dims)
+    x0 = model.to_sample(to_unit_range(image), label)
+    assert x0.shape == (2, channels, *label.shape[2:]) and x0.min() == -1.0 and x0.max() == 1.0
+    back_image, back_label = model.split(x0)
+    torch.testing.assert_close(back_image, to_unit_range(image))
+    assert torch.equal(back_label, label)
+    assert model.condition(label) is None
+    loss = diffusion_loss(model, x0, None, DDPMScheduler(num_train_timesteps=10), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    out = sample(model, DDIMScheduler(num_train_timesteps=10), None, seeds=[0, 1], shape=x0.shape[1:], steps=3)
+    images, labels = model.split(out)
+    assert images.shape == image.shape and labels.shape == label.shape
+    assert int(labels.min()) >= 0 and int(labels.max()) < NUM_CLASSES

@@ -162,3 +162,19 @@ def test_rectified_flow_model_end_to_end(tiny_config, phantom) -> None:
     assert json.loads(evaluate.run(cfg).read_text())["metrics"]["privacy/membership_auc"]["value"] is not None
     with pytest.raises(ConfigError, match="RFlowScheduler"):
         generate.run(tiny_config(*phantom_overrides(*phantom), "scheduler=rflow"))
+
+
+def test_joint_model_generates_its_own_label_maps(tiny_config, phantom) -> None:
+    """model.conditioning=joint: no training label map is reused; the labels come out of the model."""
+    from tests.conftest import phantom_overrides
+
+    cfg = tiny_config(*phantom_overrides(*phantom), "model.conditioning=joint")
+    preprocess.run(cfg)
+    train.run(cfg)
+    with open(generate.run(cfg), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["label_source"] for r in rows} == {"generated"}
+    label, _ = load_nifti(Path(cfg.paths.synthetic) / rows[0]["label"])
+    assert label.shape == (16, 16, 1) and set(np.unique(label)) <= {0, 1, 2}
+    metrics = json.loads(evaluate.run(cfg).read_text())["metrics"]
+    assert 0.0 <= metrics["realism/label_consistency_dice"]["value"] <= 1.0

@@ -12,7 +12,7 @@ from medsynth.diffusion.denoiser import Denoiser
 def diffusion_loss(
     model: Denoiser,
     x0: torch.Tensor,
-    label: torch.Tensor,
+    label: torch.Tensor | None,
     scheduler: Scheduler,
     *,
     generator: torch.Generator | None = None,
@@ -21,8 +21,8 @@ def diffusion_loss(
 
     Args:
         model: The conditioned denoiser.
-        x0: ``(N, C, *spatial)`` clean images in model range [-1, 1].
-        label: ``(N, 1, *spatial)`` label maps.
+        x0: ``(N, C, *spatial)`` clean samples in model range [-1, 1] (:meth:`Denoiser.to_sample`).
+        label: The network's condition (:meth:`Denoiser.condition`): label maps, or ``None``.
         scheduler: A MONAI DDPM, DDIM or RFlow scheduler; it fixes the noising and the target.
         generator: Optional source of randomness for t and noise.
 
@@ -58,8 +58,8 @@ def prediction_target(scheduler: Scheduler, x0: torch.Tensor, eps: torch.Tensor,
 @torch.no_grad()
 def denoising_errors(
     model: Denoiser,
-    x0: torch.Tensor,
-    label: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
     scheduler: Scheduler,
     *,
     timesteps: list[int],
@@ -74,8 +74,8 @@ def denoising_errors(
 
     Args:
         model: The trained denoiser (EMA weights).
-        x0: ``(N, C, *spatial)`` clean images in model range [-1, 1].
-        label: ``(N, 1, *spatial)`` their label maps.
+        images: ``(N, C, *spatial)`` images in [0, 1].
+        labels: ``(N, 1, *spatial)`` their label maps.
         scheduler: The training scheduler.
         timesteps: Timesteps to average over.
         seed: Seed of the noise draws.
@@ -86,15 +86,15 @@ def denoising_errors(
     """
     model.eval()
     device = next(model.parameters()).device
-    total = torch.zeros(x0.shape[0])
-    for k, step in enumerate(timesteps):
-        # one noise image, shared by every example at this timestep
-        eps = torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + k))
-        for start in range(0, x0.shape[0], batch_size):
-            x = x0[start : start + batch_size].to(device)
-            e = eps.expand_as(x).to(device)
+    total = torch.zeros(images.shape[0])
+    for start in range(0, images.shape[0], batch_size):
+        label = labels[start : start + batch_size].to(device)
+        x = model.to_sample(images[start : start + batch_size].to(device), label)
+        for k, step in enumerate(timesteps):
+            # one noise draw per timestep, shared by every example
+            e = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(seed + k)).expand_as(x).to(device)
             t = torch.full((x.shape[0],), int(step), device=device, dtype=torch.long)
             x_t = scheduler.add_noise(original_samples=x, noise=e, timesteps=t)
-            error = (model(x_t, t, label[start : start + batch_size].to(device)) - prediction_target(scheduler, x, e, t)) ** 2
+            error = (model(x_t, t, model.condition(label)) - prediction_target(scheduler, x, e, t)) ** 2
             total[start : start + batch_size] += error.flatten(1).mean(dim=1).cpu()
     return total / len(timesteps)

@@ -20,45 +20,49 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int], *, device: torch.d
 def sample(
     model: Denoiser,
     scheduler: Scheduler,
-    label: torch.Tensor,
+    condition: torch.Tensor | None,
     *,
     seeds: Sequence[int],
-    image_channels: int = 1,
+    shape: Sequence[int],
     steps: int = 50,
     eta: float = 0.0,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Draw one image per label map by running the reverse process from pure noise.
+    """Draw one sample per seed by running the reverse process from pure noise.
 
     The scheduler's timesteps are set here, so any scheduler instance can be passed in. With
     DDIM and ``eta=0`` the result depends only on the model, the label map and the seed, so a
     single sample can be regenerated alone.
 
     Args:
-        model: The conditioned denoiser (in eval mode, usually the EMA copy).
+        model: The denoiser (in eval mode, usually the EMA copy).
         scheduler: A MONAI ``DDIMScheduler`` or ``DDPMScheduler`` matching the model's
             training schedule and prediction type, or an ``RFlowScheduler`` for a rectified-flow model.
-        label: ``(N, 1, *spatial)`` label maps.
+        condition: ``(N, 1, *spatial)`` label maps for ``mask`` models; ``None`` for ``joint``.
         seeds: ``N`` seeds, one per sample: each fixes that sample's starting noise.
-        image_channels: Channels of the generated image.
+        shape: ``(C, *spatial)`` of one sample of the diffusion variable.
         steps: Number of reverse steps.
         eta: DDIM stochasticity (0 = deterministic); ignored by other schedulers.
+        device: Where to sample (default: the condition's device, else the model's).
 
     Returns:
-        ``(N, image_channels, *spatial)`` images in model range [-1, 1].
+        ``(N, *shape)`` samples in model range [-1, 1]; :meth:`Denoiser.split` turns them into
+        images and label maps.
     """
-    if len(seeds) != label.shape[0]:
-        raise ValueError(f"need one seed per label map, got {len(seeds)} seeds for {label.shape[0]} maps")
+    if condition is not None and len(seeds) != condition.shape[0]:
+        raise ValueError(f"need one seed per label map, got {len(seeds)} seeds for {condition.shape[0]} maps")
     if steps < 1:
         raise ValueError(f"generate.steps must be >= 1, got {steps}")
-    device = label.device
+    if device is None:
+        device = condition.device if condition is not None else next(model.parameters()).device
     scheduler.set_timesteps(num_inference_steps=steps, device=device)
     # x_T ~ N(0, I), one seeded draw per sample
-    x = initial_noise(seeds, (image_channels, *label.shape[2:]), device=device)
+    x = initial_noise(seeds, tuple(shape), device=device)
     noise_gen = torch.Generator(device=device).manual_seed(int(seeds[0]))
     timesteps = [int(t) for t in scheduler.timesteps]
     for i, t in enumerate(timesteps):
         # the network's prediction at this step
-        output = model(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long), label)
+        output = model(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long), condition)
         # x at the next (less noisy) timestep from x_t and the prediction
         if isinstance(scheduler, RFlowScheduler):
             x, _ = scheduler.step(output, t, x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
