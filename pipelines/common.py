@@ -103,6 +103,20 @@ def build_denoiser(model_cfg: DictConfig, *, num_classes: int) -> Denoiser:
     return Denoiser(network, **mode)
 
 
+def load_ema_model(checkpoint: dict[str, Any], path: str | os.PathLike[str], *, num_classes: int) -> Denoiser:
+    """The EMA weights of a training checkpoint in the network its own config describes, in eval mode.
+
+    Raises:
+        MedsynthError: If the weights do not fit that network (a foreign or damaged checkpoint).
+    """
+    model = build_denoiser(OmegaConf.create(checkpoint["config"]).model, num_classes=num_classes)
+    try:
+        model.load_state_dict(checkpoint["ema"]["shadow"])
+    except (RuntimeError, KeyError) as err:
+        raise MedsynthError(f"checkpoint {path} does not fit the model its config describes: {str(err)[:300]}") from None
+    return model.eval()
+
+
 def build_sampler(sampler_cfg: DictConfig | dict, scheduler_cfg: DictConfig | dict) -> Scheduler:
     """The sampling scheduler of ``sampler_cfg`` with the training schedule of ``scheduler_cfg``.
 

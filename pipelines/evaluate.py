@@ -23,7 +23,7 @@ from medsynth.tracking import Tracker
 from medsynth.train import file_sha256, load_checkpoint, save_checkpoint
 from medsynth.train.encoder import FeatureEncoder, encode, encode_volumes, train_encoder
 from medsynth.train.segmenter import segment, train_segmenter
-from pipelines.common import CONFIG_DIR, build_denoiser, exit_on_user_error, pick_device, stage_run
+from pipelines.common import CONFIG_DIR, exit_on_user_error, load_ema_model, pick_device, stage_run
 
 log = logging.getLogger("medsynth")
 
@@ -125,11 +125,8 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
             return mean_dice(segment(segmenters[name], holdout.images), holdout_labels, num_classes=num_classes)
 
         checkpoint = load_checkpoint(cfg.generate.checkpoint)
-        train_cfg = OmegaConf.create(checkpoint["config"])
-        model = build_denoiser(train_cfg.model, num_classes=num_classes)
-        model.load_state_dict(checkpoint["ema"]["shadow"])
-        model.to(device)
-        scheduler = hydra.utils.instantiate(train_cfg.scheduler)
+        model = load_ema_model(checkpoint, cfg.generate.checkpoint, num_classes=num_classes).to(device)
+        scheduler = hydra.utils.instantiate(checkpoint["config"]["scheduler"])
         errors = {name: denoising_errors(model, data.images, data.labels, scheduler,
                                          timesteps=list(e.membership.timesteps), seed=e.seed).numpy()
                   for name, data in (("train", train), ("holdout", holdout))}

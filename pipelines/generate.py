@@ -15,12 +15,12 @@ from tqdm.auto import tqdm
 
 from medsynth import MedsynthError, __version__
 from medsynth.data import load_split, read_manifest
-from medsynth.diffusion import Denoiser, sample
+from medsynth.diffusion import sample
 from medsynth.io import colorize_labels, display_slice, picture_sheet, save_nifti, save_png, write_text
 from medsynth.tracking import Tracker
 from medsynth.train import file_sha256, load_checkpoint
 from medsynth.transforms import label_augmentation
-from pipelines.common import CONFIG_DIR, build_denoiser, build_sampler, exit_on_user_error, pick_device, stage_run
+from pipelines.common import CONFIG_DIR, build_sampler, exit_on_user_error, load_ema_model, pick_device, stage_run
 
 log = logging.getLogger("medsynth")
 
@@ -78,14 +78,11 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
                 f"checkpoint {checkpoint_path} was trained on labels {ckpt['label_names']}, "
                 f"but the dataset at {manifest.root} has {manifest.label_names}"
             )
-        model = build_denoiser(train_cfg.model, num_classes=manifest.num_classes)
-        model.load_state_dict(ckpt["ema"]["shadow"])
-        model.to(device).eval()
+        model = load_ema_model(ckpt, checkpoint_path, num_classes=manifest.num_classes).to(device)
         sampler = build_sampler(g.sampler, train_cfg.scheduler)
         checkpoint_hash = file_sha256(checkpoint_path)
         source = load_split(manifest, g.labels.split)
-        shape = (Denoiser.generated_channels(conditioning=model.conditioning, image_channels=model.image_channels,
-                                             num_classes=model.num_classes), *source.images.shape[2:])
+        shape = (model.sample_channels, *source.images.shape[2:])
 
         out = Path(cfg.paths.synthetic)
         rows: list[dict] = []

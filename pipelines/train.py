@@ -33,10 +33,8 @@ def sample_sheet(
     """
     num = min(num, len(data))
     labels = data.labels[:num].to(device)
-    shape = (Denoiser.generated_channels(conditioning=model.conditioning, image_channels=model.image_channels,
-                                         num_classes=model.num_classes), *labels.shape[2:])
-    x = sample(model, sampler, model.condition(labels), seeds=[seed + i for i in range(num)], shape=shape, steps=steps,
-               device=device)
+    x = sample(model, sampler, model.condition(labels), seeds=[seed + i for i in range(num)],
+               shape=(model.sample_channels, *labels.shape[2:]), steps=steps, device=device)
     images, generated = model.split(x.cpu())
     shown = generated if generated is not None else labels.cpu()
     rows = [

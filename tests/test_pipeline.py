@@ -178,3 +178,19 @@ def test_joint_model_generates_its_own_label_maps(tiny_config, phantom) -> None:
     assert label.shape == (16, 16, 1) and set(np.unique(label)) <= {0, 1, 2}
     metrics = json.loads(evaluate.run(cfg).read_text())["metrics"]
     assert 0.0 <= metrics["realism/label_consistency_dice"]["value"] <= 1.0
+
+
+def test_checkpoint_from_another_model_config_is_refused(tiny_config, phantom, tmp_path: Path) -> None:
+    """Weights that do not fit the network their config describes: one clear error, nothing generated."""
+    from medsynth import MedsynthError
+    from tests.conftest import phantom_overrides
+
+    cfg = tiny_config(*phantom_overrides(*phantom))
+    preprocess.run(cfg)
+    state = torch.load(train.run(cfg), weights_only=True)
+    state["config"]["model"]["network"]["channels"] = [8, 16]
+    foreign = tmp_path / "foreign.pt"
+    torch.save(state, foreign)
+    with pytest.raises(MedsynthError, match="does not fit"):
+        generate.run(tiny_config(*phantom_overrides(*phantom), f"generate.checkpoint={foreign}"))
+    assert not (Path(cfg.paths.synthetic) / "manifest.csv").exists()

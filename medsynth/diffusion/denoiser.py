@@ -59,6 +59,13 @@ class Denoiser(nn.Module):
         _check_mode(conditioning)
         return image_channels + (num_classes if conditioning == "joint" else 0)
 
+    @property
+    def sample_channels(self) -> int:
+        """Channels of this model's diffusion variable."""
+        return self.generated_channels(
+            conditioning=self.conditioning, image_channels=self.image_channels, num_classes=self.num_classes
+        )
+
     def to_sample(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """The clean diffusion variable x0 in model range for ``image`` in [0, 1] and its ``label`` map."""
         x0 = from_unit_range(image)
