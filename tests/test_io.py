@@ -244,3 +244,13 @@ def test_picture_sheet_titles_add_header() -> None:
     assert titled.shape[1:] == plain.shape[1:]
     np.testing.assert_array_equal(titled[extra:], plain)
     assert np.any(titled[:extra] != 40)
+
+
+def test_display_slice_orients_and_takes_the_middle_of_a_volume() -> None:
+    from medsynth.io import display_slice
+
+    plane = np.arange(6).reshape(2, 3)  # (X, Y)
+    shown = display_slice(plane)
+    assert shown.shape == (3, 2) and shown[0, 0] == plane[0, -1]  # top row = highest Y (anterior)
+    volume = np.stack([plane * 0, plane, plane * 2], axis=-1)  # Z = 3, middle slice = plane
+    np.testing.assert_array_equal(display_slice(volume), shown)

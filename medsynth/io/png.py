@@ -40,8 +40,14 @@ _PALETTE = np.array(
 
 
 def display_slice(image: np.ndarray) -> np.ndarray:
-    """Turn an (X, Y) RAS slice into screen orientation: anterior up, patient right on the right."""
-    return np.rot90(np.asarray(image))
+    """Turn an (X, Y) RAS slice into screen orientation: anterior up, patient right on the right.
+
+    An (X, Y, Z) volume is shown by its middle axial slice.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = image[..., image.shape[-1] // 2]
+    return np.rot90(image)
 
 
 def colorize_labels(label: np.ndarray) -> np.ndarray:
