@@ -66,5 +66,6 @@ def test_preset_trains_one_tiny_step(preset: str, tiny_config, phantom) -> None:
 
     cfg = tiny_config(f"experiment={preset}", *phantom_overrides(*phantom), "trainer.max_steps=1", "trainer.device=cpu")
     preprocess.run(cfg)
-    checkpoint = torch.load(train.run(cfg), weights_only=True)
+    trained = train.run(cfg)
+    checkpoint = torch.load(trained, weights_only=True)
     assert checkpoint["step"] == 1 and checkpoint["config"]["name"] == compose_config([f"experiment={preset}"]).name

@@ -154,7 +154,8 @@ def test_rectified_flow_model_end_to_end(tiny_config, phantom) -> None:
     flow = "generate.sampler._target_=monai.networks.schedulers.RFlowScheduler"
     cfg = tiny_config(*phantom_overrides(*phantom), "scheduler=rflow", flow)
     preprocess.run(cfg)
-    checkpoint = torch.load(train.run(cfg), weights_only=True)
+    trained = train.run(cfg)
+    checkpoint = torch.load(trained, weights_only=True)
     assert checkpoint["config"]["scheduler"]["_target_"].endswith("RFlowScheduler")
     with open(generate.run(cfg), newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -187,7 +188,8 @@ def test_checkpoint_from_another_model_config_is_refused(tiny_config, phantom, t
 
     cfg = tiny_config(*phantom_overrides(*phantom))
     preprocess.run(cfg)
-    state = torch.load(train.run(cfg), weights_only=True)
+    trained = train.run(cfg)
+    state = torch.load(trained, weights_only=True)
     state["config"]["model"]["network"]["channels"] = [8, 16]
     foreign = tmp_path / "foreign.pt"
     torch.save(state, foreign)

@@ -11,6 +11,18 @@ def _flat(x: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.reshape(t.shape[0], int(np.prod(t.shape[1:]))).to(dtype)
 
 
+def _flat_pair(
+    queries: np.ndarray | torch.Tensor, references: np.ndarray | torch.Tensor, dtype: torch.dtype, *, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets flattened to ``(N, voxels)``, checked to share a size and to hold a reference."""
+    q, r = _flat(queries, dtype), _flat(references, dtype)
+    if q.shape[1] != r.shape[1]:
+        raise ValueError(f"query and reference {what} differ in size: {q.shape[1]} vs {r.shape[1]} voxels")
+    if r.shape[0] == 0:
+        raise ValueError(f"need at least one reference among the {what}")
+    return q, r
+
+
 def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
     """Zero-mean, unit-norm rows; exactly constant rows become all zeros (correlation 0 with anything)."""
     constant = x.amax(dim=1) == x.amin(dim=1)
@@ -45,12 +57,7 @@ def max_normalised_correlation(
         ``(correlations, indices)``: for each query, the highest correlation (in ``[-1, 1]``,
         float32) and the index of the reference that attains it.
     """
-    q = _flat(queries, torch.float32)
-    r = _flat(references, torch.float32)
-    if q.shape[1] != r.shape[1]:
-        raise ValueError(f"queries and references differ in size: {q.shape[1]} vs {r.shape[1]} voxels")
-    if r.shape[0] == 0:
-        raise ValueError("need at least one reference image")
+    q, r = _flat_pair(queries, references, torch.float32, what="images")
     r = _normalise_rows(r)
     best, index = [], []
     for start in range(0, q.shape[0], chunk):
@@ -93,12 +100,7 @@ def dice_to_nearest_label_map(
         ``(dice, indices)``: for each query, the highest mean Dice (in ``[0, 1]``, float32) and the
         index of the reference that attains it.
     """
-    q = _flat(query_labels, torch.int64)
-    r = _flat(reference_labels, torch.int64)
-    if q.shape[1] != r.shape[1]:
-        raise ValueError(f"query and reference label maps differ in size: {q.shape[1]} vs {r.shape[1]} voxels")
-    if r.shape[0] == 0:
-        raise ValueError("need at least one reference label map")
+    q, r = _flat_pair(query_labels, reference_labels, torch.int64, what="label maps")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     for name, t in (("query_labels", q), ("reference_labels", r)):
