@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from medsynth import ConfigError, MedsynthError, __version__
 from medsynth.diffusion import Denoiser
 from medsynth.io import write_text
-from medsynth.tracking import Tracker, flatten
+from medsynth.tracking import NullTracker, Tracker, flatten
 
 log = logging.getLogger("medsynth")
 
@@ -66,7 +66,7 @@ def stage_run(
     cfg: DictConfig,
     stage: str,
     *,
-    tracker: Tracker | None = None,
+    tracker: Tracker | NullTracker | None = None,
     parent_run_id: str | None = None,
     resume_run_id: str | None = None,
 ) -> Iterator[tuple[Tracker, str]]:
@@ -78,9 +78,10 @@ def stage_run(
     tracker = tracker or make_tracker(cfg)
     tags = {"medsynth.stage": stage, "medsynth.version": __version__, "medsynth.output": str(Path(cfg.paths.output).resolve())}
     with tracker.run(stage, parent_run_id=parent_run_id, tags=tags, resume_run_id=resume_run_id) as run_id:
-        if parent_run_id is None and run_id != resume_run_id:
+        if parent_run_id is None and run_id and run_id != resume_run_id:
             log_config(tracker, run_id, cfg)
-        log.info("%s: MLflow run %s", stage, run_id)
+        if run_id:
+            log.info("%s: MLflow run %s", stage, run_id)
         yield tracker, run_id
 
 

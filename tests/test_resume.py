@@ -19,6 +19,17 @@ from tests.conftest import TINY, phantom_overrides
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def preprocessed_in_subprocess(phantom: tuple[Path, Path], tmp_path: Path, *overrides: str) -> tuple[str, list[str], dict[str, str]]:
+    """Run `medsynth preprocess` on the phantom as a user would; return the MLflow URI, the arguments and the environment."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*TINY, *phantom_overrides(*phantom), f"paths.output={tmp_path / 'out'}", f"mlflow.tracking_uri={uri}", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "MEDSYNTH_DEBUG"}
+    done = subprocess.run([sys.executable, "-m", "medsynth.cli", "preprocess", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return uri, args, env
+
+
 def test_resumed_run_equals_straight_run(tiny_config, phantom, tmp_path: Path) -> None:
     """4 steps straight == 2 steps, stop, resume for 2 more: same weights, EMA and optimiser state."""
     common = [*phantom_overrides(*phantom), f"paths.data={tmp_path / 'data'}", "trainer.max_steps=4"]
@@ -67,13 +78,9 @@ def test_resume_refuses_another_model(tiny_config, phantom, tmp_path: Path) -> N
 
 def test_sigkill_then_resume_reaches_the_same_step_with_a_continuous_loss_curve(phantom, tmp_path: Path) -> None:
     """Kill `medsynth train` mid-run with SIGKILL; `trainer.resume=auto` finishes it in the same MLflow run."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [*TINY, *phantom_overrides(*phantom), f"paths.output={tmp_path / 'out'}", f"mlflow.tracking_uri={uri}",
-            "trainer.max_steps=150", "trainer.checkpoint_every=5", "trainer.resume=auto"]
-    env = {k: v for k, v in os.environ.items() if k != "MEDSYNTH_DEBUG"}
-    done = subprocess.run([sys.executable, "-m", "medsynth.cli", "preprocess", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    uri, args, env = preprocessed_in_subprocess(
+        phantom, tmp_path, "trainer.max_steps=150", "trainer.checkpoint_every=5", "trainer.resume=auto"
+    )
 
     proc = subprocess.Popen([sys.executable, "-m", "medsynth.cli", "train", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,3 +120,22 @@ def test_mixed_precision_accumulation_and_channels_last_resume_like_a_straight_r
     assert a["step"] == b["step"] == 4
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_with_two_gloo_processes(phantom, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 -m medsynth.cli train`: both ranks train, only rank 0 logs and writes."""
+    uri, args, env = preprocessed_in_subprocess(
+        phantom, tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.device=cpu"
+    )
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medsynth.cli", "train", *args],
+        cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "rank 0 of 2" in ddp.stderr + ddp.stdout and "rank 1 of 2" in ddp.stderr + ddp.stdout
+    final = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
+    assert final["step"] == 4
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("medsynth").experiment_id], "tags.`medsynth.stage` = 'train'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3, 4]

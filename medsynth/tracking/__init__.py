@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from medsynth.tracking.tracker import Tracker, flatten
+from medsynth.tracking.tracker import NullTracker, Tracker, flatten
 
-__all__ = ["Tracker", "flatten"]
+__all__ = ["NullTracker", "Tracker", "flatten"]

@@ -153,3 +153,16 @@ class Tracker:
             self.client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
         else:
             self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+class NullTracker:
+    """A tracker that records nothing: what the non-main processes of a data-parallel job use."""
+
+    tracking_uri = ""
+
+    @contextlib.contextmanager
+    def run(self, name: str, **_: object) -> Iterator[str]:
+        yield ""
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: None
