@@ -49,6 +49,7 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
             spacing=list(d.spacing), size=list(d.size), slice_axis=d.slice_axis, min_foreground=d.min_foreground,
             margin=d.margin, lower_percentile=d.intensity.lower, upper_percentile=d.intensity.upper,
             block=d.splits.block, gap=d.splits.gap, fractions=dict(d.splits.fractions),
+            level_bands=d.level_bands,
         )
         counts = manifest.counts()
         log.info("preprocess: %s records %s -> %s", len(manifest.records), counts, manifest.root / "manifest.json")

@@ -38,6 +38,7 @@ class Record:
         sha256: Hash of the image and label arrays' bytes.
         slice_index: Index of the slice in the preprocessed volume; ``None`` for 3D records.
         source: Input files the record was made from.
+        attributes: Per-case attributes (class, age band, sex, ...) as strings, for conditioning.
     """
 
     id: str
@@ -50,6 +51,7 @@ class Record:
     sha256: str
     slice_index: int | None = None
     source: dict[str, str] = dataclasses.field(default_factory=dict)
+    attributes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -86,6 +88,14 @@ class Manifest:
             out[r.split] = out.get(r.split, 0) + 1
         return out
 
+    def attribute_values(self) -> dict[str, list[str]]:
+        """Every attribute name of the records with its sorted distinct values: the conditioning vocabulary."""
+        values: dict[str, set[str]] = {}
+        for r in self.records:
+            for key, value in r.attributes.items():
+                values.setdefault(key, set()).add(str(value))
+        return {key: sorted(v) for key, v in sorted(values.items())}
+
     def write(self) -> Path:
         """Write ``manifest.json`` into ``root`` atomically and return its path."""
         body = {
@@ -93,6 +103,7 @@ class Manifest:
             "spatial_dims": self.spatial_dims,
             "label_names": self.label_names,
             "counts": self.counts(),
+            "attributes": self.attribute_values(),
             "settings": self.settings,
             "records": [dataclasses.asdict(r) for r in self.records],
         }

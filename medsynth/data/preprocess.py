@@ -77,6 +77,8 @@ def build_slice_dataset(
     block: int = 8,
     gap: int = 2,
     fractions: Mapping[str, float] | None = None,
+    attributes: Mapping[str, str] | None = None,
+    level_bands: int = 0,
 ) -> Manifest:
     """Preprocess one image/label volume into 2D slice records, then write the manifest.
 
@@ -101,6 +103,10 @@ def build_slice_dataset(
         block: Slices per split block.
         gap: Slices dropped between blocks.
         fractions: Split shares; default 70/10/20 train/validation/holdout.
+        attributes: Case attributes given to every record (class, age band, ...).
+        level_bands: If > 0, each record gets the attribute ``level``: the band (``1`` = lowest
+            slice index .. ``level_bands``) of equal width along ``slice_axis`` that its slice lies in,
+            over the kept slices; a body-region class that needs no annotation.
 
     Returns:
         The written manifest.
@@ -153,18 +159,22 @@ def build_slice_dataset(
         img = np.take(volume, k, axis=1 + slice_axis)
         lbl = np.take(labels, k, axis=1 + slice_axis)
         file, digest = write_record(out_dir, record_id, img, lbl)
+        record_attributes = {str(key): str(value) for key, value in (attributes or {}).items()}
+        if level_bands > 0:
+            position = (k - kept[0]) / max(1, kept[-1] - kept[0] + 1)
+            record_attributes["level"] = str(1 + int(position * level_bands))
         records.append(
             Record(
                 id=record_id, case=case_id, split=split, file=file, shape=list(img.shape[1:]),
                 spacing=vol_spacing, affine=slice_affine(vol_affine, slice_axis, k).tolist(),
-                sha256=digest, slice_index=k, source=source,
+                sha256=digest, slice_index=k, source=source, attributes=record_attributes,
             )
         )
     manifest = Manifest(
         root=out_dir, spatial_dims=2, label_names=list(label_names), records=records,
         settings={
             "spacing": list(spacing), "size": list(size), "slice_axis": slice_axis,
-            "min_foreground": min_foreground, "intensity_percentiles": [lower_percentile, upper_percentile],
+            "min_foreground": min_foreground, "level_bands": level_bands, "intensity_percentiles": [lower_percentile, upper_percentile],
             "splits": {"block": block, "gap": gap, "fractions": fractions},
         },
     )
