@@ -9,7 +9,13 @@ STAMP := $(VENV)/.medsynth-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),,torch==2.13.0)
 
-.PHONY: install demo test test-fast benchmark clean
+.PHONY: install tools demo test test-fast benchmark clean
+
+# dciodvfy (Debian's dicom3tools) validates the DICOM objects medsynth writes; the tests use it.
+tools:
+	@command -v dciodvfy >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends dicom3tools; } \
+		|| echo "warning: could not install dicom3tools (dciodvfy); install it to run the DICOM validation tests"
+
 
 install: $(STAMP)
 
@@ -22,10 +28,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/medsynth run $(ARGS)
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest -q $(ARGS)
 
-test-fast: install
+test-fast: install tools
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 clean:
