@@ -84,7 +84,7 @@ def medsynth_loop(
     batches = infinite_batches(data, batch_size=BATCH, seed=0)
 
     def loss_fn(m, batch, step):
-        images, labels = (x.to(device).contiguous(memory_format=layout) for x in batch)
+        images, labels = (x.to(device).contiguous(memory_format=layout) for x in batch[:2])
         return diffusion_loss(m, images * 2 - 1, labels, scheduler, generator=step_generator(0, step, 3))
 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None

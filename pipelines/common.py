@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsynth import ConfigError, MedsynthError, __version__
 from medsynth.diffusion import Denoiser
+from medsynth.diffusion.denoiser import default_output, network_channels, network_options
 from medsynth.io import write_text
 from medsynth.tracking import NullTracker, Tracker, flatten
 
@@ -95,13 +96,51 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def build_denoiser(model_cfg: DictConfig, *, num_classes: int) -> Denoiser:
-    """Instantiate ``model_cfg.network`` with the channels its conditioning needs, wrapped as a :class:`Denoiser`."""
-    mode = dict(conditioning=model_cfg.conditioning, image_channels=model_cfg.image_channels, num_classes=num_classes)
-    network = hydra.utils.instantiate(
-        model_cfg.network, in_channels=Denoiser.in_channels(**mode), out_channels=Denoiser.generated_channels(**mode)
+def condition_vocabulary(model_cfg: DictConfig, attribute_values: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The attributes (and their values) a model is conditioned on, from the dataset's vocabulary.
+
+    ``class`` uses ``model.class_key``; ``attributes`` uses ``model.attribute_keys`` (all the
+    dataset's attributes when null); other modes use none.
+
+    Raises:
+        ConfigError: If a named attribute is not in the dataset.
+    """
+    mode = model_cfg.conditioning
+    if mode == "class":
+        keys = [model_cfg.class_key]
+    elif mode == "attributes":
+        keys = list(model_cfg.attribute_keys) if model_cfg.attribute_keys else sorted(attribute_values)
+    else:
+        return {}
+    missing = [k for k in keys if k not in attribute_values]
+    if missing:
+        raise ConfigError(
+            f"model.conditioning={mode} needs attribute(s) {missing}, but the dataset's records have "
+            f"{sorted(attribute_values) or 'none'}; set model.class_key / model.attribute_keys or add attributes in preprocessing"
+        )
+    return {k: list(attribute_values[k]) for k in keys}
+
+
+def build_denoiser(model_cfg: DictConfig, *, num_classes: int, vocabulary: dict[str, list[str]] | None = None) -> Denoiser:
+    """Instantiate ``model_cfg.network`` with the channels and condition inputs its mode needs, as a :class:`Denoiser`.
+
+    With ``model_cfg.autoencoder`` (latent diffusion) the autoencoder network is built too, with
+    untrained weights: training fits it first, a checkpoint restores it.
+    """
+    vocabulary = vocabulary or {}
+    autoencoder = hydra.utils.instantiate(model_cfg.autoencoder.network) if model_cfg.get("autoencoder") else None
+    image_channels = model_cfg.autoencoder.network.latent_channels if autoencoder is not None else model_cfg.image_channels
+    output = model_cfg.get("output") or default_output(model_cfg.conditioning)
+    in_channels, out_channels = network_channels(conditioning=model_cfg.conditioning, output=output,
+                                                 image_channels=image_channels, num_classes=num_classes)
+    options = network_options(conditioning=model_cfg.conditioning, vocabulary=vocabulary, context_dim=model_cfg.context_dim)
+    network = hydra.utils.instantiate(model_cfg.network, in_channels=in_channels, out_channels=out_channels, **options)
+    return Denoiser(
+        network, conditioning=model_cfg.conditioning, num_classes=num_classes, image_channels=image_channels,
+        output=output, vocabulary=vocabulary, context_dim=model_cfg.context_dim,
+        condition_dropout=model_cfg.condition_dropout, autoencoder=autoencoder,
+        decode_tile=model_cfg.autoencoder.get("decode_tile") if autoencoder is not None else None,
     )
-    return Denoiser(network, **mode)
 
 
 def load_ema_model(checkpoint: dict[str, Any], path: str | os.PathLike[str], *, num_classes: int) -> Denoiser:
@@ -110,10 +149,11 @@ def load_ema_model(checkpoint: dict[str, Any], path: str | os.PathLike[str], *, 
     Raises:
         MedsynthError: If the weights do not fit that network (a foreign or damaged checkpoint).
     """
-    model = build_denoiser(OmegaConf.create(checkpoint["config"]).model, num_classes=num_classes)
     try:
+        model = build_denoiser(OmegaConf.create(checkpoint["config"]).model, num_classes=num_classes,
+                               vocabulary=checkpoint.get("vocabulary"))
         model.load_state_dict(checkpoint["ema"]["shadow"])
-    except (RuntimeError, KeyError) as err:
+    except (RuntimeError, KeyError, ConfigError) as err:
         raise MedsynthError(f"checkpoint {path} does not fit the model its config describes: {str(err)[:300]}") from None
     return model.eval()
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medsynth import MedsynthError
 from medsynth.data import LabelledArrays, load_split, read_manifest
+from medsynth.data.dataset import attribute_codes
 from medsynth.diffusion import denoising_errors
 from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, render_report, utility_figures, verdict
 from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_png, write_json, write_text
@@ -127,8 +128,8 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
         checkpoint = load_checkpoint(cfg.generate.checkpoint)
         model = load_ema_model(checkpoint, cfg.generate.checkpoint, num_classes=num_classes).to(device)
         scheduler = hydra.utils.instantiate(checkpoint["config"]["scheduler"])
-        errors = {name: denoising_errors(model, data.images, data.labels, scheduler,
-                                         timesteps=list(e.membership.timesteps), seed=e.seed).numpy()
+        errors = {name: denoising_errors(model, data.images, data.labels, scheduler, timesteps=list(e.membership.timesteps),
+                                         codes=attribute_codes(manifest.split(name), model.vocabulary), seed=e.seed).numpy()
                   for name, data in (("train", train), ("holdout", holdout))}
 
         sets = (

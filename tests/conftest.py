@@ -95,3 +95,20 @@ def phantom_overrides(image: Path, label: Path) -> list[str]:
         "data.label_names=[background,outer,inner]",
         "data.spacing=[4.0,4.0,2.0]",
     ]
+
+
+def write_volume_dataset(data_dir: Path, *, size: int = 16, cases: int = 6, seed: int = 0) -> None:
+    """A preprocessed 3D dataset of phantom volumes (``size``^3, 3 labels, a ``level`` attribute) written directly."""
+    from medsynth.data import Manifest, Record, write_record
+
+    records = []
+    for i in range(cases):
+        grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, size)] * 3, indexing="ij"))
+        r = np.sqrt(((grid - 0.1 * (i % 3)) ** 2).sum(0))
+        label = (r < 0.9).astype(np.uint8) + (r < 0.5)
+        image = (0.4 * label + 0.05 * np.random.default_rng(seed + i).standard_normal(label.shape)).clip(0, 1)
+        split = "train" if i < cases - 2 else ("validation" if i == cases - 2 else "holdout")
+        file, digest = write_record(data_dir, f"case{i}", image[None].astype(np.float32), label[None])
+        records.append(Record(f"case{i}", f"case{i}", split, file, [size] * 3, [2.0] * 3, np.eye(4).tolist(), digest,
+                              attributes={"level": str(1 + i % 2)}))
+    Manifest(data_dir, 3, ["background", "outer", "inner"], records).write()

@@ -58,14 +58,28 @@ def test_unknown_key_is_rejected() -> None:
         compose_config(["trainer.max_stepz=3"])
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_preset_trains_one_tiny_step(preset: str, tiny_config, phantom) -> None:
-    """Every preset's wiring (conditioning, scheduler, trainer options) runs one step on the CPU."""
-    from pipelines import preprocess, train
-    from tests.conftest import phantom_overrides
+# shrink what the presets make large: 3D sizes, the latent autoencoder, the label-map generator's vocabulary
+PRESET_TINY = [
+    "model.autoencoder.network.channels=[8,8,8]", "model.autoencoder.network.norm_num_groups=8",
+    "trainer.autoencoder.max_steps=2", "trainer.autoencoder.batch_size=2",
+]
 
-    cfg = tiny_config(f"experiment={preset}", *phantom_overrides(*phantom), "trainer.max_steps=1", "trainer.device=cpu")
-    preprocess.run(cfg)
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_trains_one_tiny_step(preset: str, tiny_config, phantom, tmp_path: Path) -> None:
+    """Every preset's wiring (conditioning, scheduler, trainer options, 2D or 3D) runs one step on the CPU."""
+    from pipelines import preprocess, train
+    from tests.conftest import phantom_overrides, write_volume_dataset
+
+    composed = compose_config([f"experiment={preset}"])
+    tiny = [o for o in PRESET_TINY if composed.model.autoencoder or not o.startswith(("model.autoencoder", "trainer.auto"))]
+    if composed.data.spatial_dims == 3:
+        cfg = tiny_config(f"experiment={preset}", "data.size=[16,16,16]", *tiny, "trainer.max_steps=1", "trainer.device=cpu")
+        write_volume_dataset(Path(cfg.paths.data))
+    else:
+        cfg = tiny_config(f"experiment={preset}", *phantom_overrides(*phantom), *tiny, "trainer.max_steps=1",
+                          "trainer.device=cpu")
+        preprocess.run(cfg)
     trained = train.run(cfg)
     checkpoint = torch.load(trained, weights_only=True)
-    assert checkpoint["step"] == 1 and checkpoint["config"]["name"] == compose_config([f"experiment={preset}"]).name
+    assert checkpoint["step"] == 1 and checkpoint["config"]["name"] == composed.name

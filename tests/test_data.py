@@ -217,7 +217,7 @@ def _arrays(n: int = 6, size: int = 5) -> LabelledArrays:
     return LabelledArrays(images, labels, [f"r{i}" for i in range(n)], [np.eye(4)] * n)
 
 
-def _take(it, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _take(it, k: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return [next(it) for _ in range(k)]
 
 
@@ -225,11 +225,11 @@ def test_infinite_batches_shapes_and_cap() -> None:
     """Batches have the requested size; the size is capped at the split size; epochs cover all examples."""
     data = _arrays(n=6)
     batches = _take(infinite_batches(data, batch_size=3, seed=0), 4)
-    for images, labels in batches:
-        assert images.shape == (3, 1, 5, 5) and labels.shape == (3, 1, 5, 5)
+    for images, labels, codes in batches:
+        assert images.shape == (3, 1, 5, 5) and labels.shape == (3, 1, 5, 5) and codes.shape == (3, 0)
     first_epoch = torch.cat([b[0] for b in batches[:2]])
     assert sorted(first_epoch[:, 0, 0, 0].tolist()) == sorted(data.images[:, 0, 0, 0].tolist())
-    images, _ = next(infinite_batches(data, batch_size=100, seed=0))
+    images, _, _ = next(infinite_batches(data, batch_size=100, seed=0))
     assert images.shape[0] == 6
 
 
@@ -241,9 +241,9 @@ def test_infinite_batches_reproducible() -> None:
         return _take(infinite_batches(data, batch_size=3, seed=seed, flip_dims=(0, 1)), 5)
 
     a, b, c = run(7), run(7), run(8)
-    for (ia, la), (ib, lb) in zip(a, b):
+    for (ia, la, _), (ib, lb, _) in zip(a, b):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
-    assert not all(torch.equal(ia, ic) for (ia, _), (ic, _) in zip(a, c))
+    assert not all(torch.equal(ia, ic) for (ia, _, _), (ic, _, _) in zip(a, c))
 
 
 def test_infinite_batches_resume_where_they_stopped() -> None:
@@ -251,7 +251,7 @@ def test_infinite_batches_resume_where_they_stopped() -> None:
     data = _arrays(n=7)
     straight = _take(infinite_batches(data, batch_size=3, seed=5, flip_dims=(0,)), 9)
     resumed = _take(infinite_batches(data, batch_size=3, seed=5, flip_dims=(0,), start_step=4), 5)
-    for (a, la), (b, lb) in zip(straight[4:], resumed):
+    for (a, la, _), (b, lb, _) in zip(straight[4:], resumed):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
@@ -269,7 +269,7 @@ def test_infinite_batches_flips_image_and_label_together() -> None:
         "xy": lambda t: t.flip(-2).flip(-1),
     }
     seen = set()
-    for bimg, blab in _take(infinite_batches(data, batch_size=4, seed=3, flip_dims=(0, 1)), 8):
+    for bimg, blab, _ in _take(infinite_batches(data, batch_size=4, seed=3, flip_dims=(0, 1)), 8):
         for img, lab in zip(bimg, blab):
             # The original example is found from any corner value of its (flipped) label map.
             corners = {int(lab[0, a, b]) for a in (0, -1) for b in (0, -1)}
@@ -285,7 +285,7 @@ def test_infinite_batches_no_flip_without_flip_dims() -> None:
     """Without flip_dims every batch row is an unchanged example."""
     data = _arrays(n=4)
     originals = {tuple(x.flatten().tolist()) for x in data.images}
-    for images, labels in _take(infinite_batches(data, batch_size=2, seed=1), 4):
+    for images, labels, _ in _take(infinite_batches(data, batch_size=2, seed=1), 4):
         for img, lab in zip(images, labels):
             assert tuple(img.flatten().tolist()) in originals
             assert torch.equal(lab, img.long() % 3)

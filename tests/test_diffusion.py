@@ -9,6 +9,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 
 from medsynth import ConfigError
 from medsynth.diffusion import Denoiser, diffusion_loss, from_unit_range, sample, to_unit_range
+from medsynth.diffusion.denoiser import network_channels
 
 NUM_CLASSES = 3
 
@@ -106,7 +107,7 @@ def test_condition_changes_the_prediction() -> None:
 def test_bad_options_fail_early() -> None:
     with pytest.raises(ConfigError, match="model.conditioning"):
         Denoiser(torch.nn.Identity(), conditioning="text", num_classes=3)
-    with pytest.raises(ValueError, match="one seed per label map"):
+    with pytest.raises(ValueError, match="one seed per condition"):
         sample(tiny_denoiser(2), DDIMScheduler(num_train_timesteps=10), batch(2)[1], seeds=[1], shape=(1, 8, 8), steps=2)
 
 
@@ -120,8 +121,8 @@ def test_range_maps_are_inverse() -> None:
 def test_joint_mode_generates_a_labelled_pair_from_noise(spatial_dims: int) -> None:
     """joint: image and one-hot label are one variable; split() recovers them; no label map is needed to sample."""
     mode = dict(conditioning="joint", image_channels=1, num_classes=NUM_CLASSES)
-    channels = Denoiser.generated_channels(**mode)
-    assert channels == 1 + NUM_CLASSES and Denoiser.in_channels(**mode) == channels
+    in_channels, channels = network_channels(output="pair", **mode)
+    assert channels == 1 + NUM_CLASSES and in_channels == channels
     network = DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=channels, out_channels=channels, channels=(8, 8),
                                  attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
     model = Denoiser(network, **mode).eval()

@@ -11,8 +11,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from medsynth.data import read_manifest
 from medsynth.io import load_nifti
 from pipelines import evaluate, generate, preprocess, run, train
+from tests.conftest import phantom_overrides
 
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -196,3 +198,19 @@ def test_checkpoint_from_another_model_config_is_refused(tiny_config, phantom, t
     with pytest.raises(MedsynthError, match="does not fit"):
         generate.run(tiny_config(*phantom_overrides(*phantom), f"generate.checkpoint={foreign}"))
     assert not (Path(cfg.paths.synthetic) / "manifest.csv").exists()
+
+
+def test_class_model_with_guidance_and_compiled_training(tiny_config, phantom) -> None:
+    """class conditioning end to end: trained through torch.compile, sampled with guidance, each
+    sample's class recorded in the manifest and drawn from the source split's classes."""
+    cfg = tiny_config(*phantom_overrides(*phantom), "model.conditioning=class", "model.class_key=level",
+                      "trainer.compile=true", "+trainer.compile_options.backend=eager", "generate.guidance_scale=2.5")
+    preprocess.run(cfg)
+    train.run(cfg)
+    rows = list(csv.DictReader(open(generate.run(cfg))))
+    manifest = read_manifest(cfg.paths.data)
+    levels = {r.attributes["level"] for r in manifest.split("train")}
+    assert len(rows) == cfg.generate.num_samples
+    for row in rows:
+        assert row["attributes"].startswith("level=") and row["attributes"].split("=")[1] in levels
+        assert row["guidance_scale"] == "2.5" and row["image"] and not row["label"]

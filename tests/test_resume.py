@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -30,9 +31,11 @@ def preprocessed_in_subprocess(phantom: tuple[Path, Path], tmp_path: Path, *over
     return uri, args, env
 
 
-def test_resumed_run_equals_straight_run(tiny_config, phantom, tmp_path: Path) -> None:
-    """4 steps straight == 2 steps, stop, resume for 2 more: same weights, EMA and optimiser state."""
-    common = [*phantom_overrides(*phantom), f"paths.data={tmp_path / 'data'}", "trainer.max_steps=4"]
+@pytest.mark.parametrize("mode", [[], ["model.conditioning=attributes", "model.condition_dropout=0.5"]], ids=["mask", "attributes"])
+def test_resumed_run_equals_straight_run(mode: list[str], tiny_config, phantom, tmp_path: Path) -> None:
+    """4 steps straight == 2 steps, stop, resume for 2 more: same weights, EMA and optimiser state
+    (condition dropout included: it is drawn per step, like batches and noise)."""
+    common = [*phantom_overrides(*phantom), f"paths.data={tmp_path / 'data'}", "trainer.max_steps=4", *mode]
     preprocess.run(tiny_config(*common))
     straight = train.run(tiny_config(*common, f"paths.output={tmp_path / 'a'}"))
     with_checkpoints = tiny_config(*common, f"paths.output={tmp_path / 'b'}", "trainer.checkpoint_every=2", "trainer.keep_last=5")

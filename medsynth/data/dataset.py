@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from medsynth import MedsynthError
-from medsynth.data.manifest import Manifest, read_record
+from medsynth.data.manifest import Manifest, Record, read_record
 
 
 @dataclasses.dataclass
@@ -21,23 +21,49 @@ class LabelledArrays:
         labels: ``(N, 1, *spatial)`` int64 label values.
         ids: Record id of each row.
         affines: 4x4 affine of each row.
+        codes: ``(N, A)`` int64 attribute codes (see :func:`attribute_codes`); ``A = 0`` without a vocabulary.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     ids: list[str]
     affines: list[np.ndarray]
+    codes: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.long))
+
+    def __post_init__(self) -> None:
+        if self.codes.shape[0] != self.images.shape[0]:
+            self.codes = torch.zeros(self.images.shape[0], self.codes.shape[1] if self.codes.ndim == 2 else 0, dtype=torch.long)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
 
-def load_split(manifest: Manifest, split: str) -> LabelledArrays:
+def attribute_codes(records: Sequence[Record], vocabulary: Mapping[str, Sequence[str]]) -> torch.Tensor:
+    """Each record's attributes as integer codes: column ``k`` holds the index of the record's value
+    of the ``k``-th vocabulary attribute, or ``len(values)`` ("not given") when the record lacks it.
+
+    Raises:
+        MedsynthError: If a record has a value the vocabulary does not know.
+    """
+    rows = []
+    for r in records:
+        row = []
+        for key, values in vocabulary.items():
+            value = r.attributes.get(key)
+            if value is not None and str(value) not in values:
+                raise MedsynthError(f"record {r.id}: attribute {key}={value!r} is not in the model's vocabulary {list(values)}")
+            row.append(list(values).index(str(value)) if value is not None else len(values))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long).reshape(len(records), len(vocabulary))
+
+
+def load_split(manifest: Manifest, split: str, *, vocabulary: Mapping[str, Sequence[str]] | None = None) -> LabelledArrays:
     """Load every record of one split into memory, checking each record's hash.
 
     Args:
         manifest: The dataset manifest.
         split: Split name.
+        vocabulary: Attributes to encode as ``codes`` (name -> values), for conditioned models.
 
     Returns:
         The stacked arrays.
@@ -51,7 +77,8 @@ def load_split(manifest: Manifest, split: str) -> LabelledArrays:
     pairs = [read_record(manifest.root, r) for r in records]
     images = torch.from_numpy(np.stack([p[0] for p in pairs]))
     labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
-    return LabelledArrays(images, labels, [r.id for r in records], [np.asarray(r.affine) for r in records])
+    codes = attribute_codes(records, vocabulary or {})
+    return LabelledArrays(images, labels, [r.id for r in records], [np.asarray(r.affine) for r in records], codes)
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -66,8 +93,8 @@ def infinite_batches(
     seed: int,
     flip_dims: Sequence[int] = (),
     start_step: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield shuffled ``(images, labels)`` batches forever, a new order every epoch.
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield shuffled ``(images, labels, codes)`` batches forever, a new order every epoch.
 
     The batch of step ``k`` depends only on ``seed`` and ``k``: each epoch's order is drawn from
     a generator seeded by the epoch, each batch's flips from one seeded by the step. A run resumed
@@ -94,14 +121,14 @@ def infinite_batches(
         epoch, position = divmod(step, per_epoch)
         order = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
         idx = order[position * batch_size : (position + 1) * batch_size]
-        images, labels = data.images[idx], data.labels[idx]
+        images, labels, codes = data.images[idx], data.labels[idx], data.codes[idx]
         flips = step_generator(seed, step, stream=2)
         for axis in flip_dims:
             flip = torch.rand(len(idx), generator=flips) < 0.5
             dim = axis + 2
             images = torch.where(_expand(flip, images), images.flip(dim), images)
             labels = torch.where(_expand(flip, labels), labels.flip(dim), labels)
-        yield images, labels
+        yield images, labels, codes
         step += 1
 
 

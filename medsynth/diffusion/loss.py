@@ -22,7 +22,7 @@ def diffusion_loss(
     Args:
         model: The conditioned denoiser.
         x0: ``(N, C, *spatial)`` clean samples in model range [-1, 1] (:meth:`Denoiser.to_sample`).
-        label: The network's condition (:meth:`Denoiser.condition`): label maps, or ``None``.
+        label: The network's condition (:meth:`Denoiser.condition`): label maps, codes, or ``None``.
         scheduler: A MONAI DDPM, DDIM or RFlow scheduler; it fixes the noising and the target.
         generator: Optional source of randomness for t and noise.
 
@@ -63,6 +63,7 @@ def denoising_errors(
     scheduler: Scheduler,
     *,
     timesteps: list[int],
+    codes: torch.Tensor | None = None,
     seed: int = 0,
     batch_size: int = 64,
 ) -> torch.Tensor:
@@ -78,6 +79,7 @@ def denoising_errors(
         labels: ``(N, 1, *spatial)`` their label maps.
         scheduler: The training scheduler.
         timesteps: Timesteps to average over.
+        codes: ``(N, A)`` attribute codes for ``class`` / ``attributes`` models.
         seed: Seed of the noise draws.
         batch_size: Examples per forward pass.
 
@@ -89,12 +91,13 @@ def denoising_errors(
     total = torch.zeros(images.shape[0])
     for start in range(0, images.shape[0], batch_size):
         label = labels[start : start + batch_size].to(device)
+        code = codes[start : start + batch_size].to(device) if codes is not None else None
         x = model.to_sample(images[start : start + batch_size].to(device), label)
         for k, step in enumerate(timesteps):
             # one noise draw per timestep, shared by every example
             e = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(seed + k)).expand_as(x).to(device)
             t = torch.full((x.shape[0],), int(step), device=device, dtype=torch.long)
             x_t = scheduler.add_noise(original_samples=x, noise=e, timesteps=t)
-            error = (model(x_t, t, model.condition(label)) - prediction_target(scheduler, x, e, t)) ** 2
+            error = (model(x_t, t, model.condition(label, code)) - prediction_target(scheduler, x, e, t)) ** 2
             total[start : start + batch_size] += error.flatten(1).mean(dim=1).cpu()
     return total / len(timesteps)

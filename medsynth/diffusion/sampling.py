@@ -1,4 +1,5 @@
-"""Ancestral / DDIM sampling with a MONAI scheduler (Song et al. 2021)."""
+"""Ancestral, DDIM and rectified-flow sampling with a MONAI scheduler (Song et al. 2021), with
+classifier-free guidance (Ho & Salimans 2022)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def sample(
     shape: Sequence[int],
     steps: int = 50,
     eta: float = 0.0,
+    guidance_scale: float = 1.0,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Draw one sample per seed by running the reverse process from pure noise.
@@ -38,19 +40,23 @@ def sample(
         model: The denoiser (in eval mode, usually the EMA copy).
         scheduler: A MONAI ``DDIMScheduler`` or ``DDPMScheduler`` matching the model's
             training schedule and prediction type, or an ``RFlowScheduler`` for a rectified-flow model.
-        condition: ``(N, 1, *spatial)`` label maps for ``mask`` models; ``None`` for ``joint``.
+        condition: What :meth:`Denoiser.condition` returns for ``N`` samples: label maps for
+            ``mask``, attribute codes for ``class`` / ``attributes``, ``None`` for unconditional models.
         seeds: ``N`` seeds, one per sample: each fixes that sample's starting noise.
         shape: ``(C, *spatial)`` of one sample of the diffusion variable.
         steps: Number of reverse steps.
         eta: DDIM stochasticity (0 = deterministic); ignored by other schedulers.
+        guidance_scale: Classifier-free guidance weight w: the prediction is
+            ``uncond + w * (cond - uncond)``; 1 uses the conditional prediction alone (no extra pass).
         device: Where to sample (default: the condition's device, else the model's).
 
     Returns:
-        ``(N, *shape)`` samples in model range [-1, 1]; :meth:`Denoiser.split` turns them into
+        ``(N, *shape)`` samples of the diffusion variable; :meth:`Denoiser.split` turns them into
         images and label maps.
     """
     if condition is not None and len(seeds) != condition.shape[0]:
-        raise ValueError(f"need one seed per label map, got {len(seeds)} seeds for {condition.shape[0]} maps")
+        raise ValueError(f"need one seed per condition, got {len(seeds)} seeds for {condition.shape[0]} conditions")
+    null = model.null_condition(condition) if guidance_scale != 1.0 else None
     if steps < 1:
         raise ValueError(f"generate.steps must be >= 1, got {steps}")
     if device is None:
@@ -62,7 +68,13 @@ def sample(
     timesteps = [int(t) for t in scheduler.timesteps]
     for i, t in enumerate(timesteps):
         # the network's prediction at this step
-        output = model(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long), condition)
+        t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+        if null is None:
+            output = model(x, t_batch, condition)
+        else:
+            # guidance: unconditional and conditional predictions in one pass, then extrapolate
+            uncond, cond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([null, condition])).chunk(2)
+            output = uncond + guidance_scale * (cond - uncond)
         # x at the next (less noisy) timestep from x_t and the prediction
         if isinstance(scheduler, RFlowScheduler):
             x, _ = scheduler.step(output, t, x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
@@ -70,4 +82,4 @@ def sample(
             x, _ = scheduler.step(output, t, x, eta=eta, generator=noise_gen)
         else:
             x, _ = scheduler.step(output, t, x, generator=noise_gen)
-    return x.clamp(-1.0, 1.0)
+    return x

@@ -35,7 +35,8 @@ class EMA:
         """Move the shadow weights towards ``model``'s; buffers are copied."""
         d = self.current_decay()
         for shadow, param in zip(self.shadow.parameters(), model.parameters(), strict=True):
-            shadow.lerp_(param.detach(), 1.0 - d)
+            if param.requires_grad:  # frozen parts (a latent model's autoencoder) never change
+                shadow.lerp_(param.detach(), 1.0 - d)
         for shadow, buf in zip(self.shadow.buffers(), model.buffers(), strict=True):
             shadow.copy_(buf)
         self.updates += 1

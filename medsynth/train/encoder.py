@@ -108,7 +108,7 @@ def train_encoder(
     augment = torch.Generator().manual_seed(seed + 1)
     batches = infinite_batches(data, batch_size=batch_size, seed=seed)
 
-    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
+    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, ...], step: int) -> torch.Tensor:
         images = batch[0]
         v1, v2 = random_views(images, generator=augment), random_views(images, generator=augment)
         return nt_xent(m(v1.to(device)), m(v2.to(device)), temperature=temperature)

@@ -55,8 +55,8 @@ def train_segmenter(
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
     batches = infinite_batches(data, batch_size=batch_size, seed=seed, flip_dims=flip_dims)
 
-    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], step: int) -> torch.Tensor:
-        images, labels = batch
+    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, ...], step: int) -> torch.Tensor:
+        images, labels, _ = batch
         return criterion(m(images.to(device)), labels.to(device))
 
     train(model, loss_fn=loss_fn, batches=batches, optimizer=torch.optim.AdamW(model.parameters(), lr=lr),

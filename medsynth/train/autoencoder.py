@@ -1,0 +1,100 @@
+"""The first stage of latent diffusion: a KL-regularised autoencoder (Rombach et al. 2022)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import PatchDiscriminator
+from torch import nn
+
+from medsynth.data import LabelledArrays, infinite_batches, step_generator
+from medsynth.diffusion import from_unit_range
+from medsynth.train.loop import TrainResult, train
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderSettings:
+    """How the autoencoder is trained.
+
+    Attributes:
+        max_steps: Optimiser steps.
+        batch_size: Images per step.
+        lr: Adam learning rate (generator and discriminator).
+        kl_weight: Weight of the KL term that keeps the latent close to N(0, I).
+        adversarial_weight: Weight of the patch-adversarial term; 0 trains without a discriminator.
+        flip_dims: Spatial axes of random flips.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-4
+    kl_weight: float = 1e-6
+    adversarial_weight: float = 0.0
+    flip_dims: tuple[int, ...] = ()
+
+
+def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) summed over latent elements, averaged over the batch."""
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2).clamp_min(1e-12)) - 1.0)
+    return kl.flatten(1).sum(dim=1).mean()
+
+
+def train_autoencoder(
+    autoencoder: nn.Module,
+    data: LabelledArrays,
+    *,
+    settings: AutoencoderSettings,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> TrainResult:
+    """Train ``autoencoder`` to reconstruct ``data``'s images with L1 + KL (+ patch-adversarial) loss.
+
+    Args:
+        autoencoder: A MONAI ``AutoencoderKL`` (on ``device``), trained in place.
+        data: Training images in [0, 1]; the model sees them in [-1, 1].
+        settings: Steps, batch, learning rate and loss weights.
+        device: Where to train.
+        seed: Seed of batches and latent draws.
+        progress: Show a progress bar.
+        on_step: Called as ``on_step(step, loss, lr)``.
+
+    Returns:
+        The losses and timing of the run.
+    """
+    spatial_dims = data.images.ndim - 2
+    batches = infinite_batches(data, batch_size=settings.batch_size, seed=seed, flip_dims=list(settings.flip_dims))
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=settings.lr)
+    adversarial = settings.adversarial_weight > 0
+    if adversarial:
+        discriminator = PatchDiscriminator(spatial_dims=spatial_dims, in_channels=data.images.shape[1],
+                                           channels=32, num_layers_d=2).to(device)
+        d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=settings.lr)
+        criterion = PatchAdversarialLoss(criterion="least_squares")
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], draw: int) -> torch.Tensor:
+        x = from_unit_range(batch[0].to(device))
+        # the encoder's reparameterised draw uses torch's global generator: seed it per batch, locally
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=step_generator(seed, draw, stream=5))))
+            reconstruction, z_mu, z_sigma = model(x)
+        loss = F.l1_loss(reconstruction.float(), x.float()) + settings.kl_weight * kl_divergence(z_mu.float(), z_sigma.float())
+        if adversarial:
+            # discriminator step on real images and detached reconstructions
+            d_optimizer.zero_grad(set_to_none=True)
+            d_loss = 0.5 * (criterion(discriminator(reconstruction.detach())[-1], target_is_real=False, for_discriminator=True)
+                            + criterion(discriminator(x)[-1], target_is_real=True, for_discriminator=True))
+            d_loss.backward()
+            d_optimizer.step()
+            # the autoencoder is rewarded for reconstructions the discriminator takes for real
+            loss = loss + settings.adversarial_weight * criterion(
+                discriminator(reconstruction)[-1], target_is_real=True, for_discriminator=False)
+        return loss
+
+    return train(autoencoder, loss_fn=loss_fn, batches=batches, optimizer=optimizer, max_steps=settings.max_steps,
+                 grad_clip=1.0, on_step=on_step, progress=progress, desc="autoencoder")
