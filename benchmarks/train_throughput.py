@@ -1,67 +1,107 @@
-"""Training throughput of medsynth's loop against a bare loop written as MONAI's tutorials write it.
+"""Training throughput and peak memory of medsynth's loop against a bare loop written as MONAI's
+tutorials write it, for any preset.
 
 Usage:
-    python benchmarks/train_throughput.py [--steps 40] [--repeats 4] [--device cpu|cuda]
-        [--precision fp32|bf16|fp16] [--channels-last] [--peak-tflops 989]
+    python benchmarks/train_throughput.py [--preset demo] [--set KEY=VALUE ...] [--plain]
+        [--steps 30] [--repeats 4] [--batch N] [--device cpu|cuda] [--peak-tflops 989]
 
-Both loops train the demo's network (DiffusionModelUNet, 1.1M parameters, mask conditioning) on
-batches of 16 random 64x64 images with 4-class label maps, with the same DDPM scheduler and AdamW.
-medsynth's loop adds what it always does: per-step seeded noise, gradient clipping, LR schedule,
-EMA update and the loss callback. Runs alternate (bare, ours, bare, ours, ...) after one warm-up
-each, the order flipping every repeat, and the ratio of medians is reported, so drift of a shared machine affects both alike.
+Both loops train the preset's network (built by the pipeline's ``build_denoiser``) with the same
+batch of random images, label maps and attribute codes, the same noise schedule and AdamW:
 
-``--precision`` and ``--channels-last`` apply to medsynth's loop only (the bare loop stays the
-tutorial's fp32), which is the GPU comparison the training engine is judged by. Model FLOPs per
-step are counted with ``torch.utils.flop_counter`` on one forward and backward pass; with
-``--peak-tflops`` (the accelerator's dense peak for the chosen precision) the model FLOPs
-utilisation of each loop is printed.
+- the bare loop is the tutorial's: DataLoader, noise, ``add_noise``, the network called directly
+  with the preset's conditioning (one-hot label map concatenated, ``class_labels`` or a
+  cross-attention ``context``; a latent model's autoencoder encodes each batch without gradients),
+  MSE to the target, backward, step, in fp32;
+- medsynth's loop is ``medsynth.train.train`` with the pipeline's loss: per-step seeded noise and
+  condition dropout, gradient clipping, LR schedule, EMA, and the preset's trainer options
+  (precision, channels_last, activation checkpointing, torch.compile). ``--plain`` drops those
+  options (fp32, no checkpointing), which is the like-for-like comparison of loop overhead.
+
+Runs alternate (bare, ours, ours, bare, ...) after one warm-up each and the ratio of medians is
+reported, so drift of a shared machine affects both alike. Peak memory is the CUDA allocator's
+peak per loop on a GPU, and the process's peak resident memory on the CPU. Model FLOPs per example
+are counted with ``torch.utils.flop_counter``; with ``--peak-tflops`` (the device's dense peak at
+the chosen precision) the model FLOPs utilisation of each loop is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import resource
 import statistics
 import time
 
+import hydra
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DiffusionModelUNet
-from monai.networks.schedulers import DDPMScheduler
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 from medsynth.data import LabelledArrays, infinite_batches, step_generator
-from medsynth.diffusion import Denoiser, diffusion_loss
+from medsynth.diffusion import Denoiser, diffusion_loss, prediction_target
 from medsynth.train import EMA, train, warmup_cosine
+from medsynth.train.activation import enable_activation_checkpointing
+from pipelines.common import CONFIG_DIR, build_denoiser
 
-NUM_CLASSES, SIZE, BATCH = 4, 64, 16
+NUM_CLASSES = 4
+VOCABULARY = {"class": ["1", "2", "3"], "age": ["40-50", "50-60", "60-70"], "sex": ["F", "M"]}
 
 
-def network() -> DiffusionModelUNet:
+def preset_config(preset: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[f"experiment={preset}", *overrides])
+
+
+def build_model(cfg: DictConfig, device: torch.device) -> Denoiser:
+    """The preset's denoiser with fixed initial weights (latent models: an untrained autoencoder and scale 1)."""
     torch.manual_seed(0)
-    return DiffusionModelUNet(
-        spatial_dims=2, in_channels=1 + NUM_CLASSES, out_channels=1, channels=(32, 64, 64),
-        attention_levels=(False, False, True), num_res_blocks=1, num_head_channels=32, norm_num_groups=16,
-    )
+    vocabulary = {cfg.model.class_key: VOCABULARY["class"]} if cfg.model.conditioning == "class" else (
+        {k: VOCABULARY[k] for k in ("age", "sex")} if cfg.model.conditioning == "attributes" else {})
+    return build_denoiser(cfg.model, num_classes=NUM_CLASSES, vocabulary=vocabulary).to(device)
 
 
-def bare_loop(data: LabelledArrays, steps: int, device: torch.device) -> float:
-    """The tutorial loop: DataLoader, noise, add_noise, forward, MSE, backward, step. Returns images/s."""
-    model = network().to(device)
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images, data.labels), batch_size=BATCH,
-                                         shuffle=True, drop_last=True)
+def random_data(cfg: DictConfig, n: int) -> LabelledArrays:
+    g = torch.Generator().manual_seed(0)
+    size = list(cfg.data.size)
+    labels = torch.randint(0, NUM_CLASSES, (n, 1, *size), generator=g)
+    codes = torch.randint(0, 2, (n, 2), generator=g)
+    return LabelledArrays(torch.rand(n, 1, *size, generator=g), labels, [str(i) for i in range(n)], [], codes)
+
+
+def bare_loop(cfg: DictConfig, data: LabelledArrays, steps: int, batch: int, device: torch.device) -> float:
+    """The tutorial loop on the preset's network. Returns examples/s."""
+    model = build_model(cfg, device)
+    network, autoencoder = model.network, model.autoencoder
+    scheduler = hydra.utils.instantiate(cfg.scheduler)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images, data.labels, data.codes),
+                                         batch_size=batch, shuffle=True, drop_last=True)
+    mode = model.conditioning
     done, start = 0, time.perf_counter()
     while done < steps:
-        for images, labels in loader:
-            images, labels = images.to(device) * 2 - 1, labels.to(device)
+        for images, labels, codes in loader:
+            images, labels, codes = images.to(device) * 2 - 1, labels.to(device), codes.to(device)
+            if autoencoder is not None:
+                with torch.no_grad():
+                    images = autoencoder.encode(images)[0]
+            if model.output == "pair":
+                images = torch.cat([images, F.one_hot(labels[:, 0], NUM_CLASSES).movedim(-1, 1).float() * 2 - 1], dim=1)
             optimizer.zero_grad(set_to_none=True)
             noise = torch.randn_like(images)
             timesteps = torch.randint(0, scheduler.num_train_timesteps, (images.shape[0],), device=device).long()
             noisy = scheduler.add_noise(original_samples=images, noise=noise, timesteps=timesteps)
-            condition = F.one_hot(labels[:, 0], NUM_CLASSES).movedim(-1, 1).float()
-            prediction = model(torch.cat([noisy, condition], dim=1), timesteps)
-            loss = F.mse_loss(prediction.float(), noise.float())
+            if mode == "mask":
+                one_hot = F.one_hot(labels[:, 0], NUM_CLASSES).movedim(-1, 1).float()
+                prediction = network(torch.cat([noisy, F.interpolate(one_hot, size=noisy.shape[2:], mode="area")], 1), timesteps)
+            elif mode == "class":
+                prediction = network(noisy, timesteps, class_labels=codes[:, 0])
+            elif mode == "attributes":
+                context = torch.stack([embed(codes[:, k]) for k, embed in enumerate(model.attribute_tokens)], dim=1)
+                prediction = network(noisy, timesteps, context=context)
+            else:
+                prediction = network(noisy, timesteps)
+            loss = F.mse_loss(prediction.float(), prediction_target(scheduler, images, noise, timesteps).float())
             loss.backward()
             optimizer.step()
             done += 1
@@ -69,76 +109,107 @@ def bare_loop(data: LabelledArrays, steps: int, device: torch.device) -> float:
                 break
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * BATCH / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start)
 
 
-def medsynth_loop(
-    data: LabelledArrays, steps: int, device: torch.device, *, precision: str = "fp32", channels_last: bool = False
-) -> float:
-    """medsynth.train.train with the pipeline's loss, EMA, clipping and LR schedule. Returns images/s."""
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = Denoiser(network(), conditioning="mask", num_classes=NUM_CLASSES).to(device, memory_format=layout)
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def medsynth_loop(cfg: DictConfig, data: LabelledArrays, steps: int, batch: int, device: torch.device, *, plain: bool) -> float:
+    """medsynth.train.train with the pipeline's loss and the preset's trainer options. Returns examples/s."""
+    t = cfg.trainer
+    model = build_model(cfg, device)
+    layout = torch.channels_last if t.channels_last and not plain and cfg.data.spatial_dims == 2 else torch.contiguous_format
+    model.to(memory_format=layout)
+    if t.gradient_checkpointing and not plain:
+        enable_activation_checkpointing(model.network)
+    scheduler = hydra.utils.instantiate(cfg.scheduler)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_cosine, warmup_steps=5, max_steps=steps))
-    batches = infinite_batches(data, batch_size=BATCH, seed=0)
+    batches = infinite_batches(data, batch_size=batch, seed=0)
+    trained = torch.compile(model, **t.compile_options) if t.compile and not plain else model
 
-    def loss_fn(m, batch, step):
-        images, labels = (x.to(device).contiguous(memory_format=layout) for x in batch[:2])
-        return diffusion_loss(m, images * 2 - 1, labels, scheduler, generator=step_generator(0, step, 3))
+    def loss_fn(m: torch.nn.Module, b: tuple[torch.Tensor, ...], draw: int) -> torch.Tensor:
+        images, labels = (x.to(device).contiguous(memory_format=layout) for x in b[:2])
+        condition = model.drop_condition(model.condition(labels, b[2].to(device)), generator=step_generator(0, draw, 4))
+        return diffusion_loss(m, model.to_sample(images, labels), condition, scheduler, generator=step_generator(0, draw, 3))
 
+    precision = "fp32" if plain else t.precision
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    result = train(model, loss_fn=loss_fn, batches=batches, optimizer=optimizer, max_steps=steps, lr_scheduler=lr_scheduler,
-                   ema=EMA(model), grad_clip=1.0, precision=precision, scaler=scaler, on_step=lambda *_: None,
-                   progress=False)
+    result = train(trained, loss_fn=loss_fn, batches=batches, optimizer=optimizer, max_steps=steps, lr_scheduler=lr_scheduler,
+                   ema=EMA(model), grad_clip=1.0, precision=precision, scaler=scaler, on_step=lambda *_: None, progress=False)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return result.examples_per_second
 
 
-def flops_per_image(device: torch.device) -> float:
+def flops_per_example(cfg: DictConfig, data: LabelledArrays, batch: int, device: torch.device) -> float:
     """Model FLOPs of one training step (forward and backward) divided by the batch size."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = Denoiser(network(), conditioning="mask", num_classes=NUM_CLASSES).to(device)
-    x = torch.randn(BATCH, 1, SIZE, SIZE, device=device)
-    label = torch.randint(0, NUM_CLASSES, (BATCH, 1, SIZE, SIZE), device=device)
-    t = torch.randint(0, 1000, (BATCH,), device=device)
+    model = build_model(cfg, device)
+    images, labels, codes = (x[:batch].to(device) for x in (data.images, data.labels, data.codes))
+    x0 = model.to_sample(images, labels)
+    t = torch.randint(0, 1000, (batch,), device=device)
     with FlopCounterMode(display=False) as counter:
-        model(x, t, label).square().mean().backward()
-    return counter.get_total_flops() / BATCH
+        model(x0, t, model.condition(labels, codes)).square().mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def timed(loop: functools.partial, device: torch.device) -> tuple[float, float]:
+    """``(examples/s, peak MiB)``: the CUDA allocator's peak on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rate = loop()
+    if device.type == "cuda":
+        return rate, torch.cuda.max_memory_allocated(device) / 2**20
+    return rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    parser.add_argument("--plain", action="store_true", help="medsynth loop in fp32 without the preset's trainer options")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=None, help="default: the preset's trainer.batch_size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of the device at --precision")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense peak of the device at the precision used")
     args = parser.parse_args()
-    ours_loop = functools.partial(medsynth_loop, precision=args.precision, channels_last=args.channels_last)
+    cfg = preset_config(args.preset, args.set)
     device = torch.device(args.device)
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, NUM_CLASSES, (128, 1, SIZE, SIZE), generator=g)
-    data = LabelledArrays(torch.rand(128, 1, SIZE, SIZE, generator=g), labels, [str(i) for i in range(128)], [])
-    bare_loop(data, 3, device), ours_loop(data, 3, device)  # warm-up
-    bare, ours = [], []
+    batch = args.batch or cfg.trainer.batch_size
+    data = random_data(cfg, max(4 * batch, 16))
+    loops = {
+        "bare": functools.partial(bare_loop, cfg, data, args.steps, batch, device),
+        "medsynth": functools.partial(medsynth_loop, cfg, data, args.steps, batch, device, plain=args.plain),
+    }
+    for name in loops:  # warm-up (and compilation)
+        functools.partial(loops[name].func, *loops[name].args[:2], 3, *loops[name].args[3:], **loops[name].keywords)()
+    rates: dict[str, list[float]] = {"bare": [], "medsynth": []}
+    peaks: dict[str, float] = {"bare": 0.0, "medsynth": 0.0}
     for repeat in range(args.repeats):  # alternate which loop goes first
-        pair = [(bare, bare_loop), (ours, ours_loop)]
-        for results, loop in (pair if repeat % 2 == 0 else pair[::-1]):
-            results.append(loop(data, args.steps, device))
+        for name in (["bare", "medsynth"] if repeat % 2 == 0 else ["medsynth", "bare"]):
+            rate, peak = timed(loops[name], device)
+            rates[name].append(rate)
+            peaks[name] = max(peaks[name], peak)
+    t = cfg.trainer
+    options = "fp32 (plain)" if args.plain else (
+        f"{t.precision}{', channels_last' if t.channels_last else ''}{', activation checkpointing' if t.gradient_checkpointing else ''}"
+        f"{', compiled' if t.compile else ''}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device {name}, batch {BATCH} of {SIZE}x{SIZE}, {args.steps} steps x {args.repeats}; medsynth loop: "
-          f"{args.precision}{', channels_last' if args.channels_last else ''}")
-    print(f"bare tutorial loop : {', '.join(f'{x:.1f}' for x in bare)} images/s (median {statistics.median(bare):.1f})")
-    print(f"medsynth loop      : {', '.join(f'{x:.1f}' for x in ours)} images/s (median {statistics.median(ours):.1f})")
-    print(f"ratio medsynth / bare: {statistics.median(ours) / statistics.median(bare):.3f}")
-    flops = flops_per_image(device)
-    print(f"model FLOPs per image (forward + backward): {flops / 1e9:.2f} GFLOP")
+    model = build_model(cfg, device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    print(f"preset {args.preset} {' '.join(args.set)}: {cfg.model.conditioning} conditioning, "
+          f"{'latent ' if model.autoencoder is not None else ''}{cfg.data.spatial_dims}D {list(cfg.data.size)}, "
+          f"{n_params:.2f}M trained parameters, batch {batch}; device {name}; medsynth loop: {options}")
+    for label in ("bare", "medsynth"):
+        values = rates[label]
+        print(f"{label:9s}: {', '.join(f'{x:.2f}' for x in values)} examples/s (median {statistics.median(values):.2f}), "
+              f"peak memory {peaks[label]:.0f} MiB{' (process RSS)' if device.type == 'cpu' else ''}")
+    print(f"ratio medsynth / bare: {statistics.median(rates['medsynth']) / statistics.median(rates['bare']):.3f}")
+    flops = flops_per_example(cfg, data, batch, device)
+    print(f"model FLOPs per example (forward + backward): {flops / 1e9:.2f} GFLOP")
     if args.peak_tflops:
-        for label, values in (("bare", bare), ("medsynth", ours)):
+        for label, values in rates.items():
             print(f"MFU {label}: {statistics.median(values) * flops / (args.peak_tflops * 1e12):.2%}")
 
 
