@@ -65,7 +65,7 @@ def random_data(cfg: DictConfig, n: int) -> LabelledArrays:
     g = torch.Generator().manual_seed(0)
     size = list(cfg.data.size)
     labels = torch.randint(0, NUM_CLASSES, (n, 1, *size), generator=g)
-    codes = torch.randint(0, 2, (n, 2), generator=g)
+    codes = torch.randint(0, 2, (n, {"class": 1, "attributes": 2}.get(cfg.model.conditioning, 0)), generator=g)
     return LabelledArrays(torch.rand(n, 1, *size, generator=g), labels, [str(i) for i in range(n)], [], codes)
 
 
