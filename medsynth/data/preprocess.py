@@ -79,6 +79,8 @@ def build_slice_dataset(
     fractions: Mapping[str, float] | None = None,
     attributes: Mapping[str, str] | None = None,
     level_bands: int = 0,
+    intensity: str = "percentile",
+    window: Sequence[float] | None = None,
 ) -> Manifest:
     """Preprocess one image/label volume into 2D slice records, then write the manifest.
 
@@ -107,6 +109,8 @@ def build_slice_dataset(
         level_bands: If > 0, each record gets the attribute ``level``: the band (``1`` = lowest
             slice index .. ``level_bands``) of equal width along ``slice_axis`` that its slice lies in,
             over the kept slices; a body-region class that needs no annotation.
+        intensity: ``percentile`` (foreground percentiles) or ``window`` (``window`` to [0, 1], the CT preset).
+        window: ``(low, high)`` for the window mode.
 
     Returns:
         The written manifest.
@@ -115,6 +119,8 @@ def build_slice_dataset(
         raise ConfigError(f"data.slice_axis must be 0, 1 or 2, got {slice_axis}")
     if len(spacing) != 3 or len(size) != 2:
         raise ConfigError(f"data.spacing needs 3 values and data.size 2, got {list(spacing)} and {list(size)}")
+    if intensity not in ("percentile", "window"):
+        raise ConfigError(f"data.intensity.mode must be percentile or window, got {intensity!r}")
     fractions = dict(fractions or {"train": 0.7, "validation": 0.1, "holdout": 0.2})
     image, label, affine = load_pair(image_path, label_path)
     if label.max() >= len(label_names):
@@ -123,25 +129,11 @@ def build_slice_dataset(
             f"{len(label_names)} values (0..{len(label_names) - 1})"
         )
 
-    in_plane = iter(size)
-    spatial_size = [-1 if axis == slice_axis else int(next(in_plane)) for axis in range(3)]
-    chain = volume_preprocessing(
-        spacing=spacing, lower_percentile=lower_percentile, upper_percentile=upper_percentile,
-        spatial_size=spatial_size, margin=margin,
+    volume, labels, vol_affine = preprocess_volume(
+        image, label, affine, spacing=spacing, size=_slab_size(size, slice_axis), margin=margin,
+        lower_percentile=lower_percentile, upper_percentile=upper_percentile, intensity=intensity, window=window,
     )
-    data = chain({
-        "image": MetaTensor(torch.from_numpy(image[None].astype(np.float32)), affine=torch.from_numpy(affine)),
-        "label": MetaTensor(torch.from_numpy(label[None].astype(np.float32)), affine=torch.from_numpy(affine)),
-    })
-    volume = data["image"].numpy().astype(np.float32)
-    labels = np.rint(data["label"].numpy()).astype(np.uint8)
-    vol_affine = np.asarray(data["image"].affine, dtype=np.float64)
-    vol_spacing = [float(v) for v in np.linalg.norm(vol_affine[:3, :3], axis=0)]
-
-    kept = [
-        k for k in range(volume.shape[1 + slice_axis])
-        if (np.take(labels, k, axis=1 + slice_axis) > 0).mean() >= min_foreground
-    ]
+    kept = kept_slices(labels, slice_axis=slice_axis, min_foreground=min_foreground)
     if not kept:
         raise MedsynthError(f"no slice of {label_path} has {min_foreground:.0%} labelled pixels; lower data.min_foreground")
     try:
@@ -150,12 +142,123 @@ def build_slice_dataset(
         raise ConfigError(f"data.splits: {err}") from None
 
     out_dir = Path(out_dir)
+    records = slice_records(
+        volume, labels, vol_affine, kept=kept, splits=splits, out_dir=out_dir, id_prefix=case_id, case=case_id,
+        slice_axis=slice_axis, source={"image": str(image_path), "label": str(label_path)},
+        attributes=attributes, level_bands=level_bands,
+    )
+    manifest = Manifest(
+        root=out_dir, spatial_dims=2, label_names=list(label_names), records=records,
+        settings={
+            "spacing": list(spacing), "size": list(size), "slice_axis": slice_axis,
+            "min_foreground": min_foreground, "level_bands": level_bands, "intensity_percentiles": [lower_percentile, upper_percentile],
+            **({"intensity_window": [float(w) for w in window or ()]} if intensity == "window" else {}),
+            "splits": {"block": block, "gap": gap, "fractions": fractions},
+        },
+    )
+    manifest.write()
+    remove_stale_records(out_dir, {r.file for r in records})
+    return manifest
+
+
+def _slab_size(size: Sequence[int], slice_axis: int) -> list[int]:
+    """A 2D in-plane size as a 3D pad/crop size that keeps ``slice_axis`` whole."""
+    in_plane = iter(size)
+    return [-1 if axis == slice_axis else int(next(in_plane)) for axis in range(3)]
+
+
+def preprocess_volume(
+    image: np.ndarray,
+    label: np.ndarray,
+    affine: np.ndarray,
+    *,
+    spacing: Sequence[float],
+    size: Sequence[int],
+    margin: int = 2,
+    intensity: str = "percentile",
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    window: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bring one 3D image and its label map to the dataset's orientation, spacing, intensities and size.
+
+    Args:
+        image: ``(X, Y, Z)`` intensities.
+        label: ``(X, Y, Z)`` integer label map on the same grid.
+        affine: Their 4x4 RAS+ affine.
+        spacing: Target spacing (mm) per axis.
+        size: Pad/crop size per axis (-1 keeps an axis).
+        margin: Voxels kept around the label's bounding box.
+        intensity: ``percentile`` or ``window`` (see :func:`medsynth.transforms.volume_preprocessing`).
+        lower_percentile: Foreground percentile mapped to 0.
+        upper_percentile: Foreground percentile mapped to 1.
+        window: ``(low, high)`` for the ``window`` mode.
+
+    Returns:
+        ``(volume, labels, affine)``: ``(1, X', Y', Z')`` float32 in [0, 1], ``(1, X', Y', Z')``
+        uint8, and the RAS affine of the result.
+    """
+    chain = volume_preprocessing(
+        spacing=spacing, lower_percentile=lower_percentile, upper_percentile=upper_percentile,
+        spatial_size=size, margin=margin, intensity=intensity, window=window,
+    )
+    data = chain({
+        "image": MetaTensor(torch.from_numpy(image[None].astype(np.float32)), affine=torch.from_numpy(affine)),
+        "label": MetaTensor(torch.from_numpy(label[None].astype(np.float32)), affine=torch.from_numpy(affine)),
+    })
+    volume = data["image"].numpy().astype(np.float32)
+    labels = np.rint(data["label"].numpy()).astype(np.uint8)
+    return volume, labels, np.asarray(data["image"].affine, dtype=np.float64)
+
+
+def kept_slices(labels: np.ndarray, *, slice_axis: int, min_foreground: float) -> list[int]:
+    """Indices of the slices of a ``(1, X, Y, Z)`` label map whose labelled fraction reaches ``min_foreground``."""
+    return [
+        k for k in range(labels.shape[1 + slice_axis])
+        if (np.take(labels, k, axis=1 + slice_axis) > 0).mean() >= min_foreground
+    ]
+
+
+def slice_records(
+    volume: np.ndarray,
+    labels: np.ndarray,
+    vol_affine: np.ndarray,
+    *,
+    kept: Sequence[int],
+    splits: Sequence[str | None],
+    out_dir: str | os.PathLike[str],
+    id_prefix: str,
+    case: str,
+    slice_axis: int,
+    source: Mapping[str, str],
+    attributes: Mapping[str, str] | None = None,
+    level_bands: int = 0,
+) -> list[Record]:
+    """Cache the kept slices of a preprocessed volume as records ``<id_prefix>_s<k>``.
+
+    Args:
+        volume: ``(1, X, Y, Z)`` preprocessed image.
+        labels: ``(1, X, Y, Z)`` label map.
+        vol_affine: The volume's affine.
+        kept: Slice indices to keep.
+        splits: Split of each kept slice; ``None`` drops it (a gap).
+        out_dir: The data folder.
+        id_prefix: Record id prefix.
+        case: Case id of the records.
+        slice_axis: Axis cut into slices.
+        source: What the records were made from.
+        attributes: Case attributes given to every record.
+        level_bands: If > 0, add the attribute ``level`` (see :func:`build_slice_dataset`).
+
+    Returns:
+        The records, in slice order.
+    """
+    vol_spacing = [float(v) for v in np.linalg.norm(vol_affine[:3, :3], axis=0)]
     records: list[Record] = []
-    source = {"image": str(image_path), "label": str(label_path)}
     for k, split in zip(kept, splits):
         if split is None:
             continue
-        record_id = f"{case_id}_s{k:03d}"
+        record_id = f"{id_prefix}_s{k:03d}"
         img = np.take(volume, k, axis=1 + slice_axis)
         lbl = np.take(labels, k, axis=1 + slice_axis)
         file, digest = write_record(out_dir, record_id, img, lbl)
@@ -165,26 +268,16 @@ def build_slice_dataset(
             record_attributes["level"] = str(1 + int(position * level_bands))
         records.append(
             Record(
-                id=record_id, case=case_id, split=split, file=file, shape=list(img.shape[1:]),
+                id=record_id, case=case, split=split, file=file, shape=list(img.shape[1:]),
                 spacing=vol_spacing, affine=slice_affine(vol_affine, slice_axis, k).tolist(),
-                sha256=digest, slice_index=k, source=source, attributes=record_attributes,
+                sha256=digest, slice_index=k, source=dict(source), attributes=record_attributes,
             )
         )
-    manifest = Manifest(
-        root=out_dir, spatial_dims=2, label_names=list(label_names), records=records,
-        settings={
-            "spacing": list(spacing), "size": list(size), "slice_axis": slice_axis,
-            "min_foreground": min_foreground, "level_bands": level_bands, "intensity_percentiles": [lower_percentile, upper_percentile],
-            "splits": {"block": block, "gap": gap, "fractions": fractions},
-        },
-    )
-    manifest.write()
-    _remove_stale_records(out_dir, {r.file for r in records})
-    return manifest
+    return records
 
 
-def _remove_stale_records(out_dir: Path, keep: set[str]) -> None:
+def remove_stale_records(out_dir: Path, keep: set[str]) -> None:
     """Delete cached records that an earlier run wrote and the new manifest no longer lists."""
-    for path in (out_dir / "records").glob("*.npz"):
+    for path in (Path(out_dir) / "records").glob("*.npz"):
         if f"records/{path.name}" not in keep:
             path.unlink()

@@ -1,8 +1,9 @@
-"""Split assignment for slices of one volume: contiguous blocks with gaps between them."""
+"""Split assignment: whole patients to splits, or slices of one volume in contiguous blocks with gaps."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 
 SPLITS: tuple[str, ...] = ("train", "validation", "holdout")
 
@@ -53,4 +54,48 @@ def block_splits(n: int, *, block: int, gap: int, fractions: Mapping[str, float]
         counts[name] += 1
         for j in range(start, min(start + block, n)):
             assignment[j] = name
+    return assignment
+
+
+def patient_splits(patients: Sequence[str], *, fractions: Mapping[str, float]) -> dict[str, str]:
+    """Assign whole patients to splits, so that no patient appears in two splits.
+
+    Patients are ordered by a hash of their (pseudonymous) id, which is stable across runs and
+    independent of the input order, then dealt out by largest remainder: each split with a
+    positive share gets ``round(share * n)`` patients, at least one, and train takes what is left.
+
+    Args:
+        patients: Distinct patient ids.
+        fractions: Target share per split name; non-negative, summing to 1.
+
+    Returns:
+        Split name per patient.
+
+    Raises:
+        ValueError: On bad fractions, or fewer patients than splits with a positive share.
+    """
+    names = [name for name, share in fractions.items() if share > 0]
+    if any(share < 0 for share in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be non-negative and sum to 1, got {dict(fractions)}")
+    unique = sorted(set(patients), key=lambda p: hashlib.sha256(f"split:{p}".encode()).hexdigest())
+    n = len(unique)
+    if n < len(names):
+        raise ValueError(f"{n} patient(s) cannot fill the {len(names)} splits {names}; each needs one patient")
+    exact = {name: fractions[name] * n for name in names}
+    counts = {name: max(1, int(exact[name])) for name in names}
+    by_remainder = sorted(names, key=lambda s: exact[s] - int(exact[s]), reverse=True)
+    i = 0
+    while sum(counts.values()) < n:
+        counts[by_remainder[i % len(names)]] += 1
+        i += 1
+    while sum(counts.values()) > n:  # the minimum of one per split overshot: take from the largest
+        largest = max((s for s in names if counts[s] > 1), key=lambda s: counts[s])
+        counts[largest] -= 1
+    order = ["train", *[s for s in names if s != "train"]] if "train" in names else names
+    assignment: dict[str, str] = {}
+    position = 0
+    for name in order:
+        for patient in unique[position : position + counts[name]]:
+            assignment[patient] = name
+        position += counts[name]
     return assignment

@@ -19,10 +19,12 @@ from monai.transforms import (
     RandAffined,
     RandFlipd,
     ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
     Spacingd,
 )
 
 KEYS = ("image", "label")
+INTENSITY_MODES = ("percentile", "window")
 
 
 class ForegroundPercentileScaled(MapTransform):
@@ -61,12 +63,15 @@ def volume_preprocessing(
     upper_percentile: float = 99.5,
     spatial_size: Sequence[int] | None = None,
     margin: int = 2,
+    intensity: str = "percentile",
+    window: Sequence[float] | None = None,
 ) -> Compose:
     """Chain that brings an image/label volume to the dataset's geometry and intensity range.
 
     Steps: reorient to RAS, resample to ``spacing`` (bilinear image, nearest label), scale
-    intensities by foreground percentiles to [0, 1], crop to the label's bounding box plus
-    ``margin``, then centre pad/crop to ``spatial_size``.
+    intensities to [0, 1] (by foreground percentiles, the MR preset, or by a fixed window, the CT
+    preset in Hounsfield units), crop to the label's bounding box plus ``margin``, then centre
+    pad/crop to ``spatial_size``.
 
     Args:
         spacing: Target voxel spacing in mm, one value per spatial axis.
@@ -75,14 +80,31 @@ def volume_preprocessing(
         spatial_size: Size per spatial axis after centre pad/crop; -1 keeps an axis as it is.
             ``None`` skips the pad/crop.
         margin: Voxels kept around the label's bounding box.
+        intensity: ``percentile`` (foreground percentiles to [0, 1]) or ``window`` (``window``
+            clipped and mapped to [0, 1]).
+        window: ``(low, high)`` intensities mapped to 0 and 1 by the ``window`` mode, for
+            example ``(-1000, 1000)`` HU for CT.
 
     Returns:
         A MONAI ``Compose`` taking and returning ``{"image", "label"}`` channel-first MetaTensors.
+
+    Raises:
+        ValueError: On an unknown intensity mode or a window that is not ``low < high``.
     """
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity mode must be one of {INTENSITY_MODES}, got {intensity!r}")
+    if intensity == "window":
+        if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
+            raise ValueError(f"the window intensity mode needs window=(low, high) with low < high, got {window}")
+        scaling = ScaleIntensityRanged(
+            keys="image", a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0, clip=True
+        )
+    else:
+        scaling = ForegroundPercentileScaled(keys="image", lower=lower_percentile, upper=upper_percentile)
     steps: list = [
         Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=KEYS, pixdim=tuple(spacing), mode=("bilinear", "nearest")),
-        ForegroundPercentileScaled(keys="image", lower=lower_percentile, upper=upper_percentile),
+        scaling,
         CropForegroundd(keys=KEYS, source_key="label", margin=margin, allow_smaller=True),
     ]
     if spatial_size is not None:
