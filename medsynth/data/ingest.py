@@ -620,7 +620,7 @@ def load_case(spec: CaseSpec, *, label_count: int) -> tuple[np.ndarray, np.ndarr
             raise MedsynthError("label map and image have different affines (voxel grids)")
         if np.any(label < 0) or not np.allclose(label, np.round(label)):
             raise MedsynthError("label map must hold non-negative integer values")
-    label = np.asarray(label).astype(np.int64)
+    label = np.asarray(label).astype(np.uint8 if label_count <= 256 else np.int32, copy=False)
     if label.max(initial=0) >= label_count:
         raise MedsynthError(f"label map holds value {int(label.max())}, but only {label_count} label names are given")
     if not label.any():

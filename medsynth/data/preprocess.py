@@ -203,7 +203,7 @@ def preprocess_volume(
         spatial_size=size, margin=margin, intensity=intensity, window=window,
     )
     data = chain({
-        "image": MetaTensor(torch.from_numpy(image[None].astype(np.float32)), affine=torch.from_numpy(affine)),
+        "image": MetaTensor(torch.from_numpy(np.asarray(image, dtype=np.float32)[None]), affine=torch.from_numpy(affine)),
         "label": MetaTensor(torch.from_numpy(label[None].astype(np.float32)), affine=torch.from_numpy(affine)),
     })
     volume = data["image"].numpy().astype(np.float32)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -70,6 +71,8 @@ IDENTIFYING_KEYWORDS = frozenset({
     "ContentSequence", "FrameComments", "LabelText",
 })
 _IDENTIFYING_VRS = frozenset({"PN", "DA", "DT", "TM"})
+_CONVERTED_VRS = frozenset({"PN", "DA", "DT", "TM", "UI", "SQ"})
+_PIXEL_GROUP = 0x7FE00000
 
 
 def transfer_syntax_name(uid: str) -> str:
@@ -152,12 +155,21 @@ def identifying_values(ds: Dataset) -> set[str]:
     found: set[str] = set()
 
     def visit(dataset: Dataset) -> None:
-        for element in dataset:
+        for tag in list(dataset.keys()):
+            if tag >= _PIXEL_GROUP or tag.is_private:
+                continue  # pixel data (deferred: touching it would read it) and private tags are never written out
+            vr = getattr(dataset.get_item(tag), "VR", None)
+            if vr is None:
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    vr = "UN"
+            if vr not in _CONVERTED_VRS and keyword_for_tag(tag) not in IDENTIFYING_KEYWORDS:
+                continue  # converting every element is the slow part of a header scan
+            element = dataset[tag]
             if element.VR == "SQ":
                 for item in element.value or ():
                     visit(item)
-                continue
-            if element.tag.is_private:
                 continue
             identifying = element.keyword in IDENTIFYING_KEYWORDS or element.VR in _IDENTIFYING_VRS
             if element.VR == "UI":
