@@ -1,11 +1,23 @@
-"""Stage 3: a checkpoint in, synthetic images with their label maps and ``synthetic/manifest.csv`` out."""
+"""Stage 3: a trained model in, a labelled synthetic dataset and ``synthetic/manifest.csv`` out.
+
+Every sample has its own seed, and everything about it (its condition, its label map, its noise)
+follows from that seed, so any one sample can be regenerated alone. Samples are written in
+batches and the manifest is rewritten after each batch, so an interrupted run leaves a manifest
+that lists exactly the complete samples; a rerun with the same settings continues after them.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import errno
+import hashlib
 import io
+import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -13,11 +25,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from medsynth import MedsynthError, __version__
-from medsynth.data import load_split, read_manifest
-from medsynth.diffusion import sample
+from medsynth import ConfigError, MedsynthError, __version__
+from medsynth.data import LabelledArrays, Manifest, load_split, read_manifest
+from medsynth.diffusion import Denoiser, sample
 from medsynth.diffusion.denoiser import GUIDED_MODES
-from medsynth.io import colorize_labels, display_slice, picture_sheet, save_nifti, save_png, write_text
+from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_nifti, save_png, write_json, write_text
 from medsynth.tracking import Tracker
 from medsynth.train import file_sha256, load_checkpoint
 from medsynth.transforms import label_augmentation
@@ -25,11 +37,46 @@ from pipelines.common import CONFIG_DIR, build_sampler, exit_on_user_error, load
 
 log = logging.getLogger("medsynth")
 
-FORMATS = ("nifti", "png")
+FORMATS = ("nifti", "dicom", "png")
+LABEL_SOURCES = ("train", "generator", "folder")
 MANIFEST_COLUMNS = (
-    "sample_id", "image", "label", "preview", "seed", "label_source", "attributes", "checkpoint", "checkpoint_sha256",
-    "train_run_id", "sampler", "steps", "eta", "guidance_scale", "medsynth_version",
+    "sample_id", "image", "label", "dicom_series", "dicom_seg", "preview", "seed", "label_source", "attributes",
+    "checkpoint", "checkpoint_sha256", "train_run_id", "sampler", "steps", "eta", "guidance_scale",
+    "label_generator_sha256", "medsynth_version",
 )
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One sample's inputs, all fixed by its seed."""
+
+    seed: int
+    attributes: dict[str, str]
+    label: torch.Tensor | None  # given label map (mask models), (1, *spatial)
+    affine: np.ndarray
+    label_source: str
+
+
+def parse_prompt(prompt: str | None) -> dict[str, str]:
+    """``"age=60-70 sex=F"`` as ``{"age": "60-70", "sex": "F"}``.
+
+    Raises:
+        ConfigError: For a word that is not ``key=value``.
+    """
+    out: dict[str, str] = {}
+    for word in (prompt or "").split():
+        key, sep, value = word.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(f"generate.prompt: {word!r} is not key=value (example: \"age=60-70 sex=F\")")
+        out[key] = value
+    return out
+
+
+def codes_for(model: Denoiser, attributes: list[dict[str, str]]) -> torch.Tensor | None:
+    """Each sample's attributes as ``model``'s codes (attributes it does not know are left out)."""
+    if model.conditioning not in GUIDED_MODES:
+        return None
+    return torch.cat([model.encode_attributes({k: v for k, v in a.items() if k in model.vocabulary}) for a in attributes])
 
 
 def augmented_label(label: torch.Tensor, *, seed: int, augment: DictConfig, spatial_dims: int) -> torch.Tensor:
@@ -43,9 +90,78 @@ def augmented_label(label: torch.Tensor, *, seed: int, augment: DictConfig, spat
     return torch.as_tensor(out).round().long()
 
 
-def describe_codes(vocabulary: dict[str, list[str]], codes: torch.Tensor) -> str:
-    """Attribute codes as ``key=value`` pairs separated by spaces (the prompt syntax); "not given" is left out."""
-    return " ".join(f"{key}={values[int(c)]}" for (key, values), c in zip(vocabulary.items(), codes) if int(c) < len(values))
+def user_label_maps(folder: Path, *, shape: tuple[int, ...], num_classes: int) -> list[tuple[Path, torch.Tensor, np.ndarray]]:
+    """The NIfTI label maps in ``folder``, checked against the model's grid and label values.
+
+    Raises:
+        MedsynthError: For an empty folder, or a map of another shape or with unknown label values.
+    """
+    files = sorted([*folder.glob("*.nii"), *folder.glob("*.nii.gz")]) if folder.is_dir() else []
+    if not files:
+        raise MedsynthError(f"generate.labels.folder: no .nii/.nii.gz label maps in {folder}")
+    maps = []
+    for path in files:
+        array, affine = load_nifti(path)
+        array = np.squeeze(array) if array.ndim > len(shape) else array
+        if tuple(array.shape) != tuple(shape):
+            raise MedsynthError(f"label map {path} has shape {tuple(array.shape)}; the model generates {tuple(shape)}")
+        if np.any(array < 0) or np.any(array >= num_classes) or not np.allclose(array, np.round(array)):
+            bad = sorted({float(v) for v in np.unique(array) if v < 0 or v >= num_classes or v != round(v)})[:5]
+            raise MedsynthError(f"label map {path} holds value(s) {bad}; the model knows labels 0..{num_classes - 1}")
+        maps.append((path, torch.from_numpy(np.rint(array).astype(np.int64))[None], affine))
+    return maps
+
+
+def plan_candidates(
+    seeds: list[int], *, g: DictConfig, source: LabelledArrays, manifest: Manifest, model: Denoiser,
+    user_maps: list[tuple[Path, torch.Tensor, np.ndarray]] | None, class_key: str | None,
+) -> list[Candidate]:
+    """Each seed's condition and label map (before any label-map generator runs)."""
+    prompt = parse_prompt(g.prompt)
+    distribution = dict(g.class_distribution or {})
+    out = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        pick = int(rng.integers(len(source)))  # a record of the source split: geometry, and its attributes by default
+        record = manifest.split(g.labels.split)[pick]
+        attributes = dict(record.attributes)
+        if distribution:
+            values, weights = list(distribution), np.asarray(list(distribution.values()), dtype=float)
+            attributes[class_key or "class"] = str(values[int(rng.choice(len(values), p=weights / weights.sum()))])
+        attributes.update(prompt)
+        label, affine, label_source = None, source.affines[pick], ""
+        if model.conditioning == "mask" and g.labels.source == "train":
+            label = augmented_label(source.labels[pick], seed=seed, augment=g.labels, spatial_dims=manifest.spatial_dims)
+            label_source = source.ids[pick]
+        elif model.conditioning == "mask" and g.labels.source == "folder":
+            path, label, affine = user_maps[int(rng.integers(len(user_maps)))]
+            label_source = f"folder:{path.name}"
+        out.append(Candidate(seed, attributes, label, affine, label_source))
+    return out
+
+
+def settings_fingerprint(cfg: DictConfig, checkpoint_hash: str, extra: Mapping[str, Any]) -> str:
+    """Hash of everything that decides the samples, so a rerun continues only an identical run."""
+    g = OmegaConf.to_container(cfg.generate, resolve=True)
+    for key in ("num_samples", "batch_size", "device", "formats", "checkpoint"):
+        g.pop(key, None)
+    body = json.dumps({"generate": g, "checkpoint": checkpoint_hash, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def done_rows(out: Path, fingerprint: str) -> list[dict]:
+    """Rows of an earlier run with the same settings whose files all exist; ``[]`` otherwise."""
+    state, manifest = out / "generate.json", out / "manifest.csv"
+    if not (state.is_file() and manifest.is_file()):
+        return []
+    if json.loads(state.read_text()).get("fingerprint") != fingerprint:
+        return []
+    complete = []
+    for row in csv.DictReader(manifest.open(newline="")):
+        if not all((out / row[k]).exists() for k in ("image", "label", "dicom_seg", "preview") if row.get(k)):
+            break
+        complete.append(row)
+    return complete
 
 
 def _write_manifest(path: Path, rows: list[dict]) -> None:
@@ -56,8 +172,17 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
     write_text(path, buffer.getvalue())
 
 
+def write_dataset_json(out: Path, *, label_names: list[str], num_training: int, modality: str) -> Path:
+    """nnU-Net v2's ``dataset.json`` for the ``imagesTr`` / ``labelsTr`` folders."""
+    return write_json(out / "dataset.json", {
+        "channel_names": {"0": modality}, "labels": {name: value for value, name in enumerate(label_names)},
+        "numTraining": num_training, "file_ending": ".nii.gz",
+        "description": "medsynth synthetic dataset; synthetic/manifest.csv holds each sample's provenance",
+    })
+
+
 def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:
-    """Generate ``generate.num_samples`` labelled synthetic images.
+    """Generate ``generate.num_samples`` labelled synthetic samples.
 
     Args:
         cfg: The composed config.
@@ -70,82 +195,159 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
     g = cfg.generate
     unknown = sorted(set(g.formats) - set(FORMATS))
     if unknown:
-        raise MedsynthError(f"generate.formats: unknown format(s) {unknown}; choose from {list(FORMATS)}")
+        raise ConfigError(f"generate.formats: unknown format(s) {unknown}; choose from {list(FORMATS)}")
     if g.num_samples < 1:
-        raise MedsynthError(f"generate.num_samples must be >= 1, got {g.num_samples}")
+        raise ConfigError(f"generate.num_samples must be >= 1, got {g.num_samples}")
+    if g.labels.source not in LABEL_SOURCES:
+        raise ConfigError(f"generate.labels.source must be one of {LABEL_SOURCES}, got {g.labels.source!r}")
     with stage_run(cfg, "generate", tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
         device = pick_device(g.device)
-        checkpoint_path = Path(g.checkpoint)
-        ckpt = load_checkpoint(checkpoint_path)
-        train_cfg = OmegaConf.create(ckpt["config"])
         manifest = read_manifest(cfg.paths.data)
-        if list(ckpt["label_names"]) != manifest.label_names:
-            raise MedsynthError(
-                f"checkpoint {checkpoint_path} was trained on labels {ckpt['label_names']}, "
-                f"but the dataset at {manifest.root} has {manifest.label_names}"
-            )
-        model = load_ema_model(ckpt, checkpoint_path, num_classes=manifest.num_classes).to(device)
+        checkpoint_path, ckpt, model = _load_model(Path(g.checkpoint), manifest, device)
+        train_cfg = OmegaConf.create(ckpt["config"])
         sampler = build_sampler(g.sampler, train_cfg.scheduler)
         checkpoint_hash = file_sha256(checkpoint_path)
-        source = load_split(manifest, g.labels.split, vocabulary=model.vocabulary)
-        shape = model.sample_shape(source.images.shape[2:])
+        source = load_split(manifest, g.labels.split)
+        grid = tuple(source.images.shape[2:])
+        label_model, label_sampler, label_hash = None, None, ""
+        if model.conditioning == "mask" and g.labels.source == "generator":
+            if not g.labels.generator:
+                raise ConfigError("generate.labels.source=generator needs generate.labels.generator=<checkpoint of a label-map model>")
+            _, label_ckpt, label_model = _load_model(Path(g.labels.generator), manifest, device)
+            if label_model.output != "label":
+                raise MedsynthError(f"{g.labels.generator} is not a label-map generator (model.output={label_model.output})")
+            label_sampler = build_sampler(g.sampler, OmegaConf.create(label_ckpt["config"]).scheduler)
+            label_hash = file_sha256(Path(g.labels.generator))
+        user_maps = (user_label_maps(Path(g.labels.folder), shape=grid, num_classes=manifest.num_classes)
+                     if model.conditioning == "mask" and g.labels.source == "folder" else None)
         guided = model.conditioning in GUIDED_MODES
+        modality = str(g.dicom.modality)
 
         out = Path(cfg.paths.synthetic)
-        rows: list[dict] = []
+        fingerprint = settings_fingerprint(cfg, checkpoint_hash, {"label_generator": label_hash})
+        rows = done_rows(out, fingerprint)
+        if rows:
+            log.info("generate: continuing after %d samples already in %s", len(rows), out / "manifest.csv")
+        write_json(out / "generate.json", {"fingerprint": fingerprint})
+        common = {
+            "checkpoint": str(checkpoint_path), "checkpoint_sha256": checkpoint_hash, "train_run_id": ckpt.get("run_id", ""),
+            "sampler": g.sampler._target_.rsplit(".", 1)[-1], "steps": g.steps, "eta": g.eta,
+            "guidance_scale": g.guidance_scale if guided else "", "label_generator_sha256": label_hash,
+            "medsynth_version": __version__,
+        }
         previews: list[list[np.ndarray]] = []
-        bar = tqdm(total=g.num_samples, desc="generate", unit="sample", disable=not cfg.trainer.progress)
-        for start in range(0, g.num_samples, g.batch_size):
+        bar = tqdm(total=g.num_samples, initial=len(rows), desc="generate", unit="sample", disable=not cfg.trainer.progress)
+        for start in range(len(rows), g.num_samples, g.batch_size):
             seeds = [g.seed + i for i in range(start, min(start + g.batch_size, g.num_samples))]
-            # the seed picks a record: its label map (augmented) for mask models, its attributes for
-            # class/attributes models (so they follow the split's distribution), its geometry always
-            picks = [int(np.random.default_rng(s).integers(len(source))) for s in seeds]
-            given = torch.stack([
-                augmented_label(source.labels[p], seed=s, augment=g.labels, spatial_dims=manifest.spatial_dims)
-                for p, s in zip(picks, seeds)
-            ]) if model.conditioning == "mask" else None
-            codes = source.codes[picks]
-            condition = model.condition(given, codes)
-            x = sample(model, sampler, condition.to(device) if condition is not None else None, seeds=seeds, shape=shape,
-                       steps=g.steps, eta=g.eta, guidance_scale=g.guidance_scale if guided else 1.0, device=device)
-            images, generated = model.split(x)
-            labels = generated.cpu() if generated is not None else given
-            for k, (seed, pick) in enumerate(zip(seeds, picks)):
-                sample_id = f"syn_{seed - g.seed:05d}"
-                affine = source.affines[pick]
-                row = {
-                    "sample_id": sample_id, "image": "", "label": "", "preview": "", "seed": seed,
-                    "label_source": source.ids[pick] if given is not None else ("generated" if labels is not None else ""),
-                    "attributes": describe_codes(model.vocabulary, codes[k]), "checkpoint": str(checkpoint_path),
-                    "checkpoint_sha256": checkpoint_hash, "train_run_id": ckpt.get("run_id", ""),
-                    "sampler": g.sampler._target_.rsplit(".", 1)[-1], "steps": g.steps, "eta": g.eta,
-                    "guidance_scale": g.guidance_scale if guided else "", "medsynth_version": __version__,
-                }
-                image = images[k, 0].cpu().numpy() if images is not None else None
-                label = labels[k, 0].numpy() if labels is not None else None
-                if "nifti" in g.formats:
-                    if image is not None:
-                        row["image"] = save_nifti(out / "images" / f"{sample_id}.nii.gz", image, affine, dtype=np.float32).relative_to(out).as_posix()
-                    if label is not None:
-                        row["label"] = save_nifti(out / "labels" / f"{sample_id}.nii.gz", label, affine, dtype=np.uint8).relative_to(out).as_posix()
-                if "png" in g.formats and manifest.spatial_dims == 2:
-                    blank = np.zeros(source.images.shape[2:], dtype=np.float32)
-                    pair = [colorize_labels(display_slice(label if label is not None else blank.astype(np.uint8))),
-                            display_slice(image if image is not None else blank)]
-                    row["preview"] = save_png(out / "previews" / f"{sample_id}.png", picture_sheet([pair])).relative_to(out).as_posix()
-                    if len(previews) < 16:
-                        previews.append(pair)
-                rows.append(row)
-            _write_manifest(out / "manifest.csv", rows)
+            candidates = plan_candidates(seeds, g=g, source=source, manifest=manifest, model=model, user_maps=user_maps,
+                                         class_key=train_cfg.model.get("class_key"))
+            if label_model is not None:
+                _generate_label_maps(candidates, label_model, label_sampler, g, grid, device)
+            images, labels = _sample_batch(model, sampler, candidates, g, grid, device)
+            try:
+                for k, cand in enumerate(candidates):
+                    image = images[k, 0].numpy() if images is not None else None
+                    label = labels[k, 0].numpy() if labels is not None else None
+                    row = _write_sample(out, f"syn_{cand.seed - g.seed:05d}", image, label, cand, g=g,
+                                        label_names=manifest.label_names, modality=modality,
+                                        spatial_dims=manifest.spatial_dims)
+                    rows.append({**common, **row, "attributes": " ".join(f"{k}={v}" for k, v in sorted(cand.attributes.items())
+                                                                          if not model.vocabulary or k in model.vocabulary)})
+                    if row.get("preview") and len(previews) < 16:
+                        previews.append(_preview(image, label, grid))
+                _write_manifest(out / "manifest.csv", rows)
+            except OSError as err:
+                _write_manifest(out / "manifest.csv", rows[: start])
+                if err.errno == errno.ENOSPC:
+                    raise MedsynthError(
+                        f"disk full while writing to {out}: {start} complete samples are listed in manifest.csv; "
+                        "free space and rerun to continue"
+                    ) from None
+                raise
             bar.update(len(seeds))
         bar.close()
-        tracker.log_params(run_id, {"checkpoint_sha256": checkpoint_hash, "num_samples": g.num_samples})
+        if "nifti" in g.formats:
+            write_dataset_json(out, label_names=manifest.label_names, num_training=len(rows), modality=modality)
+        tracker.log_params(run_id, {"checkpoint_sha256": checkpoint_hash, "num_samples": g.num_samples,
+                                    "label_source": g.labels.source if model.conditioning == "mask" else "none"})
         tracker.log_artifact(run_id, out / "manifest.csv", artifact_path="synthetic")
         if previews:
-            grid = save_png(out / "samples.png", picture_sheet(previews, titles=["label", "synthetic"]))
-            tracker.log_artifact(run_id, grid, artifact_path="synthetic")
+            grid_png = save_png(out / "samples.png", picture_sheet(previews, titles=["label", "synthetic"]))
+            tracker.log_artifact(run_id, grid_png, artifact_path="synthetic")
         log.info("generate: %d samples -> %s", len(rows), out / "manifest.csv")
         return out / "manifest.csv"
+
+
+def _load_model(path: Path, manifest: Manifest, device: torch.device) -> tuple[Path, dict, Denoiser]:
+    ckpt = load_checkpoint(path)
+    if list(ckpt["label_names"]) != manifest.label_names:
+        raise MedsynthError(
+            f"checkpoint {path} was trained on labels {ckpt['label_names']}, but the dataset at {manifest.root} has {manifest.label_names}"
+        )
+    return path, ckpt, load_ema_model(ckpt, path, num_classes=manifest.num_classes).to(device)
+
+
+def _generate_label_maps(candidates: list[Candidate], model: Denoiser, sampler: Any, g: DictConfig,
+                         grid: tuple[int, ...], device: torch.device) -> None:
+    """Fill each candidate's label map from the label-map generator, seeded by the candidate's seed."""
+    codes = codes_for(model, [c.attributes for c in candidates])
+    x = sample(model, sampler, codes.to(device) if codes is not None else None, seeds=[c.seed for c in candidates],
+               shape=model.sample_shape(grid), steps=g.steps, eta=g.eta, device=device,
+               guidance_scale=g.guidance_scale if codes is not None else 1.0)
+    for cand, label in zip(candidates, model.split(x)[1].cpu()):
+        cand.label, cand.label_source = label, "generator"
+
+
+def _sample_batch(model: Denoiser, sampler: Any, candidates: list[Candidate], g: DictConfig, grid: tuple[int, ...],
+                  device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Images and label maps of a batch: generated labels for joint / label models, the given ones for mask models."""
+    given = torch.stack([c.label for c in candidates]) if model.conditioning == "mask" else None
+    condition = model.condition(given, codes_for(model, [c.attributes for c in candidates]))
+    guided = model.conditioning in GUIDED_MODES
+    x = sample(model, sampler, condition.to(device) if condition is not None else None, seeds=[c.seed for c in candidates],
+               shape=model.sample_shape(grid), steps=g.steps, eta=g.eta, device=device,
+               guidance_scale=g.guidance_scale if guided else 1.0)
+    images, generated = model.split(x)
+    labels = generated if generated is not None else given
+    return (images.cpu() if images is not None else None), (labels.cpu() if labels is not None else None)
+
+
+def _write_sample(out: Path, sample_id: str, image: np.ndarray | None, label: np.ndarray | None, cand: Candidate, *,
+                  g: DictConfig, label_names: list[str], modality: str, spatial_dims: int) -> dict[str, Any]:
+    """Write one sample in every requested format; returns its manifest row (files relative to ``out``)."""
+    row: dict[str, Any] = {"sample_id": sample_id, "seed": cand.seed, "label_source": cand.label_source or
+                           ("generated" if label is not None else "")}
+    if "nifti" in g.formats:  # nnU-Net v2 raw layout
+        if image is not None:
+            row["image"] = save_nifti(out / "imagesTr" / f"{sample_id}_0000.nii.gz", image, cand.affine,
+                                      dtype=np.float32).relative_to(out).as_posix()
+        if label is not None:
+            row["label"] = save_nifti(out / "labelsTr" / f"{sample_id}.nii.gz", label, cand.affine,
+                                      dtype=np.uint8).relative_to(out).as_posix()
+    if "dicom" in g.formats and image is not None:
+        from medsynth.io.dicom_write import new_study, write_image_series, write_segmentation
+
+        folder = out / "dicom" / sample_id
+        study = new_study(sample_id)
+        files = write_image_series(
+            image, cand.affine, folder / "image", sample_id=sample_id, modality=modality, study=study, seed=cand.seed,
+            series_description=f"medsynth synthetic {modality} {sample_id}",
+            intensity_range=tuple(g.dicom.intensity_range) if g.dicom.intensity_range else None,
+        )
+        row["dicom_series"] = (folder / "image").relative_to(out).as_posix()
+        if label is not None:
+            row["dicom_seg"] = write_segmentation(label, files, folder / "seg.dcm", label_names=label_names).relative_to(out).as_posix()
+    if "png" in g.formats and spatial_dims == 2:
+        shape = (image if image is not None else label).shape
+        pair = _preview(image, label, shape)
+        row["preview"] = save_png(out / "previews" / f"{sample_id}.png", picture_sheet([pair])).relative_to(out).as_posix()
+    return row
+
+
+def _preview(image: np.ndarray | None, label: np.ndarray | None, shape: tuple[int, ...]) -> list[np.ndarray]:
+    blank = np.zeros(shape, dtype=np.float32)
+    return [colorize_labels(display_slice(label if label is not None else blank.astype(np.uint8))),
+            display_slice(image if image is not None else blank)]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")

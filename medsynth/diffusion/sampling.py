@@ -32,9 +32,10 @@ def sample(
 ) -> torch.Tensor:
     """Draw one sample per seed by running the reverse process from pure noise.
 
-    The scheduler's timesteps are set here, so any scheduler instance can be passed in. With
-    DDIM and ``eta=0`` the result depends only on the model, the label map and the seed, so a
-    single sample can be regenerated alone.
+    The scheduler's timesteps are set here, so any scheduler instance can be passed in. Each
+    sample's starting noise and the noise of its stochastic steps come from its own seed, so a
+    sample depends only on the model, its condition and its seed, not on the batch it was drawn
+    in: any one sample can be regenerated alone.
 
     Args:
         model: The denoiser (in eval mode, usually the EMA copy).
@@ -64,7 +65,8 @@ def sample(
     scheduler.set_timesteps(num_inference_steps=steps, device=device)
     # x_T ~ N(0, I), one seeded draw per sample
     x = initial_noise(seeds, tuple(shape), device=device)
-    noise_gen = torch.Generator(device=device).manual_seed(int(seeds[0]))
+    # the stochastic steps of DDPM (and DDIM with eta > 0) draw from one generator per sample
+    noise_gens = [torch.Generator(device=device).manual_seed(int(s) + 1) for s in seeds]
     timesteps = [int(t) for t in scheduler.timesteps]
     for i, t in enumerate(timesteps):
         # the network's prediction at this step
@@ -78,8 +80,10 @@ def sample(
         # x at the next (less noisy) timestep from x_t and the prediction
         if isinstance(scheduler, RFlowScheduler):
             x, _ = scheduler.step(output, t, x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
-        elif isinstance(scheduler, DDIMScheduler):
-            x, _ = scheduler.step(output, t, x, eta=eta, generator=noise_gen)
+        elif isinstance(scheduler, DDIMScheduler) and eta == 0.0:
+            x, _ = scheduler.step(output, t, x, eta=0.0)
         else:
-            x, _ = scheduler.step(output, t, x, generator=noise_gen)
+            options = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+            x = torch.cat([scheduler.step(output[i : i + 1], t, x[i : i + 1], generator=gen, **options)[0]
+                           for i, gen in enumerate(noise_gens)])
     return x
