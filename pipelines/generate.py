@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from medsynth import ConfigError, MedsynthError, __version__
 from medsynth.data import LabelledArrays, Manifest, load_split, read_manifest
 from medsynth.diffusion import Denoiser, sample
-from medsynth.diffusion.denoiser import GUIDED_MODES
+from medsynth.diffusion.denoiser import GUIDED_MODES, parse_prompt
 from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_nifti, save_png, write_json, write_text
 from medsynth.tracking import Tracker
+from medsynth.tracking.model import resolve_checkpoint
 from medsynth.train import file_sha256, load_checkpoint
 from medsynth.transforms import label_augmentation
 from pipelines.common import CONFIG_DIR, build_sampler, exit_on_user_error, load_ema_model, pick_device, stage_run
@@ -55,21 +56,6 @@ class Candidate:
     label: torch.Tensor | None  # given label map (mask models), (1, *spatial)
     affine: np.ndarray
     label_source: str
-
-
-def parse_prompt(prompt: str | None) -> dict[str, str]:
-    """``"age=60-70 sex=F"`` as ``{"age": "60-70", "sex": "F"}``.
-
-    Raises:
-        ConfigError: For a word that is not ``key=value``.
-    """
-    out: dict[str, str] = {}
-    for word in (prompt or "").split():
-        key, sep, value = word.partition("=")
-        if not sep or not key or not value:
-            raise ConfigError(f"generate.prompt: {word!r} is not key=value (example: \"age=60-70 sex=F\")")
-        out[key] = value
-    return out
 
 
 def codes_for(model: Denoiser, attributes: list[dict[str, str]]) -> torch.Tensor | None:
@@ -203,7 +189,9 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
     with stage_run(cfg, "generate", tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
         device = pick_device(g.device)
         manifest = read_manifest(cfg.paths.data)
-        checkpoint_path, ckpt, model = _load_model(Path(g.checkpoint), manifest, device)
+        checkpoint_path, ckpt, model = _load_model(
+            resolve_checkpoint(str(g.checkpoint), tracking_uri=cfg.mlflow.tracking_uri,
+                               download_dir=Path(cfg.paths.output) / "downloads"), manifest, device)
         train_cfg = OmegaConf.create(ckpt["config"])
         sampler = build_sampler(g.sampler, train_cfg.scheduler)
         checkpoint_hash = file_sha256(checkpoint_path)
@@ -230,7 +218,7 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
             log.info("generate: continuing after %d samples already in %s", len(rows), out / "manifest.csv")
         write_json(out / "generate.json", {"fingerprint": fingerprint})
         common = {
-            "checkpoint": str(checkpoint_path), "checkpoint_sha256": checkpoint_hash, "train_run_id": ckpt.get("run_id", ""),
+            "checkpoint": str(g.checkpoint), "checkpoint_sha256": checkpoint_hash, "train_run_id": ckpt.get("run_id", ""),
             "sampler": g.sampler._target_.rsplit(".", 1)[-1], "steps": g.steps, "eta": g.eta,
             "guidance_scale": g.guidance_scale if guided else "", "label_generator_sha256": label_hash,
             "medsynth_version": __version__,

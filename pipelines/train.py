@@ -245,6 +245,12 @@ def _train(cfg: DictConfig, tracker: Tracker | NullTracker, run_id: str, ddp: Di
                          guidance_scale=cfg.generate.guidance_scale)
     grid_path = save_png(folder / f"samples_step{max(start_step, t.max_steps):07d}.png", sheet)
     tracker.log_artifact(run_id, grid_path, artifact_path="samples")
+    if cfg.mlflow.register_model and run_id:
+        from medsynth.tracking.model import log_generator
+
+        uri = log_generator(folder / "last.pt", run_id=run_id, tracking_uri=cfg.mlflow.tracking_uri,
+                            registered_name=cfg.mlflow.register_model)
+        log.info("train: generator logged as MLflow model %s", uri)
     return folder / "last.pt"
 
 

@@ -161,3 +161,19 @@ def test_bad_generate_options(trained_mask) -> None:
         generate.run(trained_mask("generate.labels.source=atlas"))
     with pytest.raises(ConfigError, match="needs generate.labels.generator"):
         generate.run(trained_mask("generate.labels.source=generator"))
+
+
+def test_generate_from_a_registered_model_or_a_run_id(tiny_config, phantom, tmp_path: Path) -> None:
+    """train registers the generator (mlflow.register_model); generate takes models:/NAME/VERSION or a run id."""
+    import torch
+
+    base = [*phantom_overrides(*phantom), "generate.num_samples=2", "mlflow.register_model=brain-generator"]
+    cfg = tiny_config(*base)
+    preprocess.run(cfg)
+    run_id = torch.load(train.run(cfg), weights_only=True)["run_id"]
+    for source in ("models:/brain-generator/1", run_id):
+        rows = rows_of(generate.run(tiny_config(*base, f"generate.checkpoint={source}",
+                                                f"paths.synthetic={tmp_path / source.replace('/', '_').replace(':', '')}")))
+        assert len(rows) == 2 and rows[0]["checkpoint"] == source and rows[0]["train_run_id"] == run_id
+    with pytest.raises(MedsynthError, match="no-such-model"):
+        generate.run(tiny_config(*base, "generate.checkpoint=models:/no-such-model/1"))

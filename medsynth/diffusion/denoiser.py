@@ -28,6 +28,21 @@ def from_unit_range(x: torch.Tensor) -> torch.Tensor:
     return x * 2.0 - 1.0
 
 
+def parse_prompt(text: str | None) -> dict[str, str]:
+    """A prompt such as ``"age=60-70 sex=F"`` (spaces or commas between words) as ``{"age": "60-70", "sex": "F"}``.
+
+    Raises:
+        ConfigError: For a word that is not ``key=value``.
+    """
+    values: dict[str, str] = {}
+    for word in (text or "").replace(",", " ").split():
+        key, sep, value = word.partition("=")
+        if not sep or not key or not value:
+            raise ConfigError(f"prompt {text!r}: {word!r} is not key=value (example: \"age=60-70 sex=F\")")
+        values[key] = value
+    return values
+
+
 def default_output(conditioning: str) -> str:
     """What a mode generates unless told otherwise: a labelled pair for ``joint``, an image otherwise."""
     return "pair" if conditioning == "joint" else "image"

@@ -29,7 +29,8 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, Schema
 
-from medsynth import MedsynthError, __version__
+from medsynth import ConfigError, MedsynthError, __version__
+from medsynth.diffusion.denoiser import parse_prompt as _parse_prompt
 from medsynth.train.checkpoint import file_sha256, load_checkpoint
 
 CHECKPOINT_ARTIFACT = "checkpoint.pt"
@@ -50,18 +51,11 @@ class GeneratorInputError(MlflowException, MedsynthError):
 
 
 def parse_prompt(text: str | None) -> dict[str, str]:
-    """A prompt such as ``"level=2 sex=F"`` as ``{"level": "2", "sex": "F"}``; empty or None gives ``{}``.
-
-    Raises:
-        GeneratorInputError: For a word that is not ``key=value``.
-    """
-    values: dict[str, str] = {}
-    for word in (text or "").replace(",", " ").split():
-        key, sep, value = word.partition("=")
-        if not sep or not key or not value:
-            raise GeneratorInputError(f"prompt {text!r}: {word!r} is not key=value (e.g. \"level=2 sex=F\")")
-        values[key] = value
-    return values
+    """:func:`medsynth.diffusion.denoiser.parse_prompt`, with a bad prompt reported as bad request input."""
+    try:
+        return _parse_prompt(text)
+    except ConfigError as err:
+        raise GeneratorInputError(str(err)) from None
 
 
 def _given(value: Any) -> bool:
