@@ -17,10 +17,14 @@ from monai.networks.schedulers import Scheduler
 from omegaconf import DictConfig, OmegaConf
 
 from medsynth import ConfigError, MedsynthError, __version__
+from medsynth.data import LabelledArrays
 from medsynth.diffusion import Denoiser
 from medsynth.diffusion.denoiser import default_output, network_channels, network_options
 from medsynth.io import write_text
+from medsynth.metrics.realism import orthogonal_slices
 from medsynth.tracking import NullTracker, Tracker, flatten
+from medsynth.train import file_sha256, load_checkpoint, save_checkpoint
+from medsynth.train.encoder import FeatureEncoder, train_encoder
 
 log = logging.getLogger("medsynth")
 
@@ -153,7 +157,7 @@ def load_ema_model(checkpoint: dict[str, Any], path: str | os.PathLike[str], *, 
         model = build_denoiser(OmegaConf.create(checkpoint["config"]).model, num_classes=num_classes,
                                vocabulary=checkpoint.get("vocabulary"))
         model.load_state_dict(checkpoint["ema"]["shadow"])
-    except (RuntimeError, KeyError, ConfigError) as err:
+    except (RuntimeError, KeyError, AttributeError, ConfigError) as err:  # omegaconf's missing keys are AttributeErrors
         raise MedsynthError(f"checkpoint {path} does not fit the model its config describes: {str(err)[:300]}") from None
     return model.eval()
 
@@ -176,3 +180,30 @@ def build_sampler(sampler_cfg: DictConfig | dict, scheduler_cfg: DictConfig | di
     accepted = inspect.signature(hydra.utils.get_class(sampler_target).__init__).parameters
     settings = {k: v for k, v in training.items() if k != "_target_" and k in accepted}
     return hydra.utils.instantiate({"_target_": sampler_target}, **settings)
+
+
+def dataset_encoder(cfg: DictConfig, train: LabelledArrays, *, spatial_dims: int, device: torch.device) -> FeatureEncoder:
+    """The dataset's 2D feature encoder: loaded from ``data/encoder.pt`` when it was trained on this manifest, else trained and saved.
+
+    For 3D datasets it learns from the axial slices of the training volumes (2.5D protocol).
+    """
+    e = cfg.evaluate.encoder
+    path = Path(cfg.paths.data) / "encoder.pt"
+    manifest_hash = file_sha256(Path(cfg.paths.data) / "manifest.json")
+    settings = OmegaConf.to_container(e, resolve=True)
+    if path.is_file():
+        saved = load_checkpoint(path)
+        if saved.get("manifest_sha256") == manifest_hash and saved.get("settings") == settings:
+            encoder = FeatureEncoder(spatial_dims=2, channels=e.channels)
+            encoder.load_state_dict(saved["state"])
+            return encoder.eval()
+    if spatial_dims == 3:
+        axial = torch.as_tensor(orthogonal_slices(train.images.numpy())["axial"])
+        train = LabelledArrays(axial, torch.zeros_like(axial, dtype=torch.long), [str(i) for i in range(len(axial))], [])
+    log.info("training the feature encoder on %d real training images", len(train))
+    encoder = train_encoder(
+        train, spatial_dims=2, channels=e.channels, steps=e.steps, batch_size=e.batch_size, lr=e.lr,
+        temperature=e.temperature, seed=cfg.evaluate.seed, device=device, progress=cfg.trainer.progress,
+    )
+    save_checkpoint(path, {"state": encoder.state_dict(), "manifest_sha256": manifest_hash, "settings": settings})
+    return encoder

@@ -18,13 +18,12 @@ from medsynth.diffusion import denoising_errors
 from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, render_report, utility_figures, verdict
 from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_png, write_json, write_text
 from medsynth.metrics import label_intensity_stats
-from medsynth.metrics.realism import orthogonal_slices
 from medsynth.metrics.segmentation import mean_dice
 from medsynth.tracking import Tracker
-from medsynth.train import file_sha256, load_checkpoint, save_checkpoint
-from medsynth.train.encoder import FeatureEncoder, encode, encode_volumes, train_encoder
+from medsynth.train import load_checkpoint
+from medsynth.train.encoder import encode, encode_volumes
 from medsynth.train.segmenter import segment, train_segmenter
-from pipelines.common import CONFIG_DIR, exit_on_user_error, load_ema_model, pick_device, stage_run
+from pipelines.common import CONFIG_DIR, dataset_encoder, exit_on_user_error, load_ema_model, pick_device, stage_run
 
 log = logging.getLogger("medsynth")
 
@@ -49,33 +48,6 @@ def read_synthetic(folder: Path, *, spatial_dims: int) -> tuple[list[dict[str, s
         images.append(image[None])
         labels.append(label[None])
     return rows, np.stack(images).astype(np.float32), np.rint(np.stack(labels)).astype(np.int64)
-
-
-def dataset_encoder(cfg: DictConfig, train: LabelledArrays, *, spatial_dims: int, device: torch.device) -> FeatureEncoder:
-    """The dataset's 2D feature encoder: loaded from ``data/encoder.pt`` when it was trained on this manifest, else trained and saved.
-
-    For 3D datasets it learns from the axial slices of the training volumes (2.5D protocol).
-    """
-    e = cfg.evaluate.encoder
-    path = Path(cfg.paths.data) / "encoder.pt"
-    manifest_hash = file_sha256(Path(cfg.paths.data) / "manifest.json")
-    settings = OmegaConf.to_container(e, resolve=True)
-    if path.is_file():
-        saved = load_checkpoint(path)
-        if saved.get("manifest_sha256") == manifest_hash and saved.get("settings") == settings:
-            encoder = FeatureEncoder(spatial_dims=2, channels=e.channels)
-            encoder.load_state_dict(saved["state"])
-            return encoder.eval()
-    if spatial_dims == 3:
-        axial = torch.as_tensor(orthogonal_slices(train.images.numpy())["axial"])
-        train = LabelledArrays(axial, torch.zeros_like(axial, dtype=torch.long), [str(i) for i in range(len(axial))], [])
-    log.info("evaluate: training the feature encoder on %d real training images", len(train))
-    encoder = train_encoder(
-        train, spatial_dims=2, channels=e.channels, steps=e.steps, batch_size=e.batch_size, lr=e.lr,
-        temperature=e.temperature, seed=cfg.evaluate.seed, device=device, progress=cfg.trainer.progress,
-    )
-    save_checkpoint(path, {"state": encoder.state_dict(), "manifest_sha256": manifest_hash, "settings": settings})
-    return encoder
 
 
 def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str | None = None) -> Path:

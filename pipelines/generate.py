@@ -29,12 +29,15 @@ from medsynth import ConfigError, MedsynthError, __version__
 from medsynth.data import LabelledArrays, Manifest, load_split, read_manifest
 from medsynth.diffusion import Denoiser, sample
 from medsynth.diffusion.denoiser import GUIDED_MODES, parse_prompt
+from medsynth.evaluation.gate import PrivacyGate, build_privacy_gate
 from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_nifti, save_png, write_json, write_text
 from medsynth.tracking import Tracker
 from medsynth.tracking.model import resolve_checkpoint
 from medsynth.train import file_sha256, load_checkpoint
 from medsynth.transforms import label_augmentation
-from pipelines.common import CONFIG_DIR, build_sampler, exit_on_user_error, load_ema_model, pick_device, stage_run
+from pipelines.common import (
+    CONFIG_DIR, build_sampler, dataset_encoder, exit_on_user_error, load_ema_model, pick_device, stage_run,
+)
 
 log = logging.getLogger("medsynth")
 
@@ -43,7 +46,8 @@ LABEL_SOURCES = ("train", "generator", "folder")
 MANIFEST_COLUMNS = (
     "sample_id", "image", "label", "dicom_series", "dicom_seg", "preview", "seed", "label_source", "attributes",
     "checkpoint", "checkpoint_sha256", "train_run_id", "sampler", "steps", "eta", "guidance_scale",
-    "label_generator_sha256", "medsynth_version",
+    "label_generator_sha256", "privacy_gate", "gate_pixel_nearness", "gate_feature_distance", "draws", "gate_method",
+    "medsynth_version",
 )
 
 
@@ -210,9 +214,11 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
                      if model.conditioning == "mask" and g.labels.source == "folder" else None)
         guided = model.conditioning in GUIDED_MODES
         modality = str(g.dicom.modality)
+        gate = _privacy_gate(cfg, manifest, model, device)
+        gate_method = gate.describe()["method"] if gate is not None else "off"
 
         out = Path(cfg.paths.synthetic)
-        fingerprint = settings_fingerprint(cfg, checkpoint_hash, {"label_generator": label_hash})
+        fingerprint = settings_fingerprint(cfg, checkpoint_hash, {"label_generator": label_hash, "gate": gate_method})
         rows = done_rows(out, fingerprint)
         if rows:
             log.info("generate: continuing after %d samples already in %s", len(rows), out / "manifest.csv")
@@ -221,26 +227,29 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
             "checkpoint": str(g.checkpoint), "checkpoint_sha256": checkpoint_hash, "train_run_id": ckpt.get("run_id", ""),
             "sampler": g.sampler._target_.rsplit(".", 1)[-1], "steps": g.steps, "eta": g.eta,
             "guidance_scale": g.guidance_scale if guided else "", "label_generator_sha256": label_hash,
-            "medsynth_version": __version__,
+            "gate_method": gate_method, "medsynth_version": __version__,
         }
         previews: list[list[np.ndarray]] = []
+        total_rejected = 0
         bar = tqdm(total=g.num_samples, initial=len(rows), desc="generate", unit="sample", disable=not cfg.trainer.progress)
         for start in range(len(rows), g.num_samples, g.batch_size):
             seeds = [g.seed + i for i in range(start, min(start + g.batch_size, g.num_samples))]
-            candidates = plan_candidates(seeds, g=g, source=source, manifest=manifest, model=model, user_maps=user_maps,
-                                         class_key=train_cfg.model.get("class_key"))
-            if label_model is not None:
-                _generate_label_maps(candidates, label_model, label_sampler, g, grid, device)
-            images, labels = _sample_batch(model, sampler, candidates, g, grid, device)
+            def draw(seeds: list[int]) -> tuple[list[Candidate], torch.Tensor | None, torch.Tensor | None]:
+                candidates = plan_candidates(seeds, g=g, source=source, manifest=manifest, model=model, user_maps=user_maps,
+                                             class_key=train_cfg.model.get("class_key"))
+                if label_model is not None:
+                    _generate_label_maps(candidates, label_model, label_sampler, g, grid, device)
+                return (candidates, *_sample_batch(model, sampler, candidates, g, grid, device))
+
+            batch, rejected = gated_draws(seeds, draw, gate, max_redraws=g.privacy_gate.max_redraws)
+            total_rejected += rejected
             try:
-                for k, cand in enumerate(candidates):
-                    image = images[k, 0].numpy() if images is not None else None
-                    label = labels[k, 0].numpy() if labels is not None else None
-                    row = _write_sample(out, f"syn_{cand.seed - g.seed:05d}", image, label, cand, g=g,
+                for index, (cand, image, label, verdict) in zip(seeds, batch):
+                    row = _write_sample(out, f"syn_{index - g.seed:05d}", image, label, cand, g=g,
                                         label_names=manifest.label_names, modality=modality,
                                         spatial_dims=manifest.spatial_dims)
-                    rows.append({**common, **row, "attributes": " ".join(f"{k}={v}" for k, v in sorted(cand.attributes.items())
-                                                                          if not model.vocabulary or k in model.vocabulary)})
+                    rows.append({**common, **row, **verdict, "attributes": " ".join(
+                        f"{k}={v}" for k, v in sorted(cand.attributes.items()) if not model.vocabulary or k in model.vocabulary)})
                     if row.get("preview") and len(previews) < 16:
                         previews.append(_preview(image, label, grid))
                 _write_manifest(out / "manifest.csv", rows)
@@ -257,13 +266,84 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
         if "nifti" in g.formats:
             write_dataset_json(out, label_names=manifest.label_names, num_training=len(rows), modality=modality)
         tracker.log_params(run_id, {"checkpoint_sha256": checkpoint_hash, "num_samples": g.num_samples,
-                                    "label_source": g.labels.source if model.conditioning == "mask" else "none"})
+                                    "label_source": g.labels.source if model.conditioning == "mask" else "none",
+                                    **{f"privacy_gate_{k}": v for k, v in (gate.describe() if gate else {"method": "off"}).items()}})
+        tracker.log_metrics(run_id, {"privacy_gate_rejected": total_rejected})
+        if total_rejected:
+            log.info("generate: the privacy gate rejected %d candidates and drew replacements", total_rejected)
         tracker.log_artifact(run_id, out / "manifest.csv", artifact_path="synthetic")
         if previews:
             grid_png = save_png(out / "samples.png", picture_sheet(previews, titles=["label", "synthetic"]))
             tracker.log_artifact(run_id, grid_png, artifact_path="synthetic")
         log.info("generate: %d samples -> %s", len(rows), out / "manifest.csv")
         return out / "manifest.csv"
+
+
+def redraw_seed(seed: int, draw: int) -> int:
+    """The seed of replacement ``draw`` (1, 2, ...) of the sample with ``seed``: a fixed function, so
+    a replacement can be regenerated alone from the seed the manifest records."""
+    return int(np.random.SeedSequence([seed, draw]).generate_state(1, dtype=np.uint32)[0])
+
+
+def gated_draws(
+    seeds: list[int], draw: Any, gate: PrivacyGate | None, *, max_redraws: int,
+) -> tuple[list[tuple[Candidate, np.ndarray | None, np.ndarray | None, dict[str, Any]]], int]:
+    """Draw one sample per seed; candidates the privacy gate rejects are replaced by new draws.
+
+    Args:
+        seeds: Seeds of the samples, in order.
+        draw: ``draw(seeds) -> (candidates, images, labels)``.
+        gate: The privacy gate, or ``None``.
+        max_redraws: Replacement draws per sample before generation stops with an error.
+
+    Returns:
+        Per seed ``(candidate, image, label, gate columns)`` and the number of rejected candidates.
+
+    Raises:
+        MedsynthError: If a sample is still rejected after ``max_redraws`` replacements.
+    """
+    result: dict[int, tuple] = {}
+    attempts = {s: 0 for s in seeds}
+    rejected = 0
+    pending = list(seeds)
+    while pending:
+        candidates, images, labels = draw([s if attempts[s] == 0 else redraw_seed(s, attempts[s]) for s in pending])
+        check = gate.check(images) if gate is not None and images is not None else None
+        retry = []
+        for k, (seed, cand) in enumerate(zip(pending, candidates)):
+            if check is not None and not check.accepted[k]:
+                rejected += 1
+                attempts[seed] += 1
+                if attempts[seed] > max_redraws:
+                    raise MedsynthError(
+                        f"the privacy gate rejected sample seed {seed} and all {max_redraws} replacements: the model "
+                        "reproduces training images; generate from other conditions, train a less memorising model, "
+                        "or raise generate.privacy_gate.max_redraws"
+                    )
+                retry.append(seed)
+                continue
+            verdict = {"privacy_gate": "accepted" if check is not None else "off", "draws": attempts[seed] + 1,
+                       "gate_pixel_nearness": f"{check.pixel[k]:.6g}" if check is not None else "",
+                       "gate_feature_distance": f"{check.feature[k]:.6g}" if check is not None and check.feature is not None else ""}
+            result[seed] = (cand, images[k, 0].numpy() if images is not None else None,
+                            labels[k, 0].numpy() if labels is not None else None, verdict)
+        pending = retry
+    return [result[s] for s in seeds], rejected
+
+
+def _privacy_gate(cfg: DictConfig, manifest: Manifest, model: Denoiser, device: torch.device) -> PrivacyGate | None:
+    """The gate of ``generate.privacy_gate`` calibrated on this dataset, or ``None`` when off or not applicable."""
+    p = cfg.generate.privacy_gate
+    if not p.enabled:
+        log.warning("generate: the privacy gate is off; synthetic images are not checked against the training records")
+        return None
+    if model.output == "label":
+        log.info("generate: a label-map model makes no images; the privacy gate does not apply")
+        return None
+    train_split, holdout = load_split(manifest, "train"), load_split(manifest, "holdout")
+    encoder = dataset_encoder(cfg, train_split, spatial_dims=manifest.spatial_dims, device=device) if p.features else None
+    return build_privacy_gate(train_split.images, holdout.images, encoder=encoder, quantile=p.quantile, metric=p.metric,
+                              device=device)
 
 
 def _load_model(path: Path, manifest: Manifest, device: torch.device) -> tuple[Path, dict, Denoiser]:

@@ -196,6 +196,14 @@ def _train(cfg: DictConfig, tracker: Tracker | NullTracker, run_id: str, ddp: Di
         noise = step_generator(seed, draw, stream=3)
         return diffusion_loss(m, model.to_sample(images, labels), condition, scheduler, generator=noise)
 
+    sampler = build_sampler(cfg.generate.sampler, cfg.scheduler)
+
+    def sample_grid(step: int) -> None:
+        """The EMA model's samples for the first validation records with fixed seeds, logged as a picture."""
+        sheet = sample_sheet(ema.shadow, sampler, validation, num=t.grid.num, steps=t.grid.steps, seed=t.grid.seed,
+                             device=device, guidance_scale=cfg.generate.guidance_scale)
+        tracker.log_artifact(run_id, save_png(folder / f"samples_step{step:07d}.png", sheet), artifact_path="samples")
+
     def checkpoint(step: int) -> None:
         nonlocal best
         val_loss = float(denoising_errors(ema.shadow, validation.images, validation.labels, scheduler,
@@ -215,6 +223,8 @@ def _train(cfg: DictConfig, tracker: Tracker | NullTracker, run_id: str, ddp: Di
         if improved:
             link_checkpoint(path, folder / "best.pt")
         prune_checkpoints(folder, keep=t.keep_last)
+        if t.grid.num > 0 and (t.grid.every_checkpoint or step == t.max_steps):
+            sample_grid(step)
 
     def on_step(step: int, loss: float, lr: float) -> None:
         tracker.log_metrics(run_id, {"loss": loss, "lr": lr}, step=step, buffered=True)
@@ -240,11 +250,8 @@ def _train(cfg: DictConfig, tracker: Tracker | NullTracker, run_id: str, ddp: Di
     else:
         log.info("train: %s already holds step %d of %d; nothing to train", resume_path, start_step, t.max_steps)
 
-    sampler = build_sampler(cfg.generate.sampler, cfg.scheduler)
-    sheet = sample_sheet(ema.shadow, sampler, validation, num=t.grid.num, steps=t.grid.steps, seed=t.grid.seed, device=device,
-                         guidance_scale=cfg.generate.guidance_scale)
-    grid_path = save_png(folder / f"samples_step{max(start_step, t.max_steps):07d}.png", sheet)
-    tracker.log_artifact(run_id, grid_path, artifact_path="samples")
+    if not result.steps and t.grid.num > 0:
+        sample_grid(max(start_step, t.max_steps))
     if cfg.mlflow.register_model and run_id:
         from medsynth.tracking.model import log_generator
 

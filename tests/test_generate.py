@@ -177,3 +177,43 @@ def test_generate_from_a_registered_model_or_a_run_id(tiny_config, phantom, tmp_
         assert len(rows) == 2 and rows[0]["checkpoint"] == source and rows[0]["train_run_id"] == run_id
     with pytest.raises(MedsynthError, match="no-such-model"):
         generate.run(tiny_config(*base, "generate.checkpoint=models:/no-such-model/1"))
+
+
+def test_privacy_gate_replaces_rejected_candidates() -> None:
+    """A rejected candidate is replaced by a draw with a new, recorded seed; endless rejection stops with an error."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipelines.generate import Candidate, gated_draws, redraw_seed
+
+    def draw(seeds):
+        images = torch.tensor([float(s % 2) for s in seeds]).view(-1, 1, 1, 1)
+        return [Candidate(s, {}, None, np.eye(4), "") for s in seeds], images, None
+
+    class OddSeedsRejected:  # a gate that rejects images made from odd seeds
+        def check(self, images):
+            odd = images.flatten().numpy() == 1
+            return SimpleNamespace(accepted=~odd, pixel=np.zeros(len(odd)), feature=None)
+
+    batch, rejected = gated_draws([10, 11, 12], draw, OddSeedsRejected(), max_redraws=50)
+    assert [b[0].seed for b in batch][::2] == [10, 12] and batch[1][0].seed % 2 == 0
+    assert batch[1][0].seed == redraw_seed(11, batch[1][3]["draws"] - 1) and rejected == batch[1][3]["draws"] - 1 >= 1
+    assert [b[3]["privacy_gate"] for b in batch] == ["accepted"] * 3 and batch[0][3]["draws"] == 1
+
+    class RejectAll:
+        def check(self, images):
+            return SimpleNamespace(accepted=np.zeros(len(images), bool), pixel=np.zeros(len(images)), feature=None)
+
+    with pytest.raises(MedsynthError, match="rejected sample seed 10 and all 2 replacements"):
+        gated_draws([10], draw, RejectAll(), max_redraws=2)
+
+
+def test_gate_columns_in_the_manifest(trained_mask) -> None:
+    cfg = trained_mask()
+    rows = rows_of(generate.run(cfg))
+    assert {r["privacy_gate"] for r in rows} == {"accepted"}
+    assert all(float(r["gate_pixel_nearness"]) >= 0 and float(r["gate_feature_distance"]) >= 0 for r in rows)
+    assert "holdout" in rows[0]["gate_method"] and "0.01" in rows[0]["gate_method"]
+    off = rows_of(generate.run(trained_mask("generate.privacy_gate.enabled=false", f"paths.synthetic={cfg.paths.output}/off")))
+    assert {r["privacy_gate"] for r in off} == {"off"} and off[0]["gate_method"] == "off"

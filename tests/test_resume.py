@@ -87,7 +87,7 @@ def test_sigkill_then_resume_reaches_the_same_step_with_a_continuous_loss_curve(
 
     proc = subprocess.Popen([sys.executable, "-m", "medsynth.cli", "train", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = tmp_path / "out" / "checkpoints" / "step_0000010.pt"
+    marker = tmp_path / "out" / "checkpoints" / "step_0000015.pt"  # written after last.pt points at step 10
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
