@@ -26,7 +26,7 @@ def preprocessed_in_subprocess(phantom: tuple[Path, Path], tmp_path: Path, *over
     args = [*TINY, *phantom_overrides(*phantom), f"paths.output={tmp_path / 'out'}", f"mlflow.tracking_uri={uri}", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "MEDSYNTH_DEBUG"}
     done = subprocess.run([sys.executable, "-m", "medsynth.cli", "preprocess", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return uri, args, env
 
@@ -82,7 +82,8 @@ def test_resume_refuses_another_model(tiny_config, phantom, tmp_path: Path) -> N
 def test_sigkill_then_resume_reaches_the_same_step_with_a_continuous_loss_curve(phantom, tmp_path: Path) -> None:
     """Kill `medsynth train` mid-run with SIGKILL; `trainer.resume=auto` finishes it in the same MLflow run."""
     uri, args, env = preprocessed_in_subprocess(
-        phantom, tmp_path, "trainer.max_steps=150", "trainer.checkpoint_every=5", "trainer.resume=auto"
+        phantom, tmp_path, "trainer.max_steps=150", "trainer.checkpoint_every=5", "trainer.resume=auto",
+        "trainer.grid.every_checkpoint=false",
     )
 
     proc = subprocess.Popen([sys.executable, "-m", "medsynth.cli", "train", *args], cwd=tmp_path, env=env,
@@ -97,7 +98,7 @@ def test_sigkill_then_resume_reaches_the_same_step_with_a_continuous_loss_curve(
     assert 10 <= killed_at < 150
 
     resumed = subprocess.run([sys.executable, "-m", "medsynth.cli", "train", *args], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     final = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
     assert final["step"] == 150
