@@ -217,8 +217,8 @@ def read_header(path: str | os.PathLike[str]) -> DicomHeader:
         kind = DICOMDIR
     elif sop == SEG_SOP_CLASS:
         kind = SEG
-    elif has_pixels or "Rows" in ds:
-        kind = IMAGE
+    elif has_pixels or "Rows" in ds or UID(sop).name.endswith("Image Storage"):
+        kind = IMAGE  # an image object without pixel data is quarantined as such, not as a non-image
     else:
         kind = OTHER
     referenced: tuple[str, ...] = ()
