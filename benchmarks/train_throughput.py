@@ -69,7 +69,7 @@ def random_data(cfg: DictConfig, n: int) -> LabelledArrays:
     return LabelledArrays(torch.rand(n, 1, *size, generator=g), labels, [str(i) for i in range(n)], [], codes)
 
 
-def bare_loop(cfg: DictConfig, data: LabelledArrays, steps: int, batch: int, device: torch.device) -> float:
+def bare_loop(cfg: DictConfig, data: LabelledArrays, steps: int, *, batch: int, device: torch.device) -> float:
     """The tutorial loop on the preset's network. Returns examples/s."""
     model = build_model(cfg, device)
     network, autoencoder = model.network, model.autoencoder
@@ -112,7 +112,7 @@ def bare_loop(cfg: DictConfig, data: LabelledArrays, steps: int, batch: int, dev
     return steps * batch / (time.perf_counter() - start)
 
 
-def medsynth_loop(cfg: DictConfig, data: LabelledArrays, steps: int, batch: int, device: torch.device, *, plain: bool) -> float:
+def medsynth_loop(cfg: DictConfig, data: LabelledArrays, steps: int, *, batch: int, device: torch.device, plain: bool) -> float:
     """medsynth.train.train with the pipeline's loss and the preset's trainer options. Returns examples/s."""
     t = cfg.trainer
     model = build_model(cfg, device)
@@ -178,17 +178,17 @@ def main() -> None:
     device = torch.device(args.device)
     batch = args.batch or cfg.trainer.batch_size
     data = random_data(cfg, max(4 * batch, 16))
-    loops = {
-        "bare": functools.partial(bare_loop, cfg, data, args.steps, batch, device),
-        "medsynth": functools.partial(medsynth_loop, cfg, data, args.steps, batch, device, plain=args.plain),
+    loops = {  # each takes the number of steps and returns examples/s
+        "bare": functools.partial(bare_loop, cfg, data, batch=batch, device=device),
+        "medsynth": functools.partial(medsynth_loop, cfg, data, batch=batch, device=device, plain=args.plain),
     }
-    for name in loops:  # warm-up (and compilation)
-        functools.partial(loops[name].func, *loops[name].args[:2], 3, *loops[name].args[3:], **loops[name].keywords)()
+    for loop in loops.values():  # warm-up (and compilation)
+        loop(3)
     rates: dict[str, list[float]] = {"bare": [], "medsynth": []}
     peaks: dict[str, float] = {"bare": 0.0, "medsynth": 0.0}
     for repeat in range(args.repeats):  # alternate which loop goes first
         for name in (["bare", "medsynth"] if repeat % 2 == 0 else ["medsynth", "bare"]):
-            rate, peak = timed(loops[name], device)
+            rate, peak = timed(functools.partial(loops[name], args.steps), device)
             rates[name].append(rate)
             peaks[name] = max(peaks[name], peak)
     t = cfg.trainer

@@ -214,7 +214,8 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
                      if model.conditioning == "mask" and g.labels.source == "folder" else None)
         guided = model.conditioning in GUIDED_MODES
         modality = str(g.dicom.modality)
-        gate = _privacy_gate(cfg, manifest, model, device)
+        gate = _privacy_gate(cfg, manifest, model, device,
+                             train_split=source if g.labels.split == "train" else None)
         gate_method = gate.describe()["method"] if gate is not None else "off"
 
         out = Path(cfg.paths.synthetic)
@@ -232,26 +233,26 @@ def run(cfg: DictConfig, *, tracker: Tracker | None = None, parent_run_id: str |
         previews: list[list[np.ndarray]] = []
         total_rejected = 0
         bar = tqdm(total=g.num_samples, initial=len(rows), desc="generate", unit="sample", disable=not cfg.trainer.progress)
+        def draw(seeds: list[int]) -> tuple[list[Candidate], torch.Tensor | None, torch.Tensor | None]:
+            candidates = plan_candidates(seeds, g=g, source=source, manifest=manifest, model=model, user_maps=user_maps,
+                                         class_key=train_cfg.model.get("class_key"))
+            if label_model is not None:
+                _generate_label_maps(candidates, label_model, label_sampler, g, grid, device)
+            return (candidates, *_sample_batch(model, sampler, candidates, g, grid, device))
+
         for start in range(len(rows), g.num_samples, g.batch_size):
             seeds = [g.seed + i for i in range(start, min(start + g.batch_size, g.num_samples))]
-            def draw(seeds: list[int]) -> tuple[list[Candidate], torch.Tensor | None, torch.Tensor | None]:
-                candidates = plan_candidates(seeds, g=g, source=source, manifest=manifest, model=model, user_maps=user_maps,
-                                             class_key=train_cfg.model.get("class_key"))
-                if label_model is not None:
-                    _generate_label_maps(candidates, label_model, label_sampler, g, grid, device)
-                return (candidates, *_sample_batch(model, sampler, candidates, g, grid, device))
-
             batch, rejected = gated_draws(seeds, draw, gate, max_redraws=g.privacy_gate.max_redraws)
             total_rejected += rejected
             try:
                 for index, (cand, image, label, verdict) in zip(seeds, batch):
+                    preview = _preview(image, label) if "png" in g.formats and manifest.spatial_dims == 2 else None
                     row = _write_sample(out, f"syn_{index - g.seed:05d}", image, label, cand, g=g,
-                                        label_names=manifest.label_names, modality=modality,
-                                        spatial_dims=manifest.spatial_dims)
+                                        label_names=manifest.label_names, modality=modality, preview=preview)
                     rows.append({**common, **row, **verdict, "attributes": " ".join(
                         f"{k}={v}" for k, v in sorted(cand.attributes.items()) if not model.vocabulary or k in model.vocabulary)})
-                    if row.get("preview") and len(previews) < 16:
-                        previews.append(_preview(image, label, grid))
+                    if preview is not None and len(previews) < 16:
+                        previews.append(preview)
                 _write_manifest(out / "manifest.csv", rows)
             except OSError as err:
                 _write_manifest(out / "manifest.csv", rows[: start])
@@ -331,8 +332,12 @@ def gated_draws(
     return [result[s] for s in seeds], rejected
 
 
-def _privacy_gate(cfg: DictConfig, manifest: Manifest, model: Denoiser, device: torch.device) -> PrivacyGate | None:
-    """The gate of ``generate.privacy_gate`` calibrated on this dataset, or ``None`` when off or not applicable."""
+def _privacy_gate(cfg: DictConfig, manifest: Manifest, model: Denoiser, device: torch.device, *,
+                  train_split: LabelledArrays | None = None) -> PrivacyGate | None:
+    """The gate of ``generate.privacy_gate`` calibrated on this dataset, or ``None`` when off or not applicable.
+
+    ``train_split`` is the training split when the caller has it loaded already.
+    """
     p = cfg.generate.privacy_gate
     if not p.enabled:
         log.warning("generate: the privacy gate is off; synthetic images are not checked against the training records")
@@ -340,7 +345,8 @@ def _privacy_gate(cfg: DictConfig, manifest: Manifest, model: Denoiser, device: 
     if model.output == "label":
         log.info("generate: a label-map model makes no images; the privacy gate does not apply")
         return None
-    train_split, holdout = load_split(manifest, "train"), load_split(manifest, "holdout")
+    train_split = train_split if train_split is not None else load_split(manifest, "train")
+    holdout = load_split(manifest, "holdout")
     encoder = dataset_encoder(cfg, train_split, spatial_dims=manifest.spatial_dims, device=device) if p.features else None
     return build_privacy_gate(train_split.images, holdout.images, encoder=encoder, quantile=p.quantile, metric=p.metric,
                               device=device)
@@ -381,8 +387,9 @@ def _sample_batch(model: Denoiser, sampler: Any, candidates: list[Candidate], g:
 
 
 def _write_sample(out: Path, sample_id: str, image: np.ndarray | None, label: np.ndarray | None, cand: Candidate, *,
-                  g: DictConfig, label_names: list[str], modality: str, spatial_dims: int) -> dict[str, Any]:
-    """Write one sample in every requested format; returns its manifest row (files relative to ``out``)."""
+                  g: DictConfig, label_names: list[str], modality: str, preview: list[np.ndarray] | None) -> dict[str, Any]:
+    """Write one sample in every requested format (``preview``: its PNG columns, if one is wanted);
+    returns its manifest row (files relative to ``out``)."""
     row: dict[str, Any] = {"sample_id": sample_id, "seed": cand.seed, "label_source": cand.label_source or
                            ("generated" if label is not None else "")}
     if "nifti" in g.formats:  # nnU-Net v2 raw layout
@@ -405,15 +412,14 @@ def _write_sample(out: Path, sample_id: str, image: np.ndarray | None, label: np
         row["dicom_series"] = (folder / "image").relative_to(out).as_posix()
         if label is not None:
             row["dicom_seg"] = write_segmentation(label, files, folder / "seg.dcm", label_names=label_names).relative_to(out).as_posix()
-    if "png" in g.formats and spatial_dims == 2:
-        shape = (image if image is not None else label).shape
-        pair = _preview(image, label, shape)
-        row["preview"] = save_png(out / "previews" / f"{sample_id}.png", picture_sheet([pair])).relative_to(out).as_posix()
+    if preview is not None:
+        row["preview"] = save_png(out / "previews" / f"{sample_id}.png", picture_sheet([preview])).relative_to(out).as_posix()
     return row
 
 
-def _preview(image: np.ndarray | None, label: np.ndarray | None, shape: tuple[int, ...]) -> list[np.ndarray]:
-    blank = np.zeros(shape, dtype=np.float32)
+def _preview(image: np.ndarray | None, label: np.ndarray | None) -> list[np.ndarray]:
+    """The label map (coloured) and the image of a 2D sample, a blank where one is missing."""
+    blank = np.zeros((image if image is not None else label).shape, dtype=np.float32)
     return [colorize_labels(display_slice(label if label is not None else blank.astype(np.uint8))),
             display_slice(image if image is not None else blank)]
 

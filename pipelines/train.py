@@ -68,9 +68,10 @@ def fit_autoencoder(cfg: DictConfig, model: Denoiser, data: LabelledArrays, *, d
     The autoencoder is trained on every rank with the same seed, so all ranks hold the same
     weights; rank 0 saves them.
     """
-    settings = AutoencoderSettings(**resolved(cfg)["trainer"]["autoencoder"])
+    config = resolved(cfg)
+    settings = AutoencoderSettings(**config["trainer"]["autoencoder"])
     path = Path(cfg.paths.checkpoints) / "autoencoder.pt"
-    wanted = {"network": resolved(cfg)["model"]["autoencoder"], "settings": dataclasses.asdict(settings)}
+    wanted = {"network": config["model"]["autoencoder"], "settings": dataclasses.asdict(settings)}
     autoencoder = model.autoencoder
     if path.is_file() and (saved := load_checkpoint(path))["config"] == wanted:
         autoencoder.load_state_dict(saved["weights"])
