@@ -9,7 +9,7 @@ STAMP := $(VENV)/.medsynth-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),,torch==2.13.0)
 
-.PHONY: install tools demo test test-fast benchmark clean
+.PHONY: install tools demo test test-fast wheel-check benchmark clean
 
 # dciodvfy (Debian's dicom3tools) validates the DICOM objects medsynth writes; the tests use it.
 tools:
@@ -19,6 +19,7 @@ tools:
 
 install: $(STAMP)
 
+# Reinstalled when pyproject.toml changes (dependencies, the package list, entry points).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/pip install "$(TORCH_SPEC)")
@@ -34,5 +35,9 @@ test: install tools
 test-fast: install tools
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
+# Build the wheel, install it into a fresh venv and run a tiny pipeline outside the repository (CI runs it too).
+wheel-check:
+	PYTHON=$(PYTHON) bash .ci/wheel_check.sh
+
 clean:
-	rm -rf outputs mlflow.db mlruns mlartifacts .pytest_cache
+	rm -rf outputs mlflow.db mlruns mlartifacts .pytest_cache build dist

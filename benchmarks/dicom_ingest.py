@@ -68,7 +68,9 @@ def _measure(method: str, folder: str, out: str) -> tuple[float, float, tuple[in
     """Run one method in this (fresh) process: ``(seconds, peak MiB above the post-import level, shape)``."""
     from monai.transforms import LoadImage
 
-    from medsynth.data.ingest import VolumeSettings, build_dataset, discover_dicom
+    from medsynth.data.build import build_dataset
+    from medsynth.data.case import VolumeSettings
+    from medsynth.data.discovery import discover_dicom
     from medsynth.io.dicom import load_dicom_series
 
     files = sorted(Path(folder).iterdir())

@@ -3,7 +3,7 @@
 Usage:
     python benchmarks/preset_footprint.py [--preset NAME ...] [--device cpu|cuda]
 
-For each preset the pipeline's model is built at the preset's image size and one forward and
+For each preset the model (``medsynth.diffusion.generator.build_denoiser``) is built at the preset's image size and one forward and
 backward pass of one example is run in fp32 (with the preset's activation checkpointing).
 Reported: trained parameters, model FLOPs per example (``torch.utils.flop_counter``), and the
 peak memory of that step (CUDA allocator peak on a GPU; on the CPU the growth of the process's
@@ -20,13 +20,12 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from medsynth.train.activation import enable_activation_checkpointing
-from pipelines.common import CONFIG_DIR
+from medsynth.training.activation import enable_activation_checkpointing
+from medsynth.config import config_dir
 from train_throughput import build_model, preset_config, random_data  # same folder
 
 
@@ -60,7 +59,7 @@ def footprint(preset: str, device: torch.device) -> str:
 
 
 def main() -> None:
-    presets = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+    presets = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", choices=presets, help="default: all presets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

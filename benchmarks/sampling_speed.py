@@ -9,7 +9,7 @@ Usage:
 (``make demo`` leaves them under ``outputs/demo``). A 3D model goes through the same code path: run
 the script again with its checkpoint and data folder.
 
-Each sampler draws ``--num`` samples with the model's EMA weights, conditioned on the holdout
+Each sampler draws ``--num`` samples with the model's EMA weights (``medsynth.Generator``), conditioned on the holdout
 split's label maps (mask models) or attributes (class/attributes models), record ``i % len(holdout)``
 for sample ``i``, seeds ``seed + i``: every sampler gets the same conditions and starting noise.
 
@@ -41,19 +41,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-SAMPLERS = {
-    "DDPM": "monai.networks.schedulers.DDPMScheduler",
-    "DDIM": "monai.networks.schedulers.DDIMScheduler",
-    "RFlow": "monai.networks.schedulers.RFlowScheduler",
-}
+SAMPLERS = {"DDPM": "ddpm", "DDIM": "ddim", "RFlow": "rflow"}
+"""Row name -> sampler name (``generate.sampler``)."""
 
 
 def _rss_mib() -> float:
@@ -74,12 +69,10 @@ def realism(data: str, images: Any, labels: Any, *, num: int, seed: int) -> dict
         ``{"kid_features": ..., "intensity_w1": ...}``; ``None`` where a figure cannot be computed.
     """
     import numpy as np
-    import torch
 
     from medsynth.data import load_split, read_manifest
+    from medsynth.evaluation.instruments import features, saved_encoder
     from medsynth.metrics import kernel_inception_distance, tissue_intensity_distances
-    from medsynth.train import file_sha256, load_checkpoint
-    from medsynth.train.encoder import FeatureEncoder, encode, encode_volumes
 
     manifest = read_manifest(data)
     holdout = load_split(manifest, "holdout")
@@ -88,18 +81,10 @@ def realism(data: str, images: Any, labels: Any, *, num: int, seed: int) -> dict
         pick = np.random.default_rng(seed).choice(len(train), size=min(num, len(train)), replace=False)
         images, labels = train.images[pick], train.labels[pick]
     out: dict[str, float | None] = {"kid_features": None, "intensity_w1": None}
-    path = Path(data) / "encoder.pt"
-    if path.is_file():
-        saved = load_checkpoint(path)
-        if saved.get("manifest_sha256") == file_sha256(Path(data) / "manifest.json"):
-            encoder = FeatureEncoder(spatial_dims=2, channels=saved["settings"]["channels"])
-            encoder.load_state_dict(saved["state"])
-            encoder.eval()
-
-            def features(x: torch.Tensor) -> np.ndarray:
-                return (encode(encoder, x) if x.ndim == 4 else encode_volumes(encoder, x)[0]).numpy()
-
-            out["kid_features"] = kernel_inception_distance(features(holdout.images), features(images), seed=seed)[0]
+    encoder = saved_encoder(data)  # None unless data/encoder.pt was trained on this manifest
+    if encoder is not None:
+        out["kid_features"] = kernel_inception_distance(features(encoder, holdout.images).items,
+                                                        features(encoder, images).items, seed=seed)[0]
     if labels is not None:
         w1 = tissue_intensity_distances(holdout.images.numpy(), holdout.labels.numpy(), images.numpy(), labels.numpy(),
                                         label_names=manifest.label_names)
@@ -119,66 +104,54 @@ def measure(*, checkpoint: str, data: str, sampler: str, steps: int, num: int, b
 
     from medsynth import ConfigError
     from medsynth.data import load_split, read_manifest
-    from medsynth.diffusion import sample
-    from medsynth.diffusion.denoiser import GUIDED_MODES
-    from medsynth.train import load_checkpoint
-    from pipelines.common import build_sampler, load_ema_model, pick_device
+    from medsynth.diffusion.generator import Generator
+    from medsynth.stages.context import pick_device
 
     dev = pick_device(device)
-    ckpt = load_checkpoint(checkpoint)
-    manifest = read_manifest(data)
-    model = load_ema_model(ckpt, checkpoint, num_classes=manifest.num_classes).to(dev)
+    generator = Generator.from_checkpoint(checkpoint, device=dev)
     try:
-        scheduler = build_sampler({"_target_": SAMPLERS[sampler]}, ckpt["config"]["scheduler"])
+        scheduler = generator.sampler(SAMPLERS[sampler])
     except ConfigError:
-        trained = str(ckpt["config"]["scheduler"]["_target_"]).rsplit(".", 1)[-1]
+        trained = generator.scheduler._target_.rsplit(".", 1)[-1]
         return {"skipped": f"the model was trained with {trained}, which {sampler} cannot sample"}
-    holdout = load_split(manifest, "holdout", vocabulary=model.vocabulary)
+    manifest = read_manifest(data)
+    holdout = load_split(manifest, "holdout", vocabulary=generator.model.vocabulary)
     picks = [i % len(holdout) for i in range(num)]
-    given = holdout.labels[picks] if model.conditioning == "mask" else None
-    condition = model.condition(given, holdout.codes[picks])
-    shape = model.sample_shape(holdout.images.shape[2:])
-    guidance = guidance_scale if model.conditioning in GUIDED_MODES else 1.0
+    given = holdout.labels[picks] if generator.conditioning == "mask" else None
+    codes = holdout.codes[picks] if generator.guided else None
 
-    def draw(start: int, stop: int, n_steps: int) -> torch.Tensor:
-        c = condition[start:stop].to(dev) if condition is not None else None
-        return sample(model, scheduler, c, seeds=[seed + i for i in range(start, stop)], shape=shape, steps=n_steps,
-                      guidance_scale=guidance, device=dev)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    def draw(start: int, stop: int, n_steps: int) -> Any:
+        return generator.sample([seed + i for i in range(start, stop)], steps=n_steps, eta=0.0,
+                                guidance_scale=guidance_scale, sampler=scheduler,
+                                labels=given[start:stop] if given is not None else None,
+                                codes=codes[start:stop] if codes is not None else None)
 
     for size in sorted({min(batch, num), num % batch} - {0}):
         draw(0, size, 2)  # warm-up for every batch shape used: allocator, kernel selection, autotuning
-    sync()
     if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
     loaded = _rss_mib()
     start_time = time.perf_counter()
-    parts = []
-    for start in range(0, num, batch):
-        parts.append(draw(start, min(start + batch, num), steps))
-    sync()
+    parts = [draw(start, min(start + batch, num), steps) for start in range(0, num, batch)]  # samples come back on the CPU
     seconds = time.perf_counter() - start_time
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mib()
-    images, generated = model.split(torch.cat(parts))
-    labels = generated.cpu() if generated is not None else given
+    images = torch.cat([p.images for p in parts]) if parts[0].images is not None else None
+    labels = torch.cat([p.labels for p in parts]) if parts[0].labels is not None else None
     out: dict[str, Any] = {
         "seconds_per_sample": seconds / num, "seconds": seconds, "peak_mib": peak,
         "mib_over_load": None if dev.type == "cuda" else peak - loaded, "device": str(dev),
-        "parameters": sum(p.numel() for p in model.parameters()), "spatial_dims": manifest.spatial_dims,
+        "parameters": sum(p.numel() for p in generator.model.parameters()), "spatial_dims": manifest.spatial_dims,
     }
     if images is not None:
-        out.update(realism(data, images.detach().cpu().float(), labels, num=num, seed=0))
+        out.update(realism(data, images.float(), labels, num=num, seed=0))
     return out
 
 
 def _run_child(args: argparse.Namespace, job: dict[str, Any]) -> dict[str, Any]:
     """Run one measurement in a fresh Python process (so its peak memory is its own)."""
     cmd = [sys.executable, __file__, "--child", json.dumps(job)]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         errors = [line for line in done.stderr.splitlines() if line and not line[0].isspace()]
         return {"skipped": "failed: " + (errors[-1] if errors else f"exit status {done.returncode}")}

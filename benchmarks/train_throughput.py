@@ -5,14 +5,14 @@ Usage:
     python benchmarks/train_throughput.py [--preset demo] [--set KEY=VALUE ...] [--plain]
         [--steps 30] [--repeats 4] [--batch N] [--device cpu|cuda] [--peak-tflops 989]
 
-Both loops train the preset's network (built by the pipeline's ``build_denoiser``) with the same
+Both loops train the preset's network (built by ``medsynth.diffusion.generator.build_denoiser``) with the same
 batch of random images, label maps and attribute codes, the same noise schedule and AdamW:
 
 - the bare loop is the tutorial's: DataLoader, noise, ``add_noise``, the network called directly
   with the preset's conditioning (one-hot label map concatenated, ``class_labels`` or a
   cross-attention ``context``; a latent model's autoencoder encodes each batch without gradients),
   MSE to the target, backward, step, in fp32;
-- medsynth's loop is ``medsynth.train.train`` with the pipeline's loss: per-step seeded noise and
+- medsynth's loop is ``medsynth.training.train`` with the pipeline's loss: per-step seeded noise and
   condition dropout, gradient clipping, LR schedule, EMA, and the preset's trainer options
   (precision, channels_last, activation checkpointing, torch.compile). ``--plain`` drops those
   options (fp32, no checkpointing), which is the like-for-like comparison of loop overhead.
@@ -32,28 +32,26 @@ import resource
 import statistics
 import time
 
-import hydra
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
+from medsynth.config import PipelineSettings, compose
 from medsynth.data import LabelledArrays, infinite_batches, step_generator
 from medsynth.diffusion import Denoiser, diffusion_loss, prediction_target
-from medsynth.train import EMA, train, warmup_cosine
-from medsynth.train.activation import enable_activation_checkpointing
-from pipelines.common import CONFIG_DIR, build_denoiser
+from medsynth.diffusion.generator import build_denoiser, build_scheduler
+from medsynth.training import EMA, train, warmup_cosine
+from medsynth.training.activation import enable_activation_checkpointing
 
 NUM_CLASSES = 4
 VOCABULARY = {"class": ["1", "2", "3"], "age": ["40-50", "50-60", "60-70"], "sex": ["F", "M"]}
 
 
-def preset_config(preset: str, overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=[f"experiment={preset}", *overrides])
+def preset_config(preset: str, overrides: list[str]) -> PipelineSettings:
+    """The preset's checked settings with ``overrides``."""
+    return compose([f"experiment={preset}", *overrides])
 
 
-def build_model(cfg: DictConfig, device: torch.device) -> Denoiser:
+def build_model(cfg: PipelineSettings, device: torch.device) -> Denoiser:
     """The preset's denoiser with fixed initial weights (latent models: an untrained autoencoder and scale 1)."""
     torch.manual_seed(0)
     vocabulary = {cfg.model.class_key: VOCABULARY["class"]} if cfg.model.conditioning == "class" else (
@@ -61,7 +59,7 @@ def build_model(cfg: DictConfig, device: torch.device) -> Denoiser:
     return build_denoiser(cfg.model, num_classes=NUM_CLASSES, vocabulary=vocabulary).to(device)
 
 
-def random_data(cfg: DictConfig, n: int) -> LabelledArrays:
+def random_data(cfg: PipelineSettings, n: int) -> LabelledArrays:
     g = torch.Generator().manual_seed(0)
     size = list(cfg.data.size)
     labels = torch.randint(0, NUM_CLASSES, (n, 1, *size), generator=g)
@@ -69,11 +67,11 @@ def random_data(cfg: DictConfig, n: int) -> LabelledArrays:
     return LabelledArrays(torch.rand(n, 1, *size, generator=g), labels, [str(i) for i in range(n)], [], codes)
 
 
-def bare_loop(cfg: DictConfig, data: LabelledArrays, steps: int, *, batch: int, device: torch.device) -> float:
+def bare_loop(cfg: PipelineSettings, data: LabelledArrays, steps: int, *, batch: int, device: torch.device) -> float:
     """The tutorial loop on the preset's network. Returns examples/s."""
     model = build_model(cfg, device)
     network, autoencoder = model.network, model.autoencoder
-    scheduler = hydra.utils.instantiate(cfg.scheduler)
+    scheduler = build_scheduler(cfg.scheduler)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images, data.labels, data.codes),
                                          batch_size=batch, shuffle=True, drop_last=True)
@@ -112,15 +110,15 @@ def bare_loop(cfg: DictConfig, data: LabelledArrays, steps: int, *, batch: int, 
     return steps * batch / (time.perf_counter() - start)
 
 
-def medsynth_loop(cfg: DictConfig, data: LabelledArrays, steps: int, *, batch: int, device: torch.device, plain: bool) -> float:
-    """medsynth.train.train with the pipeline's loss and the preset's trainer options. Returns examples/s."""
+def medsynth_loop(cfg: PipelineSettings, data: LabelledArrays, steps: int, *, batch: int, device: torch.device, plain: bool) -> float:
+    """medsynth.training.train with the pipeline's loss and the preset's trainer options. Returns examples/s."""
     t = cfg.trainer
     model = build_model(cfg, device)
     layout = torch.channels_last if t.channels_last and not plain and cfg.data.spatial_dims == 2 else torch.contiguous_format
     model.to(memory_format=layout)
     if t.gradient_checkpointing and not plain:
         enable_activation_checkpointing(model.network)
-    scheduler = hydra.utils.instantiate(cfg.scheduler)
+    scheduler = build_scheduler(cfg.scheduler)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_cosine, warmup_steps=5, max_steps=steps))
     batches = infinite_batches(data, batch_size=batch, seed=0)
@@ -140,7 +138,7 @@ def medsynth_loop(cfg: DictConfig, data: LabelledArrays, steps: int, *, batch: i
     return result.examples_per_second
 
 
-def flops_per_example(cfg: DictConfig, data: LabelledArrays, batch: int, device: torch.device) -> float:
+def flops_per_example(cfg: PipelineSettings, data: LabelledArrays, batch: int, device: torch.device) -> float:
     """Model FLOPs of one training step (forward and backward) divided by the batch size."""
     from torch.utils.flop_counter import FlopCounterMode
 

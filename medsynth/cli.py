@@ -1,9 +1,23 @@
-"""The ``medsynth <stage> [hydra overrides]`` command."""
+"""The command line: ``medsynth <stage> [hydra overrides]`` and ``python pipelines/<stage>.py``.
+
+Both go through :func:`hydra_entry`: it composes ``conf/config.yaml`` with the overrides and checks
+it into typed settings (:func:`medsynth.config.compose`) before Hydra starts the job, so a typo or a
+bad value stops the command before anything is read or written. Hydra then runs the job as usual
+(its run folder, sweeps with ``-m``), and :func:`run_stage` calls the stage's library function.
+A user error (:class:`medsynth.MedsynthError`) prints one line and exits with status 2, no traceback.
+"""
 
 from __future__ import annotations
 
-import importlib
+import logging
+import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from medsynth import MedsynthError
+from medsynth.config import PipelineSettings, compose, config_dir, load_settings, resolve
 
 STAGES = ("preprocess", "train", "generate", "evaluate", "run")
 
@@ -16,25 +30,126 @@ common overrides:
   paths.input=DIR             raw scans
   paths.output=DIR            where the run writes everything
   mlflow.tracking_uri=URI     MLflow store (default: sqlite:///mlflow.db in the working directory)
-  trainer.max_steps=N  generate.num_samples=N  generate.steps=N
+  trainer.max_steps=N  generate.num_samples=N  generate.steps=N  device=cpu|cuda
 
-Hydra flags work too, for example `medsynth train --cfg job` prints the composed config.
+Hydra flags work too: `medsynth train --cfg job` prints the composed config, `-m` runs a sweep.
+Config folder: {{config}}
 """
 
 
+def _call(stage: str, settings: PipelineSettings) -> Any:
+    """Call the library function of ``stage`` with its part of ``settings``."""
+    import medsynth
+
+    run = settings.run
+    if stage == "preprocess":
+        return medsynth.preprocess(settings=settings.data, run=run)
+    if stage == "train":
+        return medsynth.train(model=settings.model, scheduler=settings.scheduler, trainer=settings.trainer, run=run)
+    if stage == "generate":
+        return medsynth.generate(settings=settings.generate, encoder=settings.encoder, run=run)
+    if stage == "evaluate":
+        return medsynth.evaluate(settings=settings.evaluate, encoder=settings.encoder, run=run)
+    return medsynth.run_pipeline(settings)
+
+
+def run_stage(stage: str, cfg: Any) -> Any:
+    """Check the composed Hydra config ``cfg`` and run ``stage`` with it.
+
+    Args:
+        stage: One of :data:`STAGES`.
+        cfg: The config Hydra composed (a DictConfig).
+
+    Returns:
+        What the stage function returns.
+
+    A :class:`MedsynthError` (a bad config value, a bad input file) ends the process with its
+    message alone and status 2; set ``MEDSYNTH_DEBUG=1`` to see the traceback instead.
+    """
+    logging.getLogger("medsynth").setLevel(logging.INFO)
+    with user_errors(stage):
+        return _call(stage, load_settings(resolve(cfg)))
+
+
+@contextmanager
+def user_errors(stage: str) -> Iterator[None]:
+    """Turn a :class:`MedsynthError` raised inside into one line on stderr and exit status 2.
+
+    Args:
+        stage: The stage named in the message.
+    """
+    try:
+        yield
+    except MedsynthError as err:
+        if os.environ.get("MEDSYNTH_DEBUG"):
+            raise
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"medsynth {stage}: error: {message or type(err).__name__}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_overrides(stage: str, overrides: Sequence[str]) -> None:
+    """Compose and check the config with ``overrides`` before Hydra starts a job.
+
+    Hydra itself rejects an unknown key in several lines with status 1, and the checks in
+    :func:`run_stage` come after Hydra made its run folder; this makes both one line, status 2,
+    before anything is written. Skipped when a Hydra flag (``-m``, ``--cfg``, ``--help``, ...) is
+    given: a sweep's values are checked per job in :func:`run_stage`.
+
+    Args:
+        stage: The stage named in an error message.
+        overrides: The command line after the stage.
+    """
+    if any(arg.startswith("-") for arg in overrides):
+        return
+    with user_errors(stage):
+        compose(overrides)
+
+
+def hydra_entry(stage: str) -> Callable[[], Any]:
+    """The entry point of ``stage``: what ``medsynth <stage>`` and ``pipelines/<stage>.py`` run.
+
+    Args:
+        stage: One of :data:`STAGES`.
+
+    Returns:
+        A function of no arguments that reads the overrides from ``sys.argv[1:]``, checks them
+        (:func:`check_overrides`) and runs the stage as a Hydra job.
+    """
+    import hydra
+
+    def job(cfg: Any) -> None:
+        run_stage(stage, cfg)
+
+    job.__module__ = f"medsynth.stages.{stage}"  # Hydra names the job (and its log file) after this module
+    hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(job)
+
+    def entry() -> Any:
+        check_overrides(stage, sys.argv[1:])
+        return hydra_main()
+
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to ``pipelines.<stage>.main`` with the remaining arguments as Hydra overrides."""
+    """Dispatch ``medsynth <stage> [overrides]`` to the stage's Hydra entry.
+
+    Args:
+        argv: The arguments after ``medsynth`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status (a failing stage exits itself, with status 2 for a user error).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(USAGE.format(config=config_dir()))
         return 0 if args else 2
     stage, overrides = args[0], args[1:]
     if stage not in STAGES:
         print(f"medsynth: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"pipelines.{stage}")
     sys.argv = [f"medsynth-{stage}", *overrides]
-    module.main()
+    hydra_entry(stage)()
     return 0
 
 

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
-
+from medsynth.config import PipelineSettings, compose
 from medsynth.io import save_nifti
-from pipelines.common import CONFIG_DIR
 
 # 8-channel network, 16x16 slices, 10 timesteps: every stage runs on a CPU in seconds.
 TINY = [
@@ -28,14 +25,14 @@ TINY = [
     "trainer.warmup_steps=1",
     "trainer.grid.num=2",
     "trainer.grid.steps=2",
-    "trainer.progress=false",
+    "progress=false",
     "generate.steps=3",
     "generate.num_samples=5",
     "generate.batch_size=3",
     "evaluate.sheet_rows=3",
-    "evaluate.encoder.channels=[8,16]",
-    "evaluate.encoder.steps=3",
-    "evaluate.encoder.batch_size=8",
+    "encoder.channels=[8,16]",
+    "encoder.steps=3",
+    "encoder.batch_size=8",
     "evaluate.segmenter.channels=[8,16]",
     "evaluate.segmenter.steps=3",
     "evaluate.segmenter.batch_size=4",
@@ -43,17 +40,23 @@ TINY = [
 ]
 
 
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose ``conf/config.yaml`` with Hydra's compose API."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))
+def compose_config(overrides: list[str] | None = None) -> PipelineSettings:
+    """Compose ``conf/config.yaml`` with Hydra's compose API and check it into typed settings."""
+    return compose(list(overrides or []))
+
+
+def run_stage(stage: str, settings: PipelineSettings) -> object:
+    """Call the library function of ``stage`` (preprocess, train, generate, evaluate, run) as the command line does."""
+    from medsynth.cli import _call
+
+    return _call(stage, settings)
 
 
 @pytest.fixture
-def tiny_config(tmp_path: Path) -> Callable[..., DictConfig]:
+def tiny_config(tmp_path: Path) -> Callable[..., PipelineSettings]:
     """Factory: the real config with tiny overrides, writing under ``tmp_path`` and tracking to a temporary MLflow store."""
 
-    def make(*overrides: str) -> DictConfig:
+    def make(*overrides: str) -> PipelineSettings:
         return compose_config([
             *TINY,
             f"paths.output={tmp_path / 'out'}",

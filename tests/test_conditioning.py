@@ -17,8 +17,9 @@ from medsynth.data.manifest import Record
 from medsynth.diffusion import Denoiser, diffusion_loss, sample
 from medsynth.diffusion.denoiser import network_channels, network_options
 from medsynth.diffusion.latent import decode_latents, latent_scale_factor
-from medsynth.train.activation import enable_activation_checkpointing
-from medsynth.train.autoencoder import AutoencoderSettings, kl_divergence, train_autoencoder
+from medsynth.training.activation import enable_activation_checkpointing
+from medsynth.config.settings import AutoencoderTrainingSettings
+from medsynth.training.autoencoder import kl_divergence, train_autoencoder
 
 NUM_CLASSES = 3
 VOCABULARY = {"class": {"level": ["1", "2", "3"]}, "attributes": {"age": ["40-50", "60-70"], "sex": ["F", "M"]}}
@@ -211,8 +212,9 @@ def test_autoencoder_learns_and_latent_scale_normalises() -> None:
     data = LabelledArrays(images, torch.zeros_like(images, dtype=torch.long), ["a", "b", "c", "d"], [])
     ae = tiny_autoencoder(2)
     for adversarial in (0.0, 0.1):
-        result = train_autoencoder(ae, data, settings=AutoencoderSettings(max_steps=40, batch_size=4, lr=3e-3,
-                                   adversarial_weight=adversarial), device=torch.device("cpu"), progress=False)
+        result = train_autoencoder(ae, data, settings=AutoencoderTrainingSettings(
+            max_steps=40, batch_size=4, lr=3e-3, adversarial_weight=adversarial, flip_dims=[]),
+            device=torch.device("cpu"), progress=False)
         assert sum(result.losses[-5:]) < sum(result.losses[:5]), result.losses
     scale = latent_scale_factor(ae.eval(), images * 2 - 1)
     with torch.no_grad():

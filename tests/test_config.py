@@ -1,4 +1,4 @@
-"""Every preset composes with the real config files, resolves, and keeps the command-line contract."""
+"""Every preset composes with the real config files, passes the schema, and keeps the command-line contract."""
 
 from __future__ import annotations
 
@@ -6,29 +6,31 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from pipelines.common import CONFIG_DIR
-from tests.conftest import compose_config
+from medsynth import ConfigError
+from medsynth.config import PipelineSettings, config_dir, to_mapping
+from tests.conftest import compose_config, run_stage
 
-PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
-GROUPS = ["data", "model", "scheduler", "trainer", "generate", "evaluate", "mlflow", "paths", "experiment"]
+CONFIG_DIR = config_dir()
+PRESETS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+GROUPS = ["data", "model", "scheduler", "trainer", "generate", "encoder", "evaluate", "mlflow", "paths", "experiment"]
 
 
 def test_config_groups_exist() -> None:
     """conf/ holds one folder per config group named in the design."""
     for group in GROUPS:
-        assert (Path(CONFIG_DIR) / group).is_dir(), group
+        assert (CONFIG_DIR / group).is_dir(), group
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_composes_and_resolves(preset: str) -> None:
-    """Each preset composes and every interpolation resolves."""
-    cfg = compose_config([f"experiment={preset}"])
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert resolved["paths"]["output"].endswith(cfg.name)
-    assert resolved["mlflow"]["tracking_uri"].startswith("sqlite:///")
-    assert cfg.model.network.spatial_dims == cfg.data.spatial_dims
+def test_preset_composes_and_passes_the_schema(preset: str) -> None:
+    """Each preset composes, every interpolation resolves, and every key and value passes the schema."""
+    cfg = compose_config([f"experiment={preset}"])  # compose checks the schema: a bad key raises ConfigError
+    assert isinstance(cfg, PipelineSettings)
+    assert cfg.paths.output.endswith(cfg.name)
+    assert cfg.mlflow.tracking_uri.startswith("sqlite:///")
+    assert cfg.model.spatial_dims == cfg.data.spatial_dims
+    assert "${" not in repr(to_mapping(cfg))
 
 
 def test_default_is_demo() -> None:
@@ -45,17 +47,36 @@ def test_contract_overrides_are_accepted(tmp_path: Path) -> None:
     cfg = compose_config([
         f"paths.input={tmp_path}", f"paths.output={tmp_path / 'o'}", "mlflow.tracking_uri=sqlite:///x.db",
         "trainer.max_steps=7", "generate.num_samples=3", "generate.steps=4", "generate.formats=[nifti]",
-        "model.conditioning=mask", "data=demo",
+        "model.conditioning=mask", "data=demo", "trainer.resume=auto", "device=cpu",
     ])
     assert cfg.trainer.max_steps == 7 and cfg.generate.num_samples == 3 and cfg.generate.steps == 4
     assert cfg.paths.data == str(tmp_path / "o" / "data")
     assert list(cfg.generate.formats) == ["nifti"]
+    assert cfg.trainer.resume == "auto" and cfg.run.device == "cpu"
 
 
 def test_unknown_key_is_rejected() -> None:
     """A misspelt key fails at composition instead of being silently ignored."""
-    with pytest.raises(Exception, match="trainer.max_stepz"):
+    with pytest.raises(ConfigError, match="trainer.max_stepz"):
         compose_config(["trainer.max_stepz=3"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.max_stepz=3"], r"^unknown config key trainer\.max_stepz; trainer accepts: .*max_steps"),
+        (["+trainer.max_stepz=3"], r"^unknown config key trainer\.max_stepz; trainer accepts: .*max_steps"),
+        (["data=foo"], r"^unknown option data=foo; data accepts: demo, dicom, folder, nifti, nnunet$"),
+        (["model.network.chanels=[8]"], r"^unknown config key model\.network\.chanels; .*\+model\.network\.chanels="),
+        (["generate.guidance_scale=-1"], r"^generate\.guidance_scale must be a number >= 0, got -1"),
+        (["scheduler=rflow", "trainer.sampling.sampler=ddpm"], r"^trainer\.sampling\.sampler must be .*rflow"),
+    ],
+)
+def test_config_errors_name_the_key_and_what_it_accepts(overrides: list[str], message: str) -> None:
+    """Hydra's and the schema's complaints come out as one line naming the key and its choices."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        compose_config(overrides)
+    assert "\n" not in str(caught.value)
 
 
 # shrink what the presets make large: 3D sizes, the latent autoencoder, the label-map generator's vocabulary
@@ -68,18 +89,19 @@ PRESET_TINY = [
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_trains_one_tiny_step(preset: str, tiny_config, phantom, tmp_path: Path) -> None:
     """Every preset's wiring (conditioning, scheduler, trainer options, 2D or 3D) runs one step on the CPU."""
-    from pipelines import preprocess, train
     from tests.conftest import phantom_overrides, write_volume_dataset
 
     composed = compose_config([f"experiment={preset}"])
     tiny = [o for o in PRESET_TINY if composed.model.autoencoder or not o.startswith(("model.autoencoder", "trainer.auto"))]
     if composed.data.spatial_dims == 3:
-        cfg = tiny_config(f"experiment={preset}", "data.size=[16,16,16]", *tiny, "trainer.max_steps=1", "trainer.device=cpu")
+        cfg = tiny_config(f"experiment={preset}", "data.size=[16,16,16]", *tiny, "trainer.max_steps=1", "device=cpu")
         write_volume_dataset(Path(cfg.paths.data))
     else:
-        cfg = tiny_config(f"experiment={preset}", *phantom_overrides(*phantom), *tiny, "trainer.max_steps=1",
-                          "trainer.device=cpu")
-        preprocess.run(cfg)
-    trained = train.run(cfg)
+        cfg = tiny_config(f"experiment={preset}", *phantom_overrides(*phantom), *tiny, "trainer.max_steps=1", "device=cpu")
+        run_stage("preprocess", cfg)
+    trained = run_stage("train", cfg)
     checkpoint = torch.load(trained, weights_only=True)
-    assert checkpoint["step"] == 1 and checkpoint["config"]["name"] == composed.name
+    assert checkpoint["step"] == 1
+    assert checkpoint["config"]["model"] == to_mapping(cfg.model)
+    assert checkpoint["config"]["scheduler"] == to_mapping(cfg.scheduler)
+    assert checkpoint["config"]["model"]["conditioning"] == composed.model.conditioning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ from medsynth.data import (
     write_record,
 )
 from medsynth.data.manifest import read_record
-from medsynth.data.preprocess import build_slice_dataset, load_pair
+from medsynth.data.build import build_dataset
+from medsynth.data.case import VolumeSettings, load_pair
+from medsynth.data.discovery import nifti_pair_case
 from medsynth.io import load_nifti, save_nifti
 from medsynth.transforms import volume_preprocessing
 
@@ -291,10 +294,20 @@ def test_infinite_batches_no_flip_without_flip_dims() -> None:
             assert torch.equal(lab, img.long() % 3)
 
 
-# --- build_slice_dataset -----------------------------------------------------------------
+# --- one NIfTI pair as a 2D slice dataset ---------------------------------------------------
 
 
 SHAPE = (40, 40, 60)
+
+
+def slice_dataset(
+    image_path: Path, label_path: Path, *, out_dir: Path, label_names: list[str], case_id: str, spacing: list[float],
+    size: list[int], block: int, gap: int, slice_axis: int = 2,
+) -> Manifest:
+    """One image/label pair through the dataset builder every source uses, cut into 2D slices."""
+    settings = VolumeSettings(spatial_dims=2, spacing=tuple(spacing), size=tuple(size), slice_axis=slice_axis)
+    return build_dataset(nifti_pair_case(image_path, label_path, case_id=case_id, label_names=label_names),
+                         out_dir=out_dir, settings=settings, block=block, gap=gap)
 
 
 def _sphere_volume(folder: Path, affine: np.ndarray) -> tuple[Path, Path]:
@@ -320,18 +333,18 @@ def _lps_affine() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sphere_dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, Path, Path, dict]:
-    """One preprocessed sphere volume shared by the build_slice_dataset tests (built once)."""
+    """One preprocessed sphere volume shared by the slice_dataset tests (built once)."""
     folder = tmp_path_factory.mktemp("sphere")
     image_path, label_path = _sphere_volume(folder, _lps_affine())
     kwargs = dict(
         label_names=["background", "shell", "core"], case_id="c1", spacing=[3.0, 3.0, 3.0],
         size=[16, 16], block=3, gap=1,
     )
-    manifest = build_slice_dataset(image_path, label_path, out_dir=folder / "data", **kwargs)
+    manifest = slice_dataset(image_path, label_path, out_dir=folder / "data", **kwargs)
     return manifest, image_path, label_path, kwargs
 
 
-def test_build_slice_dataset_manifest(sphere_dataset) -> None:
+def test_slice_dataset_manifest(sphere_dataset) -> None:
     """The manifest on disk matches the returned one; every split has records; counts add up."""
     manifest, image_path, label_path, _ = sphere_dataset
     on_disk = read_manifest(manifest.root)
@@ -351,7 +364,7 @@ def test_build_slice_dataset_manifest(sphere_dataset) -> None:
             assert split_of[k + 1] == split
 
 
-def test_build_slice_dataset_records(sphere_dataset) -> None:
+def test_slice_dataset_records(sphere_dataset) -> None:
     """Each record has the requested in-plane size, [0, 1] intensities, known labels and a valid hash."""
     manifest, *_ = sphere_dataset
     for record in manifest.records:
@@ -364,7 +377,7 @@ def test_build_slice_dataset_records(sphere_dataset) -> None:
         assert (label > 0).mean() >= 0.05
 
 
-def test_build_slice_dataset_slice_affines(sphere_dataset) -> None:
+def test_slice_dataset_slice_affines(sphere_dataset) -> None:
     """Slice k's affine is the preprocessed volume's affine with the origin moved k steps along the slice axis."""
     manifest, image_path, label_path, kwargs = sphere_dataset
     image, label, affine = load_pair(image_path, label_path)
@@ -385,10 +398,10 @@ def test_build_slice_dataset_slice_affines(sphere_dataset) -> None:
 
 
 @pytest.mark.parametrize("slice_axis", [2, 0, 1])
-def test_build_slice_dataset_world_geometry(sphere_dataset, tmp_path: Path, slice_axis: int) -> None:
+def test_slice_dataset_world_geometry(sphere_dataset, tmp_path: Path, slice_axis: int) -> None:
     """Each record's affine maps its pixels back onto the same labels in the source volume, for every slice axis."""
     _, image_path, label_path, kwargs = sphere_dataset
-    manifest = build_slice_dataset(image_path, label_path, out_dir=tmp_path / "d", **{**kwargs, "slice_axis": slice_axis})
+    manifest = slice_dataset(image_path, label_path, out_dir=tmp_path / "d", **{**kwargs, "slice_axis": slice_axis})
     source, source_affine = load_nifti(label_path)
     inverse = np.linalg.inv(source_affine)
     ii, jj = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
@@ -402,33 +415,37 @@ def test_build_slice_dataset_world_geometry(sphere_dataset, tmp_path: Path, slic
         assert (expected == label[0].ravel()).mean() > 0.95, record.id
 
 
-def test_build_slice_dataset_rerun_removes_stale_records(sphere_dataset, tmp_path: Path) -> None:
+def test_slice_dataset_rerun_removes_stale_records(sphere_dataset, tmp_path: Path) -> None:
     """A second run into the same folder replaces records that are no longer listed."""
     _, image_path, label_path, kwargs = sphere_dataset
     out_dir = tmp_path / "data"
     stale = out_dir / "records" / "old_s999.npz"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"stale")
-    manifest = build_slice_dataset(image_path, label_path, out_dir=out_dir, **{**kwargs, "size": [12, 12]})
+    manifest = slice_dataset(image_path, label_path, out_dir=out_dir, **{**kwargs, "size": [12, 12]})
     assert not stale.exists()
     assert all(r.shape == [12, 12] for r in manifest.records)
 
 
-def test_build_slice_dataset_rejects_unknown_label(sphere_dataset, tmp_path: Path) -> None:
-    """A label value without a name raises MedsynthError before anything is written."""
+def test_slice_dataset_rejects_unknown_label(sphere_dataset, tmp_path: Path) -> None:
+    """A label value without a name raises MedsynthError naming the label map; no record or manifest is written,
+    and the quarantine says why."""
     _, image_path, label_path, kwargs = sphere_dataset
-    with pytest.raises(MedsynthError, match="label_names"):
-        build_slice_dataset(image_path, label_path, out_dir=tmp_path / "d", **{**kwargs, "label_names": ["bg", "a"]})
-    assert not (tmp_path / "d").exists()
+    with pytest.raises(MedsynthError, match="label_names") as info:
+        slice_dataset(image_path, label_path, out_dir=tmp_path / "d", **{**kwargs, "label_names": ["bg", "a"]})
+    assert str(label_path) in str(info.value)
+    assert not (tmp_path / "d" / "manifest.json").exists() and not (tmp_path / "d" / "records").exists()
+    (item,) = json.loads((tmp_path / "d" / "quarantine.json").read_text())["items"]
+    assert item["file"] == str(label_path) and "label_names" in item["reason"]
 
 
-def test_build_slice_dataset_bad_options(sphere_dataset, tmp_path: Path) -> None:
+def test_slice_dataset_bad_options(sphere_dataset, tmp_path: Path) -> None:
     """A bad slice axis or size raises ConfigError."""
     _, image_path, label_path, kwargs = sphere_dataset
     with pytest.raises(ConfigError, match="slice_axis"):
-        build_slice_dataset(image_path, label_path, out_dir=tmp_path / "d", **{**kwargs, "slice_axis": 3})
+        slice_dataset(image_path, label_path, out_dir=tmp_path / "d", **{**kwargs, "slice_axis": 3})
     with pytest.raises(ConfigError, match="size"):
-        build_slice_dataset(image_path, label_path, out_dir=tmp_path / "d", **{**kwargs, "size": [16]})
+        slice_dataset(image_path, label_path, out_dir=tmp_path / "d", **{**kwargs, "size": [16]})
 
 
 def test_load_pair_shape_mismatch(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 Every written file of the test export carries distinctive values in the attributes the DICOM Basic
 Application Level Confidentiality Profile removes (tests/dicom_corpus.py); folders and files are
-named by identifiers as PACS exports are. After ``pipelines.preprocess.run`` every byte under
+named by identifiers as PACS exports are. After ``medsynth.preprocess`` every byte under
 ``paths.output``, the MLflow store (database and artifacts), the log records and stderr are searched
 for each of them.
 """
@@ -22,7 +22,7 @@ import pytest
 
 from medsynth.data import read_manifest
 from medsynth.data.deid import SALT_ENV, Scrubber, load_salt, pseudonym
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_stage
 from tests.dicom_corpus import PLANTED_PATIENTS, UID_ROOT, build_corpus, planted_identity, planted_values
 
 
@@ -53,15 +53,13 @@ def find_values(places: list[Path], texts: list[str], values: list[str]) -> dict
 @pytest.fixture(scope="module")
 def preprocessed(tmp_path_factory: pytest.TempPathFactory):
     """The corpus preprocessed twice by the real stage, with logs and stderr captured."""
-    from pipelines import preprocess
-
     tmp = tmp_path_factory.mktemp("deid")
     corpus = build_corpus(tmp / "export")
     before = _tree_digest(corpus.root)
     cfg = compose_config([
         "data=dicom", "data.labels=body", f"paths.input={corpus.root}", f"paths.output={tmp / 'out'}",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "data.spacing=[0.5,0.5,2.0]", "data.size=[32,32]",
-        "data.min_foreground=0.01", "data.progress=true",
+        "data.min_foreground=0.01", "progress=true",
     ])
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -75,8 +73,8 @@ def preprocessed(tmp_path_factory: pytest.TempPathFactory):
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            first = preprocess.run(cfg)
-            second = preprocess.run(cfg)
+            first = run_stage("preprocess", cfg)
+            second = run_stage("preprocess", cfg)
     finally:
         root_logger.removeHandler(handler)
         root_logger.setLevel(old_levels[0])

@@ -139,3 +139,28 @@ def test_joint_mode_generates_a_labelled_pair_from_noise(spatial_dims: int) -> N
     images, labels = model.split(out)
     assert images.shape == image.shape and labels.shape == label.shape
     assert int(labels.min()) >= 0 and int(labels.max()) < NUM_CLASSES
+
+
+@pytest.mark.parametrize("group", ["ddpm", "ddim", "ddpm_sample", "rflow"])
+def test_every_scheduler_group_builds_with_its_samplers(group: str) -> None:
+    """Each conf/scheduler group builds from the allow-list with all its keys; a sampler takes the
+    training schedule, and one for the other family is refused naming the key."""
+    from medsynth.diffusion.generator import build_sampler, build_scheduler
+    from tests.conftest import compose_config
+
+    settings = compose_config([f"scheduler={group}", "scheduler.num_train_timesteps=10",
+                               "evaluate.membership.timesteps=[5]"]).scheduler
+    scheduler = build_scheduler(settings)
+    assert type(scheduler).__name__ == settings._target_.rsplit(".", 1)[-1] and scheduler.num_train_timesteps == 10
+    for key, value in settings.options().items():
+        if key != "schedule":  # MONAI turns the schedule's name into betas
+            assert getattr(scheduler, key, value) == value, key
+    own, other = (["rflow"], ["ddim", "ddpm"]) if settings.is_flow else (["ddim", "ddpm"], ["rflow"])
+    for name in ["auto", *own]:
+        sampler = build_sampler(name, settings)
+        assert sampler.num_train_timesteps == 10
+        if not settings.is_flow:
+            assert sampler.prediction_type == settings.prediction_type
+    for name in other:
+        with pytest.raises(ConfigError, match="generate.sampler"):
+            build_sampler(name, settings)

@@ -12,8 +12,8 @@ from medsynth.data import LabelledArrays
 from medsynth.diffusion import denoising_errors
 from medsynth.evaluation import AuditSet, Figure, privacy_figures, realism_figures, render_report, utility_figures, verdict
 from medsynth.io import save_png
-from medsynth.train.encoder import FeatureEncoder, encode, nt_xent, train_encoder
-from medsynth.train.segmenter import segment, train_segmenter
+from medsynth.training.encoder import FeatureEncoder, encode, nt_xent, train_encoder
+from medsynth.training.segmenter import segment, train_segmenter
 from medsynth.transforms import random_views
 from monai.networks.schedulers import DDPMScheduler
 from tests.test_diffusion import tiny_denoiser
@@ -157,3 +157,82 @@ def test_denoising_errors_are_deterministic_per_example() -> None:
     assert errors.shape == (5,)
     torch.testing.assert_close(errors, denoising_errors(model, x, label, scheduler, timesteps=[2, 7], batch_size=5))
     torch.testing.assert_close(errors[3:4], denoising_errors(model, x[3:4], label[3:4], scheduler, timesteps=[2, 7]))
+
+
+@pytest.mark.parametrize("spatial_dims,encoder_dims,space", [(2, 2, "2d"), (3, 2, "2.5d"), (3, 3, "3d")])
+def test_features_in_each_space(spatial_dims: int, encoder_dims: int, space: str) -> None:
+    """One function measures images (2D), volumes slice by slice with a 2D encoder (2.5D) and whole volumes (3D)."""
+    from medsynth.evaluation.instruments import feature_space, features
+
+    torch.manual_seed(0)
+    encoder = FeatureEncoder(spatial_dims=encoder_dims, channels=(8, 16)).eval()
+    images = torch.rand(5, 1, *([8] * spatial_dims))
+    measured = features(encoder, images.numpy(), batch_size=3)
+    assert measured.space == space == feature_space(encoder, spatial_dims=spatial_dims)
+    if space == "2.5d":
+        assert measured.items.shape == (5, 3 * 16) and set(measured.planes) == {"sagittal", "coronal", "axial"}
+        axial = measured.planes["axial"]
+        assert axial.shape == (5 * 8, 16)
+        # the last 16 columns are each volume's mean axial-slice feature
+        np.testing.assert_allclose(measured.items[:, 32:], axial.reshape(5, 8, 16).mean(axis=1), rtol=1e-5, atol=1e-6)
+    else:
+        assert measured.planes == {}
+        np.testing.assert_allclose(measured.items, encode(encoder, images).numpy(), rtol=1e-5, atol=1e-6)
+    assert measured.items.dtype == np.float32
+
+
+def test_utility_segmenters_are_trained_on_each_set() -> None:
+    from medsynth.config.settings import SegmenterSettings
+    from medsynth.evaluation.instruments import SEGMENTER_SETS, holdout_dice, train_segmenters
+
+    def arrays(n: int, seed: int) -> LabelledArrays:
+        images, labels = blobs(n, seed=seed)
+        return LabelledArrays(torch.from_numpy(images), torch.from_numpy(labels), [f"{seed}_{i}" for i in range(n)], [])
+
+    models = train_segmenters(SegmenterSettings(channels=[8, 16], steps=2, batch_size=4), real=arrays(8, 0),
+                              synthetic=arrays(6, 1), num_classes=3, spatial_dims=2, seed=0, device="cpu")
+    assert tuple(models) == SEGMENTER_SETS
+    assert all(0.0 <= holdout_dice(m, arrays(4, 2), num_classes=3) <= 1.0 for m in models.values())
+
+
+def test_evaluate_audits_only_the_generator_that_made_the_set(tiny_config, phantom) -> None:
+    """evaluate takes the generator from synthetic/manifest.csv and refuses a changed, missing or mixed one."""
+    import csv
+    import json
+
+    from medsynth import MedsynthError
+    from medsynth.training import load_checkpoint, save_checkpoint
+    from tests.conftest import phantom_overrides, run_stage
+
+    cfg = tiny_config(*phantom_overrides(*phantom))
+    run_stage("preprocess", cfg)
+    checkpoint = run_stage("train", cfg)
+    synthetic_manifest = run_stage("generate", cfg)
+    body = json.loads(run_stage("evaluate", cfg).read_text())
+    assert body["num_synthetic"] == 5 and set(body["label_intensity_stats"]) == {"train", "holdout", "synthetic"}
+    assert {"privacy/membership_auc", "realism/fid_features", "utility/dice_real_plus_synthetic"} <= set(body["metrics"])
+    assert body["verdict"]["limits"]["privacy/memorised_count"] == {"max": 0}
+    out = Path(cfg.paths.evaluation)
+    assert (out / "comparison.png").is_file() and (out / "most_similar_pairs.png").is_file()
+    assert "medsynth evaluation: " + cfg.name in (out / "report.html").read_text()
+
+    state = load_checkpoint(checkpoint)
+    state["step"] = state["step"] + 1  # same weights, another file: not the generator that made the set
+    save_checkpoint(checkpoint, state)
+    with pytest.raises(MedsynthError, match="SHA-256") as err:
+        run_stage("evaluate", cfg)
+    assert str(checkpoint) in str(err.value) and "\n" not in str(err.value)
+    Path(checkpoint).unlink()
+    with pytest.raises(MedsynthError, match="checkpoint not found") as err:
+        run_stage("evaluate", cfg)
+    assert str(checkpoint) in str(err.value) and "\n" not in str(err.value)
+
+    with open(synthetic_manifest, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows[1]["checkpoint"] = "elsewhere.pt"
+    with open(synthetic_manifest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(MedsynthError, match="different generators"):
+        run_stage("evaluate", cfg)

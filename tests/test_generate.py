@@ -14,8 +14,8 @@ import pytest
 
 from medsynth import ConfigError, MedsynthError
 from medsynth.io import load_nifti, save_nifti
-from pipelines import generate, preprocess, train
-from tests.conftest import phantom_overrides
+from medsynth.stages import synthetic
+from tests.conftest import phantom_overrides, run_stage
 
 
 def rows_of(path: Path) -> list[dict]:
@@ -28,14 +28,14 @@ def trained_mask(tiny_config, phantom):
     """A tiny mask model trained on the phantom; returns a config factory sharing its output folder."""
     base = [*phantom_overrides(*phantom), "generate.num_samples=4", "generate.batch_size=2"]
     cfg = tiny_config(*base)
-    preprocess.run(cfg)
-    train.run(cfg)
+    run_stage("preprocess", cfg)
+    run_stage("train", cfg)
     return lambda *more: tiny_config(*base, *more)
 
 
 def test_nnunet_layout_dicom_and_provenance(trained_mask) -> None:
     cfg = trained_mask("generate.formats=[nifti,dicom,png]")
-    rows = rows_of(generate.run(cfg))
+    rows = rows_of(run_stage("generate", cfg))
     out = Path(cfg.paths.synthetic)
     dataset = json.loads((out / "dataset.json").read_text())
     assert dataset["numTraining"] == 4 and dataset["labels"] == {"background": 0, "outer": 1, "inner": 2}
@@ -60,14 +60,14 @@ def test_nnunet_layout_dicom_and_provenance(trained_mask) -> None:
 
 def test_any_sample_regenerates_alone_and_a_rerun_continues(trained_mask) -> None:
     """A sample depends on its seed alone (DDPM's stochastic steps included); an interrupted run is continued."""
-    cfg = trained_mask("generate.sampler._target_=monai.networks.schedulers.DDPMScheduler", "generate.steps=4")
-    first = rows_of(generate.run(cfg))
+    cfg = trained_mask("generate.sampler=ddpm", "generate.steps=4")
+    first = rows_of(run_stage("generate", cfg))
     out = Path(cfg.paths.synthetic)
     image, _ = load_nifti(out / first[3]["image"])
     # regenerate sample 3 alone: start at its seed, one sample
-    alone = trained_mask("generate.sampler._target_=monai.networks.schedulers.DDPMScheduler", "generate.steps=4",
+    alone = trained_mask("generate.sampler=ddpm", "generate.steps=4",
                          f"generate.seed={first[3]['seed']}", "generate.num_samples=1", f"paths.synthetic={out.parent / 'alone'}")
-    again = rows_of(generate.run(alone))
+    again = rows_of(run_stage("generate", alone))
     # equal up to the float rounding of batched arithmetic (a batch of 1 vs 2 sums in another order)
     np.testing.assert_allclose(load_nifti(out.parent / "alone" / again[0]["image"])[0], image, atol=1e-5)
 
@@ -76,11 +76,11 @@ def test_any_sample_regenerates_alone_and_a_rerun_continues(trained_mask) -> Non
         lines = fh.read().splitlines()
     (out / "manifest.csv").write_text("\n".join(lines[:3]) + "\n")
     kept = (out / first[0]["image"]).stat().st_mtime_ns
-    rows = rows_of(generate.run(cfg))
+    rows = rows_of(run_stage("generate", cfg))
     assert [r["sample_id"] for r in rows] == [r["sample_id"] for r in first]
     assert (out / first[0]["image"]).stat().st_mtime_ns == kept
     # other settings: start afresh
-    rows_of(generate.run(trained_mask("generate.sampler._target_=monai.networks.schedulers.DDPMScheduler",
+    rows_of(run_stage("generate", trained_mask("generate.sampler=ddpm",
                                       "generate.steps=3")))
     assert (out / first[0]["image"]).stat().st_mtime_ns != kept
 
@@ -92,51 +92,51 @@ def test_user_label_maps_are_used_and_checked(trained_mask, tmp_path: Path) -> N
     label[4:12, 4:12] = 1
     label[6:10, 6:10] = 2
     save_nifti(folder / "a.nii.gz", label, np.eye(4), dtype=np.uint8)
-    rows = rows_of(generate.run(trained_mask("generate.labels.source=folder", f"generate.labels.folder={folder}")))
+    rows = rows_of(run_stage("generate", trained_mask("generate.labels.source=folder", f"generate.labels.folder={folder}")))
     assert {r["label_source"] for r in rows} == {"folder:a.nii.gz"}
     np.testing.assert_array_equal(load_nifti(Path(cfg.paths.synthetic) / rows[0]["label"])[0][..., 0], label)
     save_nifti(folder / "b.nii.gz", label * 2, np.eye(4), dtype=np.uint8)
     with pytest.raises(MedsynthError, match="holds value"):
-        generate.run(trained_mask("generate.labels.source=folder", f"generate.labels.folder={folder}"))
+        run_stage("generate", trained_mask("generate.labels.source=folder", f"generate.labels.folder={folder}"))
     (folder / "b.nii.gz").unlink()
     save_nifti(folder / "c.nii.gz", np.zeros((8, 8), np.uint8), np.eye(4), dtype=np.uint8)
     with pytest.raises(MedsynthError, match="shape"):
-        generate.run(trained_mask("generate.labels.source=folder", f"generate.labels.folder={folder}"))
+        run_stage("generate", trained_mask("generate.labels.source=folder", f"generate.labels.folder={folder}"))
 
 
 def test_label_maps_from_a_label_map_generator(trained_mask, tmp_path: Path) -> None:
     """Two models: a class-conditioned label-map generator feeds the mask model; no training map is reused."""
     labelmap = trained_mask("model.conditioning=class", "model.class_key=level", "model.output=label",
                             f"paths.checkpoints={tmp_path / 'labelmap'}")
-    train.run(labelmap)
+    run_stage("train", labelmap)
     cfg = trained_mask("generate.labels.source=generator", f"generate.labels.generator={tmp_path / 'labelmap' / 'last.pt'}",
                        "generate.prompt='level=2'")
-    rows = rows_of(generate.run(cfg))
+    rows = rows_of(run_stage("generate", cfg))
     assert {r["label_source"] for r in rows} == {"generator"} and all(len(r["label_generator_sha256"]) == 64 for r in rows)
     assert all("level=2" in r["attributes"] for r in rows)
     with pytest.raises(MedsynthError, match="not a label-map generator"):
-        generate.run(trained_mask("generate.labels.source=generator",
+        run_stage("generate", trained_mask("generate.labels.source=generator",
                                   f"generate.labels.generator={Path(cfg.paths.checkpoints) / 'last.pt'}"))
 
 
 def test_prompts_and_class_distributions(tiny_config, phantom) -> None:
     base = [*phantom_overrides(*phantom), "model.conditioning=class", "model.class_key=level", "generate.num_samples=6"]
     cfg = tiny_config(*base)
-    preprocess.run(cfg)
-    train.run(cfg)
-    rows = rows_of(generate.run(tiny_config(*base, "generate.prompt='level=3'")))
+    run_stage("preprocess", cfg)
+    run_stage("train", cfg)
+    rows = rows_of(run_stage("generate", tiny_config(*base, "generate.prompt='level=3'")))
     assert {r["attributes"] for r in rows} == {"level=3"}
-    rows = rows_of(generate.run(tiny_config(*base, "generate.class_distribution={1:1.0,2:0.0}")))
+    rows = rows_of(run_stage("generate", tiny_config(*base, "generate.class_distribution={1:1.0,2:0.0}")))
     assert {r["attributes"] for r in rows} == {"level=1"}
     with pytest.raises(ConfigError, match="not one the model was trained with"):
-        generate.run(tiny_config(*base, "generate.prompt='level=9'"))
+        run_stage("generate", tiny_config(*base, "generate.prompt='level=9'"))
     with pytest.raises(ConfigError, match="key=value"):
-        generate.run(tiny_config(*base, "generate.prompt=level"))
+        run_stage("generate", tiny_config(*base, "generate.prompt=level"))
 
 
 def test_full_disk_leaves_a_consistent_manifest(trained_mask, monkeypatch) -> None:
     cfg = trained_mask()
-    real = generate.save_nifti
+    real = synthetic.save_nifti
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -145,22 +145,22 @@ def test_full_disk_leaves_a_consistent_manifest(trained_mask, monkeypatch) -> No
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "save_nifti", failing)
+    monkeypatch.setattr(synthetic, "save_nifti", failing)
     with pytest.raises(MedsynthError, match="disk full.*2 complete samples"):
-        generate.run(cfg)
+        run_stage("generate", cfg)
     rows = rows_of(Path(cfg.paths.synthetic) / "manifest.csv")
     assert [r["sample_id"] for r in rows] == ["syn_00000", "syn_00001"]
-    monkeypatch.setattr(generate, "save_nifti", real)
-    assert len(rows_of(generate.run(cfg))) == 4
+    monkeypatch.setattr(synthetic, "save_nifti", real)
+    assert len(rows_of(run_stage("generate", cfg))) == 4
 
 
 def test_bad_generate_options(trained_mask) -> None:
     with pytest.raises(ConfigError, match="generate.formats"):
-        generate.run(trained_mask("generate.formats=[tiff]"))
+        run_stage("generate", trained_mask("generate.formats=[tiff]"))
     with pytest.raises(ConfigError, match="generate.labels.source"):
-        generate.run(trained_mask("generate.labels.source=atlas"))
-    with pytest.raises(ConfigError, match="needs generate.labels.generator"):
-        generate.run(trained_mask("generate.labels.source=generator"))
+        run_stage("generate", trained_mask("generate.labels.source=atlas"))
+    with pytest.raises(ConfigError, match="generate.labels.generator must be the checkpoint of a label-map model"):
+        run_stage("generate", trained_mask("generate.labels.source=generator"))
 
 
 def test_generate_from_a_registered_model_or_a_run_id(tiny_config, phantom, tmp_path: Path) -> None:
@@ -169,14 +169,14 @@ def test_generate_from_a_registered_model_or_a_run_id(tiny_config, phantom, tmp_
 
     base = [*phantom_overrides(*phantom), "generate.num_samples=2", "mlflow.register_model=brain-generator"]
     cfg = tiny_config(*base)
-    preprocess.run(cfg)
-    run_id = torch.load(train.run(cfg), weights_only=True)["run_id"]
+    run_stage("preprocess", cfg)
+    run_id = torch.load(run_stage("train", cfg), weights_only=True)["run_id"]
     for source in ("models:/brain-generator/1", run_id):
-        rows = rows_of(generate.run(tiny_config(*base, f"generate.checkpoint={source}",
+        rows = rows_of(run_stage("generate", tiny_config(*base, f"generate.checkpoint={source}",
                                                 f"paths.synthetic={tmp_path / source.replace('/', '_').replace(':', '')}")))
         assert len(rows) == 2 and rows[0]["checkpoint"] == source and rows[0]["train_run_id"] == run_id
     with pytest.raises(MedsynthError, match="no-such-model"):
-        generate.run(tiny_config(*base, "generate.checkpoint=models:/no-such-model/1"))
+        run_stage("generate", tiny_config(*base, "generate.checkpoint=models:/no-such-model/1"))
 
 
 def test_privacy_gate_replaces_rejected_candidates() -> None:
@@ -185,7 +185,7 @@ def test_privacy_gate_replaces_rejected_candidates() -> None:
 
     import torch
 
-    from pipelines.generate import Candidate, gated_draws, redraw_seed
+    from medsynth.stages.candidates import Candidate, gated_draws, redraw_seed
 
     def draw(seeds):
         images = torch.tensor([float(s % 2) for s in seeds]).view(-1, 1, 1, 1)
@@ -211,9 +211,9 @@ def test_privacy_gate_replaces_rejected_candidates() -> None:
 
 def test_gate_columns_in_the_manifest(trained_mask) -> None:
     cfg = trained_mask()
-    rows = rows_of(generate.run(cfg))
+    rows = rows_of(run_stage("generate", cfg))
     assert {r["privacy_gate"] for r in rows} == {"accepted"}
     assert all(float(r["gate_pixel_nearness"]) >= 0 and float(r["gate_feature_distance"]) >= 0 for r in rows)
     assert "holdout" in rows[0]["gate_method"] and "0.01" in rows[0]["gate_method"]
-    off = rows_of(generate.run(trained_mask("generate.privacy_gate.enabled=false", f"paths.synthetic={cfg.paths.output}/off")))
+    off = rows_of(run_stage("generate", trained_mask("generate.privacy_gate.enabled=false", f"paths.synthetic={cfg.paths.output}/off")))
     assert {r["privacy_gate"] for r in off} == {"off"} and off[0]["gate_method"] == "off"

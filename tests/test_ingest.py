@@ -14,14 +14,9 @@ from pydicom.data import get_testdata_file
 
 from medsynth import ConfigError, MedsynthError
 from medsynth.data import read_manifest
-from medsynth.data.ingest import (
-    VolumeSettings,
-    build_dataset,
-    discover_dicom,
-    discover_folder,
-    discover_nnunet,
-    read_attributes,
-)
+from medsynth.data.build import build_dataset
+from medsynth.data.case import VolumeSettings
+from medsynth.data.discovery import discover_dicom, discover_folder, discover_nnunet, read_attributes
 from medsynth.io import save_nifti
 from medsynth.io.dicom import DicomSeriesError, load_dicom_seg, load_dicom_series, read_header
 from tests.dicom_corpus import (
@@ -380,11 +375,11 @@ def test_read_manifest_of_a_dicom_dataset(corpus, tmp_path: Path) -> None:
 
 def test_stage_3d_volume_of_one_nifti_pair(tiny_config, phantom) -> None:
     """data=nifti with spatial_dims=3: one volume record of data.size; the single case goes to train."""
-    from pipelines import preprocess
-    from tests.conftest import phantom_overrides
+    from tests.conftest import phantom_overrides, run_stage
 
-    cfg = tiny_config(*phantom_overrides(*phantom), "data.spatial_dims=3", "data.size=[16,16,16]")
-    manifest = preprocess.run(cfg)
+    settings = tiny_config(*phantom_overrides(*phantom), "data.spatial_dims=3", "data.size=[16,16,16]",
+                           "model.network.spatial_dims=3")
+    manifest = run_stage("preprocess", settings)
     (record,) = manifest.records
     assert manifest.spatial_dims == 3 and record.split == "train" and record.slice_index is None
     assert record.shape == [16, 16, 16]
@@ -395,15 +390,32 @@ def test_stage_3d_volume_of_one_nifti_pair(tiny_config, phantom) -> None:
 
 def test_stage_nnunet_and_bad_sizes(tiny_config, tmp_path: Path) -> None:
     """data=nnunet paths.input=DIR writes manifest.json and quarantine.json; a 2-value size in 3D is a ConfigError."""
-    from pipelines import preprocess
+    from tests.conftest import run_stage
 
     root = _nnunet(tmp_path / "Dataset002_Brain", cases=3)
-    cfg = tiny_config("data=nnunet", f"paths.input={root}", "data.spacing=[1.0,1.0,2.0]", "data.progress=false")
-    manifest = preprocess.run(cfg)
+    manifest = run_stage("preprocess", tiny_config("data=nnunet", f"paths.input={root}", "data.spacing=[1.0,1.0,2.0]"))
     assert manifest.label_names == ["background", "brain", "bright"]
     assert (manifest.root / "quarantine.json").is_file()
     assert {r.source["format"] for r in manifest.records} == {"nnunet"}
     with pytest.raises(ConfigError, match="data.size"):
-        preprocess.run(tiny_config("data=nnunet", f"paths.input={root}", "data.spatial_dims=3"))
+        run_stage("preprocess", tiny_config("data=nnunet", f"paths.input={root}", "data.spatial_dims=3"))
     with pytest.raises(ConfigError, match="paths.input"):
-        preprocess.run(tiny_config("data=dicom"))
+        run_stage("preprocess", tiny_config("data=dicom"))
+
+
+def test_stage_2d_slices_of_one_nifti_pair(tiny_config, phantom) -> None:
+    """data=nifti in 2D takes the same builder: block splits with gaps, `level` bands, one quarantine writer."""
+    from tests.conftest import phantom_overrides, run_stage
+
+    settings = tiny_config(*phantom_overrides(*phantom))
+    manifest = run_stage("preprocess", settings)
+    assert set(manifest.counts()) == {"train", "validation", "holdout"}
+    assert all(r.slice_index is not None and r.shape == [16, 16] for r in manifest.records)
+    assert {r.attributes["level"] for r in manifest.records} == {"1", "2", "3"}
+    assert manifest.settings["source"] == "nifti" and manifest.label_names == ["background", "outer", "inner"]
+    assert json.loads((manifest.root / "quarantine.json").read_text()) == {"count": 0, "items": []}
+    # records/ holds exactly the listed records (gap slices are not left behind), on every run
+    for _ in range(2):
+        files = sorted(p.name for p in (manifest.root / "records").iterdir())
+        assert files == sorted(Path(r.file).name for r in manifest.records)
+        assert run_stage("preprocess", settings).records == manifest.records

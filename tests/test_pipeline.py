@@ -13,8 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from medsynth.data import read_manifest
 from medsynth.io import load_nifti
-from pipelines import evaluate, generate, preprocess, run, train
-from tests.conftest import phantom_overrides
+from tests.conftest import phantom_overrides, run_stage
 
 
 def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -29,7 +28,7 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
 def test_demo_pipeline_end_to_end(tiny_config, tmp_path: Path) -> None:
     """`medsynth run` on MNI152 with an 8-channel net: files, geometry, metrics and MLflow runs."""
     cfg = tiny_config("data.spacing=[12.0,12.0,6.0]")
-    run_id = run.run(cfg)
+    run_id = run_stage("run", cfg)
     out = Path(cfg.paths.output)
 
     manifest = json.loads((out / "data" / "manifest.json").read_text())
@@ -96,31 +95,37 @@ def test_stages_run_alone_on_a_phantom(tiny_config, phantom, tmp_path: Path) -> 
     from tests.conftest import phantom_overrides
 
     cfg = tiny_config(*phantom_overrides(*phantom))
-    manifest = preprocess.run(cfg)
+    manifest = run_stage("preprocess", cfg)
     assert manifest.counts()["train"] > 0
-    checkpoint = train.run(cfg)
+    checkpoint = run_stage("train", cfg)
     assert checkpoint.is_file()
-    first = generate.run(cfg).read_text()
-    metrics_path = evaluate.run(cfg)
+    first = run_stage("generate", cfg).read_text()
+    metrics_path = run_stage("evaluate", cfg)
     assert json.loads(metrics_path.read_text())["num_synthetic"] == 5
     # generation is reproducible from the seeds alone
-    regenerated = generate.run(cfg).read_text()
+    regenerated = run_stage("generate", cfg).read_text()
     assert regenerated == first
     client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment_name).experiment_id])
     assert len(runs) == 5 and all("mlflow.parentRunId" not in r.data.tags for r in runs)
-    assert all(r.data.params.get("data.source") == "nifti" for r in runs)
+    # each stage's run logs its own settings
+    own = {"preprocess": ("data.source", "nifti"), "train": ("model.conditioning", "mask"),
+           "generate": ("generate.num_samples", "5"), "evaluate": ("evaluate.sheet_rows", "3")}
+    for r in runs:
+        key, value = own[r.data.tags["medsynth.stage"]]
+        assert r.data.params.get(key) == value, (r.data.tags["medsynth.stage"], key)
 
 
 def test_evaluate_a_3d_dataset_with_the_25d_protocol(tiny_config, tmp_path: Path) -> None:
     """Evaluation runs on volumes: 3D segmenters and MS-SSIM, 2D encoder features per plane (2.5D)."""
     from medsynth.data import Manifest, Record, write_record
+    from medsynth.diffusion.generator import build_denoiser, generator_state
     from medsynth.io import save_nifti
-    from medsynth.train import EMA, save_checkpoint
-    from pipelines.common import build_denoiser, resolved
+    from medsynth.training import EMA, file_sha256, save_checkpoint
     from tests.test_evaluation import blobs
 
-    cfg = tiny_config("data.spatial_dims=3", "data.size=[12,12]", "evaluate.membership.timesteps=[3]")
+    cfg = tiny_config("data.spatial_dims=3", "data.size=[12,12,12]", "model.network.spatial_dims=3",
+                      "evaluate.membership.timesteps=[3]")
     data_dir, synthetic_dir = Path(cfg.paths.data), Path(cfg.paths.synthetic)
     images, labels = blobs(12 * 12, seed=0, size=12)  # 144 slices -> 12 volumes of 12^3
     volumes = images.reshape(12, 12, 1, 12, 12).transpose(0, 2, 3, 4, 1)
@@ -131,16 +136,19 @@ def test_evaluate_a_3d_dataset_with_the_25d_protocol(tiny_config, tmp_path: Path
         file, digest = write_record(data_dir, f"case{i}", volumes[i], label_volumes[i])
         records.append(Record(f"case{i}", f"case{i}", split, file, [12, 12, 12], [1.0] * 3, np.eye(4).tolist(), digest))
     Manifest(data_dir, 3, ["background", "disc", "square"], records).write()
-    rows = ["sample_id,image,label,label_source,checkpoint_sha256"]
+    model = build_denoiser(cfg.model, num_classes=3)
+    checkpoint = save_checkpoint(Path(cfg.paths.checkpoints) / "last.pt", {
+        "ema": EMA(model).state_dict(), **generator_state(cfg.model, cfg.scheduler, cfg.trainer.sampling),
+        "label_names": ["background", "disc", "square"], "image_size": [12, 12, 12], "spatial_dims": 3, "vocabulary": {},
+    })
+    rows = ["sample_id,image,label,label_source,checkpoint,checkpoint_sha256"]
     for i in range(8, 12):
         save_nifti(synthetic_dir / "images" / f"syn_{i}.nii.gz", volumes[i, 0], np.eye(4))
         save_nifti(synthetic_dir / "labels" / f"syn_{i}.nii.gz", label_volumes[i, 0], np.eye(4), dtype=np.uint8)
-        rows.append(f"syn_{i},images/syn_{i}.nii.gz,labels/syn_{i}.nii.gz,case0,abc")
+        rows.append(f"syn_{i},images/syn_{i}.nii.gz,labels/syn_{i}.nii.gz,case0,{checkpoint},{file_sha256(checkpoint)}")
     (synthetic_dir / "manifest.csv").write_text("\n".join(rows) + "\n")
-    model = build_denoiser(cfg.model, num_classes=3)
-    save_checkpoint(cfg.generate.checkpoint, {"ema": EMA(model).state_dict(), "config": resolved(cfg)})
 
-    metrics = json.loads(evaluate.run(cfg).read_text())["metrics"]
+    metrics = json.loads(run_stage("evaluate", cfg).read_text())["metrics"]
     for plane in ("sagittal", "coronal", "axial"):
         assert np.isfinite(metrics[f"realism/fid_features_{plane}"]["value"])
     assert 0.0 <= metrics["utility/dice_real_plus_synthetic"]["value"] <= 1.0
@@ -149,22 +157,23 @@ def test_evaluate_a_3d_dataset_with_the_25d_protocol(tiny_config, tmp_path: Path
 
 
 def test_rectified_flow_model_end_to_end(tiny_config, phantom) -> None:
-    """scheduler=rflow trains, samples with the RFlow sampler and is evaluated; a DDIM sampler is refused."""
+    """scheduler=rflow trains, samples with the RFlow sampler (generate.sampler=auto) and is evaluated;
+    a DDIM sampler is refused before any work."""
     from medsynth import ConfigError
     from tests.conftest import phantom_overrides
 
-    flow = "generate.sampler._target_=monai.networks.schedulers.RFlowScheduler"
-    cfg = tiny_config(*phantom_overrides(*phantom), "scheduler=rflow", flow)
-    preprocess.run(cfg)
-    trained = train.run(cfg)
+    cfg = tiny_config(*phantom_overrides(*phantom), "scheduler=rflow")
+    assert cfg.generate.sampler == "auto"
+    run_stage("preprocess", cfg)
+    trained = run_stage("train", cfg)
     checkpoint = torch.load(trained, weights_only=True)
     assert checkpoint["config"]["scheduler"]["_target_"].endswith("RFlowScheduler")
-    with open(generate.run(cfg), newline="") as fh:
+    with open(run_stage("generate", cfg), newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 5 and rows[0]["sampler"] == "RFlowScheduler"
-    assert json.loads(evaluate.run(cfg).read_text())["metrics"]["privacy/membership_auc"]["value"] is not None
+    assert json.loads(run_stage("evaluate", cfg).read_text())["metrics"]["privacy/membership_auc"]["value"] is not None
     with pytest.raises(ConfigError, match="RFlowScheduler"):
-        generate.run(tiny_config(*phantom_overrides(*phantom), "scheduler=rflow"))
+        tiny_config(*phantom_overrides(*phantom), "scheduler=rflow", "generate.sampler=ddim")
 
 
 def test_joint_model_generates_its_own_label_maps(tiny_config, phantom) -> None:
@@ -172,14 +181,14 @@ def test_joint_model_generates_its_own_label_maps(tiny_config, phantom) -> None:
     from tests.conftest import phantom_overrides
 
     cfg = tiny_config(*phantom_overrides(*phantom), "model.conditioning=joint")
-    preprocess.run(cfg)
-    train.run(cfg)
-    with open(generate.run(cfg), newline="") as fh:
+    run_stage("preprocess", cfg)
+    run_stage("train", cfg)
+    with open(run_stage("generate", cfg), newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["label_source"] for r in rows} == {"generated"}
     label, _ = load_nifti(Path(cfg.paths.synthetic) / rows[0]["label"])
     assert label.shape == (16, 16, 1) and set(np.unique(label)) <= {0, 1, 2}
-    metrics = json.loads(evaluate.run(cfg).read_text())["metrics"]
+    metrics = json.loads(run_stage("evaluate", cfg).read_text())["metrics"]
     assert 0.0 <= metrics["realism/label_consistency_dice"]["value"] <= 1.0
 
 
@@ -189,14 +198,14 @@ def test_checkpoint_from_another_model_config_is_refused(tiny_config, phantom, t
     from tests.conftest import phantom_overrides
 
     cfg = tiny_config(*phantom_overrides(*phantom))
-    preprocess.run(cfg)
-    trained = train.run(cfg)
+    run_stage("preprocess", cfg)
+    trained = run_stage("train", cfg)
     state = torch.load(trained, weights_only=True)
     state["config"]["model"]["network"]["channels"] = [8, 16]
     foreign = tmp_path / "foreign.pt"
     torch.save(state, foreign)
-    with pytest.raises(MedsynthError, match="does not fit"):
-        generate.run(tiny_config(*phantom_overrides(*phantom), f"generate.checkpoint={foreign}"))
+    with pytest.raises(MedsynthError, match="do(es)? not fit"):
+        run_stage("generate", tiny_config(*phantom_overrides(*phantom), f"generate.checkpoint={foreign}"))
     assert not (Path(cfg.paths.synthetic) / "manifest.csv").exists()
 
 
@@ -205,9 +214,9 @@ def test_class_model_with_guidance_and_compiled_training(tiny_config, phantom) -
     sample's class recorded in the manifest and drawn from the source split's classes."""
     cfg = tiny_config(*phantom_overrides(*phantom), "model.conditioning=class", "model.class_key=level",
                       "trainer.compile=true", "+trainer.compile_options.backend=eager", "generate.guidance_scale=2.5")
-    preprocess.run(cfg)
-    train.run(cfg)
-    rows = list(csv.DictReader(open(generate.run(cfg))))
+    run_stage("preprocess", cfg)
+    run_stage("train", cfg)
+    rows = list(csv.DictReader(open(run_stage("generate", cfg))))
     manifest = read_manifest(cfg.paths.data)
     levels = {r.attributes["level"] for r in manifest.split("train")}
     assert len(rows) == cfg.generate.num_samples

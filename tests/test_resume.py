@@ -14,8 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines import preprocess, train
-from tests.conftest import TINY, phantom_overrides
+from tests.conftest import TINY, phantom_overrides, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,15 +35,15 @@ def test_resumed_run_equals_straight_run(mode: list[str], tiny_config, phantom, 
     """4 steps straight == 2 steps, stop, resume for 2 more: same weights, EMA and optimiser state
     (condition dropout included: it is drawn per step, like batches and noise)."""
     common = [*phantom_overrides(*phantom), f"paths.data={tmp_path / 'data'}", "trainer.max_steps=4", *mode]
-    preprocess.run(tiny_config(*common))
-    straight = train.run(tiny_config(*common, f"paths.output={tmp_path / 'a'}"))
+    run_stage("preprocess", tiny_config(*common))
+    straight = run_stage("train", tiny_config(*common, f"paths.output={tmp_path / 'a'}"))
     with_checkpoints = tiny_config(*common, f"paths.output={tmp_path / 'b'}", "trainer.checkpoint_every=2", "trainer.keep_last=5")
-    train.run(with_checkpoints)
+    run_stage("train", with_checkpoints)
     halfway = Path(with_checkpoints.paths.checkpoints) / "step_0000002.pt"
     assert halfway.is_file()
     (tmp_path / "c" / "checkpoints").mkdir(parents=True)
     shutil.copy(halfway, tmp_path / "c" / "checkpoints" / "last.pt")
-    resumed = train.run(tiny_config(*common, f"paths.output={tmp_path / 'c'}", "trainer.resume=auto"))
+    resumed = run_stage("train", tiny_config(*common, f"paths.output={tmp_path / 'c'}", "trainer.resume=auto"))
 
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     assert a["step"] == b["step"] == 4
@@ -58,8 +57,8 @@ def test_resumed_run_equals_straight_run(mode: list[str], tiny_config, phantom, 
 
 def test_checkpoint_policy_keeps_last_k_and_best(tiny_config, phantom, tmp_path: Path) -> None:
     cfg = tiny_config(*phantom_overrides(*phantom), "trainer.max_steps=5", "trainer.checkpoint_every=1", "trainer.keep_last=2")
-    preprocess.run(cfg)
-    train.run(cfg)
+    run_stage("preprocess", cfg)
+    run_stage("train", cfg)
     folder = Path(cfg.paths.checkpoints)
     assert sorted(p.name for p in folder.glob("step_*.pt")) == ["step_0000004.pt", "step_0000005.pt"]
     last, best = torch.load(folder / "last.pt", weights_only=True), torch.load(folder / "best.pt", weights_only=True)
@@ -73,10 +72,10 @@ def test_resume_refuses_another_model(tiny_config, phantom, tmp_path: Path) -> N
     import pytest
 
     cfg = tiny_config(*phantom_overrides(*phantom))
-    preprocess.run(cfg)
-    train.run(cfg)
+    run_stage("preprocess", cfg)
+    run_stage("train", cfg)
     with pytest.raises(MedsynthError, match="another `model` config"):
-        train.run(tiny_config(*phantom_overrides(*phantom), "trainer.resume=auto", "model.network.channels=[8,16]"))
+        run_stage("train", tiny_config(*phantom_overrides(*phantom), "trainer.resume=auto", "model.network.channels=[8,16]"))
 
 
 def test_sigkill_then_resume_reaches_the_same_step_with_a_continuous_loss_curve(phantom, tmp_path: Path) -> None:
@@ -115,11 +114,11 @@ def test_mixed_precision_accumulation_and_channels_last_resume_like_a_straight_r
     """bf16 autocast, 2 accumulated batches per step and NHWC layout: stop at step 2, resume, same as straight."""
     common = [*phantom_overrides(*phantom), f"paths.data={tmp_path / 'data'}", "trainer.max_steps=4",
               "trainer.precision=bf16", "trainer.accumulate=2", "trainer.channels_last=true"]
-    preprocess.run(tiny_config(*common))
-    straight = train.run(tiny_config(*common, f"paths.output={tmp_path / 'a'}", "trainer.checkpoint_every=2", "trainer.keep_last=5"))
+    run_stage("preprocess", tiny_config(*common))
+    straight = run_stage("train", tiny_config(*common, f"paths.output={tmp_path / 'a'}", "trainer.checkpoint_every=2", "trainer.keep_last=5"))
     (tmp_path / "c" / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp_path / "a" / "checkpoints" / "step_0000002.pt", tmp_path / "c" / "checkpoints" / "last.pt")
-    resumed = train.run(tiny_config(*common, f"paths.output={tmp_path / 'c'}", "trainer.resume=auto"))
+    resumed = run_stage("train", tiny_config(*common, f"paths.output={tmp_path / 'c'}", "trainer.resume=auto"))
     a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
     assert a["step"] == b["step"] == 4
     for name, value in a["model"].items():
@@ -129,7 +128,7 @@ def test_mixed_precision_accumulation_and_channels_last_resume_like_a_straight_r
 def test_ddp_with_two_gloo_processes(phantom, tmp_path: Path) -> None:
     """`torchrun --nproc_per_node=2 -m medsynth.cli train`: both ranks train, only rank 0 logs and writes."""
     uri, args, env = preprocessed_in_subprocess(
-        phantom, tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.device=cpu"
+        phantom, tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2", "device=cpu"
     )
     ddp = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medsynth.cli", "train", *args],

@@ -23,15 +23,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from medsynth import MedsynthError
-from medsynth.diffusion import sample
-from medsynth.tracking.model import GeneratorInputError, log_generator, parse_prompt, resolve_checkpoint
-from medsynth.train import load_checkpoint
-from pipelines import preprocess, train
-from pipelines.common import build_sampler, load_ema_model
-from tests.conftest import TINY, compose_config, phantom_overrides, write_phantom
+from medsynth.diffusion.generator import Generator
+from medsynth.tracking.registry import log_generator, resolve_checkpoint
+from medsynth.tracking.serving import GeneratorInputError, parse_prompt
+from medsynth.training import load_checkpoint
+from tests.conftest import TINY, compose_config, phantom_overrides, run_stage, write_phantom
 
 NAME = "medsynth-tiny-class"
-FAST = ["trainer.max_steps=2", "trainer.grid.num=1", "trainer.grid.steps=1", "trainer.validation.timestep_fractions=[0.5]"]
+FAST = ["trainer.max_steps=2", "trainer.grid.num=1", "trainer.grid.steps=1", "trainer.validation.timestep_fractions=[0.5]",
+        "trainer.sampling.steps=3"]  # the served model's default steps (the checkpoint's sampling)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     common = [*TINY, *FAST, f"mlflow.tracking_uri={uri}", *phantom_overrides(*write_phantom(root / "raw"))]
     class_cfg = compose_config([*common, f"paths.output={root / 'class'}", "model.conditioning=class", "model.class_key=level"])
-    preprocess.run(class_cfg)
+    run_stage("preprocess", class_cfg)
     mask_cfg = compose_config([*common, f"paths.output={root / 'mask'}", f"paths.data={class_cfg.paths.data}"])
-    class_ckpt, mask_ckpt = train.run(class_cfg), train.run(mask_cfg)
+    class_ckpt, mask_ckpt = run_stage("train", class_cfg), run_stage("train", mask_cfg)
     class_run = load_checkpoint(class_ckpt)["run_id"]
     model_uri = log_generator(class_ckpt, run_id=class_run, tracking_uri=uri, registered_name=NAME)
     return {"root": root, "uri": uri, "class_ckpt": class_ckpt, "class_run": class_run, "model_uri": model_uri,
@@ -52,17 +52,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def reference(checkpoint_path: Path, condition: str, seeds: list[int], *, labels: torch.Tensor | None = None,
               prompts: list[str] | None = None) -> np.ndarray:
-    """What medsynth's own ``sample`` draws for these seeds with the checkpoint's generate settings, as ``(N, *spatial)``."""
-    ckpt = load_checkpoint(checkpoint_path)
-    cfg = ckpt["config"]
-    model = load_ema_model(ckpt, checkpoint_path, num_classes=len(ckpt["label_names"]))
-    sampler = build_sampler(cfg["generate"]["sampler"], cfg["scheduler"])
-    codes = torch.cat([model.encode_attributes(parse_prompt(p)) for p in prompts]) if prompts else None
-    x = sample(model, sampler, model.condition(labels, codes), seeds=seeds, shape=model.sample_shape(cfg["data"]["size"]),
-               steps=cfg["generate"]["steps"], eta=cfg["generate"]["eta"],
-               guidance_scale=cfg["generate"]["guidance_scale"] if condition == "class" else 1.0)
-    images, _ = model.split(x)
-    return images[:, 0].numpy()
+    """What medsynth's own Generator draws for these seeds, in one batch, with the checkpoint's
+    sampling settings, as ``(N, *spatial)``."""
+    sampling = load_checkpoint(checkpoint_path)["sampling"]
+    generator = Generator.from_checkpoint(checkpoint_path)
+    codes = torch.cat([generator.model.encode_attributes(parse_prompt(p)) for p in prompts]) if prompts else None
+    drawn = generator.sample(seeds, labels=labels, codes=codes, steps=sampling["steps"], eta=sampling["eta"],
+                             sampler=sampling["sampler"],
+                             guidance_scale=sampling["guidance_scale"] if condition == "class" else 1.0)
+    return drawn.images[:, 0].numpy()
 
 
 def test_parse_prompt() -> None:

@@ -11,7 +11,7 @@ from monai.networks.schedulers import DDPMScheduler
 
 from medsynth import MedsynthError
 from medsynth.diffusion import diffusion_loss
-from medsynth.train import EMA, load_checkpoint, save_checkpoint, train, warmup_cosine
+from medsynth.training import EMA, load_checkpoint, save_checkpoint, train, warmup_cosine
 from tests.test_diffusion import batch, tiny_denoiser
 
 
@@ -141,3 +141,115 @@ def test_precision_options_are_checked() -> None:
         train(model, precision="fp16", **kwargs)
     with pytest.raises(ValueError, match="trainer.accumulate"):
         train(model, accumulate=0, **kwargs)
+
+
+def test_optimizer_comes_from_the_allow_list_with_plain_options() -> None:
+    from medsynth import ConfigError
+    from medsynth.training.build import build_optimizer
+
+    params = list(torch.nn.Linear(2, 1).parameters())
+    adam = build_optimizer({"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.01, "betas": [0.8, 0.9]}, params)
+    assert isinstance(adam, torch.optim.Adam) and adam.defaults["betas"] == (0.8, 0.9) and adam.defaults["lr"] == 0.01
+    with pytest.raises(ConfigError, match=r"trainer.optimizer._target_ must be one of"):
+        build_optimizer({"_target_": "os.system", "command": "true"}, params)
+    with pytest.raises(ConfigError, match=r"trainer.optimizer.lr"):
+        build_optimizer({"_target_": "torch.optim.SGD", "lr": {"_target_": "builtins.open"}}, params)
+    with pytest.raises(ConfigError, match=r"trainer.optimizer: torch.optim.SGD does not accept"):
+        build_optimizer({"_target_": "torch.optim.SGD", "lr": 0.1, "warp": 9}, params)
+
+
+def test_latent_diffusion_needs_unclipped_samples_even_without_the_pipeline_check() -> None:
+    """A notebook calling the stage with its own settings gets the check PipelineSettings makes."""
+    from medsynth import ConfigError
+    from medsynth.config.settings import AutoencoderModelSettings, ModelSettings, SchedulerSettings, TrainerSettings
+    from medsynth.config.settings import check_training
+
+    latent = ModelSettings(autoencoder=AutoencoderModelSettings(network={"_target_": "monai.networks.nets.AutoencoderKL"}))
+    with pytest.raises(ConfigError, match="scheduler.clip_sample must be false for latent diffusion"):
+        check_training(latent, SchedulerSettings(), TrainerSettings(), spatial_dims=2)
+    check_training(latent, SchedulerSettings(clip_sample=False), TrainerSettings(), spatial_dims=2)
+    with pytest.raises(ConfigError, match=r"model.network.spatial_dims must be the dataset's spatial_dims \(3\)"):
+        check_training(ModelSettings(), SchedulerSettings(), TrainerSettings(), spatial_dims=3)
+
+
+def test_resume_choices(tmp_path: Path) -> None:
+    from medsynth.training.resume import resume_state
+
+    config = {"model": {"conditioning": "mask"}, "scheduler": {"num_train_timesteps": 10}}
+    assert resume_state(None, checkpoints=tmp_path, config=config) == (None, None)
+    assert resume_state("auto", checkpoints=tmp_path, config=config) == (None, None)  # nothing yet: a fresh start
+    with pytest.raises(MedsynthError, match=r"^trainer.resume=.*missing.pt: no checkpoint at .*missing.pt$"):
+        resume_state(str(tmp_path / "missing.pt"), checkpoints=tmp_path, config=config)
+    save_checkpoint(tmp_path / "last.pt", {"step": 2, "config": {**config, "trainer": {"max_steps": 2}}})
+    path, state = resume_state("auto", checkpoints=tmp_path, config=config)
+    assert path == tmp_path / "last.pt" and state["step"] == 2
+    with pytest.raises(MedsynthError, match="another `scheduler` config"):
+        resume_state("auto", checkpoints=tmp_path, config={**config, "scheduler": {"num_train_timesteps": 20}})
+
+
+def test_train_stage_writes_a_generator_checkpoint_and_logs_its_settings(tiny_config, phantom) -> None:
+    """The checkpoint holds what Generator.from_checkpoint needs; MLflow gets the model, scheduler and trainer settings."""
+    from mlflow.tracking import MlflowClient
+
+    from medsynth.config import to_mapping
+    from medsynth.diffusion.generator import Generator
+    from tests.conftest import phantom_overrides, run_stage
+
+    cfg = tiny_config(*phantom_overrides(*phantom), "trainer.sampling.steps=4", "trainer.sampling.guidance_scale=2.0")
+    run_stage("preprocess", cfg)
+    last = run_stage("train", cfg)
+    state = load_checkpoint(last)
+    assert {"model", "ema", "optimizer", "lr_scheduler", "scaler", "step", "run_id", "val_loss", "best_val_loss",
+            "label_names", "vocabulary", "spatial_dims", "image_size", "sampling", "config"} <= set(state)
+    assert state["image_size"] == [16, 16] and state["spatial_dims"] == 2
+    assert state["sampling"] == to_mapping(cfg.trainer.sampling)
+    assert state["config"] == {"model": to_mapping(cfg.model), "scheduler": to_mapping(cfg.scheduler),
+                               "trainer": to_mapping(cfg.trainer)}
+    generator = Generator.from_checkpoint(last)
+    assert generator.sampling.steps == 4 and generator.image_size == (16, 16)
+    labels = torch.zeros(2, 1, 16, 16, dtype=torch.long)
+    assert generator.sample([0, 1], labels=labels).images.shape == (2, 1, 16, 16)
+    assert (Path(cfg.paths.checkpoints) / "samples_step0000003.png").is_file()
+
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    params = client.get_run(state["run_id"]).data.params
+    assert params["trainer.max_steps"] == "3" and params["trainer.sampling.guidance_scale"] == "2.0"
+    assert params["scheduler.num_train_timesteps"] == "10" and params["model.conditioning"] == "mask"
+    assert not [k for k in params if k.startswith(("data.", "generate.", "evaluate."))]
+
+
+def test_latent_model_fits_its_autoencoder_once(tiny_config, phantom, caplog) -> None:
+    """Latent diffusion trains the autoencoder first and reuses it while its settings are the same."""
+    import logging
+
+    from medsynth.diffusion.generator import Generator
+    from tests.conftest import phantom_overrides, run_stage
+
+    latent = ["model=latent", "scheduler.clip_sample=false", "model.autoencoder.network.channels=[8,8,8]",
+              "model.autoencoder.network.norm_num_groups=8", "trainer.autoencoder.max_steps=2",
+              "trainer.autoencoder.batch_size=2", "trainer.max_steps=1", "trainer.grid.num=1"]
+    cfg = tiny_config(*phantom_overrides(*phantom), *latent)
+    run_stage("preprocess", cfg)
+    with caplog.at_level(logging.INFO, logger="medsynth"):
+        last = run_stage("train", cfg)
+    saved = Path(cfg.paths.checkpoints) / "autoencoder.pt"
+    assert saved.is_file() and "autoencoder 2 steps" in caplog.text
+    generator = Generator.from_checkpoint(last)
+    assert float(generator.model.latent_scale) > 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="medsynth"):
+        run_stage("train", tiny_config(*phantom_overrides(*phantom), *latent, "trainer.max_steps=2"))
+    assert f"autoencoder from {saved}" in caplog.text
+
+
+def test_medsynth_train_is_the_stage_function(tiny_config) -> None:
+    """`medsynth.train(...)` is the stage, also after the training package was imported."""
+    import medsynth
+    import medsynth.training
+
+    from medsynth.stages import train as stage
+
+    cfg = tiny_config()
+    assert medsynth.training.EMA is EMA and medsynth.train is stage
+    with pytest.raises(MedsynthError, match="no dataset manifest"):
+        medsynth.train(model=cfg.model, scheduler=cfg.scheduler, trainer=cfg.trainer, run=cfg.run)

@@ -3,7 +3,8 @@
 The gate measures, for every real holdout image, how near its nearest training record is, in
 pixel space and in the feature space of the evaluation's encoder, with the same functions the
 evaluation uses (:func:`medsynth.metrics.nearest_neighbours`, and optionally
-:func:`medsynth.metrics.max_normalised_correlation` in pixel space). The ``quantile`` of those
+:func:`medsynth.metrics.max_normalised_correlation` in pixel space, and the encoder features of
+:func:`medsynth.evaluation.instruments.features`). The ``quantile`` of those
 holdout values is the threshold: with ``quantile=0.01``, a real patient the model never saw is
 that close to a training record only 1% of the time. A synthetic candidate closer than that in
 either space is rejected; the caller draws a replacement.
@@ -21,7 +22,7 @@ from torch import nn
 
 from medsynth import ConfigError, MedsynthError
 from medsynth.metrics import max_normalised_correlation, nearest_neighbours
-from medsynth.train.encoder import encode, encode_volumes
+from medsynth.evaluation import instruments
 
 log = logging.getLogger("medsynth")
 
@@ -126,7 +127,7 @@ class PrivacyGate:
         feature = feature_index = None
         feature_too_close = np.zeros(len(x), dtype=bool)
         if self.encoder is not None and self.reference_features is not None and self.feature_threshold is not None:
-            features = _features(self.encoder, x, space=self.feature_space, batch_size=self.batch_size)
+            features = instruments.features(self.encoder, x, batch_size=self.batch_size).items
             feature, feature_index = nearest_neighbours(features, self.reference_features, chunk=self.chunk)
             feature_too_close = _too_close(feature, self.feature_threshold, metric="rms")
         return GateResult(pixel=pixel, pixel_index=pixel_index, feature=feature, feature_index=feature_index,
@@ -217,9 +218,9 @@ def build_privacy_gate(
         if device is not None:
             encoder = encoder.to(device)
         encoder = encoder.eval()
-        feature_space = _feature_space(encoder, spatial_dims=references.ndim - 2)
-        reference_features = _features(encoder, references, space=feature_space, batch_size=batch_size)
-        holdout_features = _features(encoder, holdout, space=feature_space, batch_size=batch_size)
+        reference = instruments.features(encoder, references, batch_size=batch_size)
+        feature_space, reference_features = reference.space, reference.items
+        holdout_features = instruments.features(encoder, holdout, batch_size=batch_size).items
         feature, _ = nearest_neighbours(holdout_features, reference_features, chunk=chunk)
         feature_threshold = float(np.quantile(feature, quantile))
     gate = PrivacyGate(metric=metric, quantile=float(quantile), pixel_threshold=pixel_threshold,
@@ -252,18 +253,3 @@ def _too_close(values: np.ndarray, threshold: float, *, metric: str) -> np.ndarr
     """Strictly nearer than the threshold: a higher correlation, or a lower distance."""
     return values > threshold if metric == "correlation" else values < threshold
 
-
-def _feature_space(encoder: nn.Module, *, spatial_dims: int) -> str:
-    """``2d``, ``2.5d`` (2D encoder on volumes) or ``3d``, from the images and the encoder's convolutions."""
-    if spatial_dims == 2:
-        return "2d"
-    return "3d" if any(isinstance(m, nn.Conv3d) for m in encoder.modules()) else "2.5d"
-
-
-def _features(encoder: nn.Module, images: np.ndarray, *, space: str, batch_size: int) -> np.ndarray:
-    """Encoder features of the images as the evaluation computes them: ``(N, D)`` float32."""
-    x = torch.from_numpy(images)
-    if space == "2.5d":
-        per_volume, _ = encode_volumes(encoder, x, batch_size=batch_size)
-        return per_volume.numpy()
-    return encode(encoder, x, batch_size=batch_size).numpy()

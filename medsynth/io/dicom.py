@@ -6,6 +6,10 @@ indices to RAS+ millimetres (DICOM's LPS with x and y negated).
 
 Messages of :class:`DicomSeriesError` carry a ``reason`` that holds no value read from a header
 (no name, id, date or UID), so callers can report it without leaking identifiers.
+
+The module is one piece because headers, series geometry and SEG placement share one set of
+rules (which tags identify a series, how slices are ordered, what the affine is): a SEG is put on
+its series' grid with the same code that built that grid.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ direction, ``j`` the row index, ``k`` the slice) and its 4x4 affine maps ``(i, j
 millimetres. DICOM's patient frame is LPS, so x and y change sign on the way out; each slice
 ``k`` becomes one single-frame file whose Image Position (Patient) is the world position of voxel
 ``(0, 0, k)``.
+
+The module is one piece because the image series and its SEG share one study, one UID scheme
+and one geometry: the SEG references the very instances written beside it.
 """
 
 from __future__ import annotations

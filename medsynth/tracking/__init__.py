@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from medsynth.tracking.tracker import NullTracker, Tracker, flatten
+from medsynth.tracking.tracker import NullTracker, Tracker, TrackerLike, flatten
 
-__all__ = ["NullTracker", "Tracker", "flatten"]
+__all__ = ["NullTracker", "Tracker", "TrackerLike", "flatten"]

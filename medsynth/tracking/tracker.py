@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, RunTag
@@ -156,13 +156,50 @@ class Tracker:
 
 
 class NullTracker:
-    """A tracker that records nothing: what the non-main processes of a data-parallel job use."""
+    """A tracker that records nothing: what the non-main processes of a data-parallel job use.
+
+    It has exactly :class:`Tracker`'s logging methods (see :class:`TrackerLike`), so a misspelt
+    call fails here as it would on the real tracker.
+    """
 
     tracking_uri = ""
 
     @contextlib.contextmanager
-    def run(self, name: str, **_: object) -> Iterator[str]:
+    def run(self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+            resume_run_id: str | None = None) -> Iterator[str]:
         yield ""
 
-    def __getattr__(self, name: str) -> object:
-        return lambda *args, **kwargs: None
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int = 0, buffered: bool = False) -> None:
+        pass
+
+    def flush(self, run_id: str) -> None:
+        pass
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike[str], *, artifact_path: str | None = None) -> None:
+        pass
+
+
+@runtime_checkable
+class TrackerLike(Protocol):
+    """What the stages call on a tracker: :class:`Tracker` and :class:`NullTracker` both provide it."""
+
+    tracking_uri: str
+
+    def run(self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+            resume_run_id: str | None = None) -> contextlib.AbstractContextManager[str]: ...
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int = 0, buffered: bool = False) -> None: ...
+
+    def flush(self, run_id: str) -> None: ...
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike[str], *, artifact_path: str | None = None) -> None: ...

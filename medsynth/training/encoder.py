@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
 from medsynth.data import LabelledArrays, infinite_batches
-from medsynth.train.loop import train
+from medsynth.training.loop import train
 from medsynth.transforms import random_views
 
 
@@ -118,27 +117,20 @@ def train_encoder(
     return model.encoder.cpu().eval()
 
 
-def encode_volumes(encoder: nn.Module, volumes: torch.Tensor, *, batch_size: int = 256) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """2.5D features of ``(N, C, X, Y, Z)`` volumes with a 2D encoder (MAISI's protocol).
-
-    Every sagittal, coronal and axial slice is encoded; a volume's feature vector is the mean
-    slice feature of each plane, concatenated.
-
-    Returns:
-        ``(volume_features (N, 3D), {plane: slice_features (N * slices, D)})``.
-    """
-    from medsynth.metrics.realism import orthogonal_slices
-
-    n = volumes.shape[0]
-    planes = {name: encode(encoder, torch.as_tensor(cut), batch_size=batch_size)
-              for name, cut in orthogonal_slices(np.asarray(volumes)).items()}
-    per_volume = torch.cat([f.reshape(n, -1, f.shape[1]).mean(dim=1) for f in planes.values()], dim=1)
-    return per_volume, planes
-
-
 @torch.no_grad()
 def encode(encoder: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """Features of ``(N, C, *spatial)`` images, computed in batches: ``(N, D)``."""
+    """Features of ``(N, C, *spatial)`` images, computed in batches where the encoder's weights are.
+
+    Volumes with a 2D encoder (2.5D) are :func:`medsynth.evaluation.instruments.features`' business.
+
+    Args:
+        encoder: The feature encoder.
+        images: ``(N, C, *spatial)`` images, on any device.
+        batch_size: Images per forward pass.
+
+    Returns:
+        ``(N, D)`` features on the CPU.
+    """
     encoder.eval()
     device = next(encoder.parameters()).device
     return torch.cat([encoder(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])

@@ -10,7 +10,7 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from medsynth.data import LabelledArrays, infinite_batches
-from medsynth.train.loop import train
+from medsynth.training.loop import train
 
 
 def train_segmenter(

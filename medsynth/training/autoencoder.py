@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
+import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,30 +13,12 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
 
+from medsynth.config.settings import AutoencoderModelSettings, AutoencoderTrainingSettings
 from medsynth.data import LabelledArrays, infinite_batches, step_generator
-from medsynth.diffusion import from_unit_range
-from medsynth.train.loop import TrainResult, train
+from medsynth.diffusion import Denoiser, from_unit_range
+from medsynth.training.loop import TrainResult, train
 
-
-@dataclasses.dataclass(frozen=True)
-class AutoencoderSettings:
-    """How the autoencoder is trained.
-
-    Attributes:
-        max_steps: Optimiser steps.
-        batch_size: Images per step.
-        lr: Adam learning rate (generator and discriminator).
-        kl_weight: Weight of the KL term that keeps the latent close to N(0, I).
-        adversarial_weight: Weight of the patch-adversarial term; 0 trains without a discriminator.
-        flip_dims: Spatial axes of random flips.
-    """
-
-    max_steps: int = 1000
-    batch_size: int = 4
-    lr: float = 1e-4
-    kl_weight: float = 1e-6
-    adversarial_weight: float = 0.0
-    flip_dims: tuple[int, ...] = ()
+log = logging.getLogger("medsynth")
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -47,7 +31,7 @@ def train_autoencoder(
     autoencoder: nn.Module,
     data: LabelledArrays,
     *,
-    settings: AutoencoderSettings,
+    settings: AutoencoderTrainingSettings,
     device: torch.device,
     seed: int = 0,
     progress: bool = True,
@@ -58,7 +42,7 @@ def train_autoencoder(
     Args:
         autoencoder: A MONAI ``AutoencoderKL`` (on ``device``), trained in place.
         data: Training images in [0, 1]; the model sees them in [-1, 1].
-        settings: Steps, batch, learning rate and loss weights.
+        settings: Steps, batch, learning rate, loss weights and flips (``trainer.autoencoder``).
         device: Where to train.
         seed: Seed of batches and latent draws.
         progress: Show a progress bar.
@@ -98,3 +82,61 @@ def train_autoencoder(
 
     return train(autoencoder, loss_fn=loss_fn, batches=batches, optimizer=optimizer, max_steps=settings.max_steps,
                  grad_clip=1.0, on_step=on_step, progress=progress, desc="autoencoder")
+
+
+def fit_autoencoder(
+    model: Denoiser,
+    data: LabelledArrays,
+    *,
+    network: AutoencoderModelSettings,
+    settings: AutoencoderTrainingSettings,
+    path: str | os.PathLike[str],
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+    save: bool = True,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> float:
+    """Latent diffusion's first stage: train ``model.autoencoder`` on ``data``'s images (or reuse
+    the one saved at ``path`` with the same settings), freeze it, and set ``model.latent_scale``.
+
+    Every rank of a data-parallel job trains with the same seed, so all hold the same weights;
+    only the one with ``save`` writes them.
+
+    Args:
+        model: A latent denoiser (``model.autoencoder`` set), on ``device``.
+        data: The training images.
+        network: ``model.autoencoder``: the autoencoder's network settings.
+        settings: ``trainer.autoencoder``: how it is trained.
+        path: Where the trained autoencoder is kept (``checkpoints/autoencoder.pt``).
+        device: Where to train.
+        seed: Seed of batches and latent draws.
+        progress: Show a progress bar.
+        save: Write the trained weights to ``path``.
+        on_step: Called as ``on_step(step, loss, lr)``.
+
+    Returns:
+        The latent scale factor.
+    """
+    from medsynth.config.schema import to_mapping
+    from medsynth.diffusion.latent import latent_scale_factor
+    from medsynth.training.checkpoint import load_checkpoint, save_checkpoint
+
+    path = Path(path)
+    wanted = {"network": to_mapping(network), "settings": to_mapping(settings)}
+    autoencoder = model.autoencoder
+    if path.is_file() and (saved := load_checkpoint(path)).get("config") == wanted:
+        autoencoder.load_state_dict(saved["weights"])
+        log.info("train: autoencoder from %s", path)
+    else:
+        autoencoder.train().requires_grad_(True)
+        result = train_autoencoder(autoencoder, data, settings=settings, device=device, seed=seed, progress=progress,
+                                   on_step=on_step)
+        log.info("train: autoencoder %d steps in %.0f s, final L1+KL %.4f", result.steps, result.seconds, result.losses[-1])
+        if save:
+            save_checkpoint(path, {"weights": autoencoder.state_dict(), "config": wanted})
+    autoencoder.requires_grad_(False).eval()
+    scale = latent_scale_factor(autoencoder, from_unit_range(data.images))
+    model.latent_scale.fill_(scale)
+    log.info("train: latent scale factor %.4g", scale)
+    return scale

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from medsynth.train.ema import EMA
+from medsynth.training.ema import EMA
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -79,3 +79,27 @@ def prune_checkpoints(folder: str | os.PathLike[str], *, keep: int, pattern: str
     for path in doomed:
         path.unlink()
     return doomed
+
+
+def save_step_checkpoint(
+    folder: str | os.PathLike[str], step: int, state: dict[str, Any], *, best: bool, keep: int
+) -> Path:
+    """Write ``step_<step>.pt``, point ``last.pt`` (and ``best.pt`` when ``best``) at it, keep the newest ``keep`` steps.
+
+    Args:
+        folder: The run's checkpoint folder.
+        step: The optimiser step the state is at.
+        state: What to store (see :func:`save_checkpoint`).
+        best: Whether this step has the best validation loss so far.
+        keep: Step checkpoints kept besides ``last.pt`` and ``best.pt``.
+
+    Returns:
+        The path of the step checkpoint.
+    """
+    folder = Path(folder)
+    path = save_checkpoint(folder / f"step_{step:07d}.pt", state)
+    link_checkpoint(path, folder / "last.pt")
+    if best:
+        link_checkpoint(path, folder / "best.pt")
+    prune_checkpoints(folder, keep=keep)
+    return path

@@ -1,0 +1,320 @@
+"""A trained generator as one object: build it from settings or a checkpoint, then sample from seeds.
+
+Every place that samples a trained model goes through :class:`Generator`: train's sample grid,
+the generate stage and its privacy gate, the served MLflow model and the benchmarks. The caller
+owns the noise: one seed per sample fixes its starting noise and the noise of every stochastic
+step, so a sample does not depend on the batch it was drawn in and no caller needs a batching rule.
+
+A checkpoint is data. Networks are rebuilt only from the classes in
+:data:`medsynth.config.settings.NETWORKS` and :data:`~medsynth.config.settings.AUTOENCODERS`,
+with plain keyword arguments checked by the settings schema; nothing in a checkpoint names code
+to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.schedulers import Scheduler
+from torch import nn
+
+from medsynth import ConfigError, MedsynthError
+from medsynth.config.schema import from_mapping, to_mapping
+from medsynth.config.settings import (
+    AUTOENCODERS,
+    NETWORKS,
+    SAMPLERS,
+    SCHEDULERS,
+    ModelSettings,
+    SamplingSettings,
+    SchedulerSettings,
+    sampler_target,
+)
+from medsynth.diffusion.denoiser import GUIDED_MODES, Denoiser, default_output, network_channels, network_options
+from medsynth.diffusion.sampling import sample
+
+
+def _allowed_class(target: str, allowed: Mapping[str, str] | Sequence[str], *, key: str) -> type:
+    """The class ``target`` names, if it is on the allow-list."""
+    if target not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {target!r}")
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _plain_kwargs(options: Mapping[str, Any], *, key: str) -> dict[str, Any]:
+    """Constructor arguments without ``_target_``; a nested ``_target_`` anywhere is refused."""
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, Mapping):
+            if "_target_" in value:
+                raise ConfigError(f"{where}._target_: nested objects are not built from configs or checkpoints")
+            for k, v in value.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"{where} must be a plain value, got {type(value).__name__}")
+
+    kwargs = {k: v for k, v in options.items() if k not in ("_target_", "_partial_")}
+    walk(kwargs, key)
+    return kwargs
+
+
+def build_network(options: Mapping[str, Any], *, key: str = "model.network", **extra: Any) -> nn.Module:
+    """An allow-listed network (``options["_target_"]``) built with its plain options and ``extra``."""
+    allowed = AUTOENCODERS if "autoencoder" in key else NETWORKS
+    cls = _allowed_class(str(options.get("_target_")), allowed, key=f"{key}._target_")
+    return cls(**_plain_kwargs(options, key=key), **extra)
+
+
+def build_denoiser(model: ModelSettings, *, num_classes: int, vocabulary: Mapping[str, Sequence[str]] | None = None) -> Denoiser:
+    """The network of ``model`` with the channels and condition inputs its mode needs, as a :class:`Denoiser`.
+
+    With ``model.autoencoder`` (latent diffusion) the autoencoder is built too, untrained: training
+    fits it first, a checkpoint restores it.
+
+    Args:
+        model: The model settings.
+        num_classes: Label values including background.
+        vocabulary: Attribute name -> values, for ``class`` and ``attributes`` models.
+
+    Returns:
+        The denoiser, in training mode, on the CPU.
+    """
+    vocabulary = {k: list(v) for k, v in (vocabulary or {}).items()}
+    autoencoder = build_network(model.autoencoder.network, key="model.autoencoder.network") if model.autoencoder else None
+    image_channels = int(model.autoencoder.network["latent_channels"]) if model.autoencoder else model.image_channels
+    output = model.output or default_output(model.conditioning)
+    in_channels, out_channels = network_channels(conditioning=model.conditioning, output=output,
+                                                 image_channels=image_channels, num_classes=num_classes)
+    options = network_options(conditioning=model.conditioning, vocabulary=vocabulary, context_dim=model.context_dim)
+    network = build_network(model.network, in_channels=in_channels, out_channels=out_channels, **options)
+    return Denoiser(
+        network, conditioning=model.conditioning, num_classes=num_classes, image_channels=image_channels,
+        output=output, vocabulary=vocabulary, context_dim=model.context_dim, condition_dropout=model.condition_dropout,
+        autoencoder=autoencoder, decode_tile=model.autoencoder.decode_tile if model.autoencoder else None,
+    )
+
+
+def build_scheduler(scheduler: SchedulerSettings) -> Scheduler:
+    """The training noise schedule ``scheduler`` describes."""
+    cls = _allowed_class(scheduler._target_, SCHEDULERS, key="scheduler._target_")
+    return cls(**scheduler.options())
+
+
+def build_sampler(sampler: str, scheduler: SchedulerSettings, *, key: str = "generate.sampler") -> Scheduler:
+    """The sampler ``sampler`` (``auto``, ``ddim``, ``ddpm``, ``rflow``) on the training schedule ``scheduler``.
+
+    The noise schedule and prediction type must match training, so the sampler takes every
+    setting of the training schedule its class accepts.
+
+    Raises:
+        ConfigError: If the sampler cannot sample that schedule (rflow for rectified flow only).
+    """
+    import inspect
+
+    target = sampler_target(sampler, scheduler._target_, key=key)
+    cls = _allowed_class(target, list(SAMPLERS.values()), key=key)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in scheduler.options().items() if k in accepted})
+
+
+@dataclasses.dataclass
+class Samples:
+    """What :meth:`Generator.sample` returns, on the CPU: ``(N, C, *spatial)`` images in [0, 1]
+    (``None`` for a label-map generator) and ``(N, 1, *spatial)`` label maps (generated, or the
+    given ones of a ``mask`` model; ``None`` for an image-only model without given maps)."""
+
+    images: torch.Tensor | None
+    labels: torch.Tensor | None
+
+
+@dataclasses.dataclass
+class Generator:
+    """A trained denoiser with its sampler and what its checkpoint says about it.
+
+    Build one with :meth:`from_checkpoint` (a file, an MLflow run id or a registered model), or
+    directly around a model in memory (train's sample grid).
+
+    Attributes:
+        model: The EMA denoiser, in eval mode.
+        scheduler: The training schedule the model was trained with.
+        label_names: Names of the label values, background first.
+        image_size: Spatial size of one sample.
+        sampling: Default sampler, steps, eta and guidance scale (stored in the checkpoint).
+        source: Where it was loaded from (``""`` for a model in memory).
+        checkpoint: The local checkpoint file (``None`` for a model in memory).
+        info: The checkpoint's other plain facts: ``run_id``, ``step``, ``val_loss``.
+        settings: The model settings it was built from (``None`` for a model in memory built elsewhere).
+    """
+
+    model: Denoiser
+    scheduler: SchedulerSettings
+    label_names: list[str]
+    image_size: tuple[int, ...]
+    sampling: SamplingSettings = dataclasses.field(default_factory=SamplingSettings)
+    source: str = ""
+    checkpoint: Path | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    settings: ModelSettings | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def conditioning(self) -> str:
+        return self.model.conditioning
+
+    @property
+    def guided(self) -> bool:
+        """Whether the model takes attribute codes (and so classifier-free guidance)."""
+        return self.model.conditioning in GUIDED_MODES
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.image_size)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        source: str | os.PathLike[str],
+        *,
+        device: torch.device | str = "cpu",
+        tracking_uri: str | None = None,
+        download_dir: str | os.PathLike[str] | None = None,
+    ) -> Generator:
+        """Load the EMA generator of a training checkpoint.
+
+        Args:
+            source: A checkpoint file; with ``tracking_uri`` also an MLflow run id, ``runs:/<id>``
+                or ``models:/<name>/<version>`` (``@<alias>``).
+            device: Where to sample.
+            tracking_uri: The MLflow store to resolve run ids and registered models in.
+            download_dir: Where a checkpoint resolved through MLflow is downloaded (default: a
+                temporary folder).
+
+        Returns:
+            The generator, in eval mode on ``device``.
+
+        Raises:
+            MedsynthError: For a missing or unreadable checkpoint, one whose config names a class
+                off the allow-list, or weights that do not fit the network its config describes.
+        """
+        from medsynth.training.checkpoint import load_checkpoint
+
+        path = Path(source)
+        if not path.is_file() and tracking_uri:
+            import tempfile
+
+            from medsynth.tracking.registry import resolve_checkpoint
+
+            folder = download_dir or tempfile.mkdtemp(prefix="medsynth-checkpoint-")
+            path = resolve_checkpoint(str(source), tracking_uri=tracking_uri, download_dir=folder)
+        state = load_checkpoint(path)
+        generator = cls.from_state(state, where=str(path))
+        generator.model.to(device)
+        generator.source, generator.checkpoint = str(source), path
+        return generator
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], *, where: str) -> Generator:
+        """The generator of a loaded checkpoint dict (see :meth:`from_checkpoint`), on the CPU."""
+        try:
+            config = state["config"]
+            label_names = [str(n) for n in state["label_names"]]
+            model_settings = from_mapping(ModelSettings, config["model"], key="model")
+            scheduler = from_mapping(SchedulerSettings, config["scheduler"], key="scheduler")
+            sampling = from_mapping(SamplingSettings, state.get("sampling") or {}, key="sampling")
+            image_size = tuple(int(s) for s in state["image_size"])
+            vocabulary = {str(k): [str(v) for v in values] for k, values in (state.get("vocabulary") or {}).items()}
+            model = build_denoiser(model_settings, num_classes=len(label_names), vocabulary=vocabulary)
+            model.load_state_dict(state["ema"]["shadow"])
+        except ConfigError as err:
+            raise MedsynthError(f"checkpoint {where}: {err}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+            raise MedsynthError(f"checkpoint {where} is not a medsynth generator checkpoint, or its weights do not fit "
+                                f"the model its config describes: {str(err)[:300]}") from None
+        info = {k: state[k] for k in ("run_id", "step", "val_loss") if k in state}
+        return cls(model.eval(), scheduler, label_names, image_size, sampling, info=info, settings=model_settings)
+
+    def sampler(self, name: str | None = None) -> Scheduler:
+        """A fresh sampler (``name``, default the checkpoint's) on this model's training schedule."""
+        return build_sampler(name or self.sampling.sampler, self.scheduler)
+
+    def codes(self, attributes: Sequence[Mapping[str, str]]) -> torch.Tensor | None:
+        """Each sample's attributes as the model's codes; attributes the model does not know are left out."""
+        if not self.guided:
+            return None
+        known = self.model.vocabulary
+        return torch.cat([self.model.encode_attributes({k: v for k, v in a.items() if k in known}) for a in attributes])
+
+    @torch.no_grad()
+    def sample(
+        self,
+        seeds: Sequence[int],
+        *,
+        labels: torch.Tensor | None = None,
+        codes: torch.Tensor | None = None,
+        attributes: Sequence[Mapping[str, str]] | None = None,
+        steps: int | None = None,
+        eta: float | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | Scheduler | None = None,
+    ) -> Samples:
+        """One sample per seed.
+
+        Args:
+            seeds: One seed per sample: it fixes the sample's noise, so a sample is the same
+                alone or in any batch.
+            labels: ``(N, 1, *spatial)`` label maps, required by ``mask`` models.
+            codes: ``(N, A)`` attribute codes of ``class`` / ``attributes`` models (or give ``attributes``).
+            attributes: Per-sample attribute values, turned into codes (unknown keys left out).
+            steps: Sampler steps (default: the checkpoint's).
+            eta: DDIM stochasticity (default: the checkpoint's).
+            guidance_scale: Classifier-free guidance of ``class`` / ``attributes`` models (default:
+                the checkpoint's); other models ignore it.
+            sampler: A sampler name or a MONAI scheduler instance (default: the checkpoint's).
+
+        Returns:
+            Images and label maps on the CPU.
+
+        Raises:
+            MedsynthError: For a missing label map on a ``mask`` model or a count mismatch.
+        """
+        n = len(seeds)
+        if self.conditioning == "mask":
+            if labels is None or labels.shape[0] != n:
+                raise MedsynthError(f"a {self.conditioning!r} model needs one label map per seed ({n})")
+        if self.guided and codes is None:
+            codes = self.codes(attributes if attributes is not None else [{}] * n)
+        scheduler = sampler if isinstance(sampler, Scheduler) else self.sampler(sampler)
+        device = self.device
+        condition = self.model.condition(labels.to(device) if labels is not None else None,
+                                         codes.to(device) if codes is not None else None)
+        x = sample(self.model, scheduler, condition, seeds=list(seeds), shape=self.model.sample_shape(self.image_size),
+                   steps=steps or self.sampling.steps, eta=self.sampling.eta if eta is None else eta, device=device,
+                   guidance_scale=(self.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+                   if self.guided else 1.0)
+        images, generated = self.model.split(x)
+        shown = generated if generated is not None else labels
+        return Samples(images.cpu() if images is not None else None, shown.cpu() if shown is not None else None)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain facts for manifests and model metadata."""
+        return {"conditioning": self.conditioning, "label_names": list(self.label_names),
+                "vocabulary": dict(self.model.vocabulary), "image_size": list(self.image_size),
+                "sampling": to_mapping(self.sampling), **self.info}
+
+
+def generator_state(model: ModelSettings, scheduler: SchedulerSettings, sampling: SamplingSettings) -> dict[str, Any]:
+    """The plain description a checkpoint stores so :meth:`Generator.from_state` can rebuild it."""
+    return {"config": {"model": to_mapping(model), "scheduler": to_mapping(scheduler)}, "sampling": to_mapping(sampling)}

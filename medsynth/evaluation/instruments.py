@@ -1,0 +1,253 @@
+"""The measuring instruments of the audit and of generate's privacy gate, each written once.
+
+- the dataset's feature encoder (:func:`dataset_encoder`, :func:`saved_encoder`) and the features
+  it gives (:func:`features`): 2D images are encoded whole, 3D volumes either by a 3D encoder or,
+  with the dataset's 2D encoder, slice by slice (the 2.5D protocol: per-plane slice features, and
+  per volume the mean slice feature of each plane, concatenated);
+- the segmenters of the label-consistency and utility figures (:func:`train_segmenters`,
+  :func:`holdout_dice`);
+- the membership attack's denoising errors (:func:`membership_errors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsynth.config.settings import EncoderSettings, SegmenterSettings
+from medsynth.data import LabelledArrays, Record
+from medsynth.data.dataset import attribute_codes
+from medsynth.diffusion import denoising_errors
+from medsynth.diffusion.generator import Generator, build_scheduler
+from medsynth.metrics.realism import orthogonal_slices
+from medsynth.metrics.segmentation import mean_dice
+from medsynth.training import file_sha256, load_checkpoint, save_checkpoint
+from medsynth.training.encoder import FeatureEncoder, encode, train_encoder
+from medsynth.training.segmenter import segment, train_segmenter
+
+log = logging.getLogger("medsynth")
+
+FEATURE_SPACES = ("2d", "2.5d", "3d")
+"""``2d``: a 2D encoder on 2D images; ``2.5d``: a 2D encoder on the orthogonal slices of volumes;
+``3d``: a 3D encoder on whole volumes."""
+
+SEGMENTER_SETS = ("real", "synthetic", "real+synthetic")
+"""What the utility segmenters are trained on, in the order :func:`train_segmenters` returns them."""
+
+
+# ------------------------------------------------------------------------------------ the encoder
+
+
+def dataset_encoder(
+    settings: EncoderSettings,
+    data_dir: str | Path,
+    train: LabelledArrays,
+    *,
+    spatial_dims: int,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = False,
+) -> FeatureEncoder:
+    """The dataset's 2D feature encoder: ``data/encoder.pt`` when it was trained on this manifest
+    with these settings, else trained on ``train`` and saved there.
+
+    For 3D datasets it learns from the axial slices of the training volumes (2.5D protocol).
+
+    Args:
+        settings: The encoder's settings (``conf/encoder``).
+        data_dir: The preprocessed dataset folder (holds ``manifest.json``).
+        train: The training split.
+        spatial_dims: 2 or 3, the dataset's records.
+        device: Where to train it.
+        seed: Seed of its training.
+        progress: Show a progress bar.
+
+    Returns:
+        The encoder in eval mode, on the CPU.
+    """
+    encoder = saved_encoder(data_dir, settings=settings)
+    if encoder is not None:
+        return encoder
+    if spatial_dims == 3:
+        axial = torch.as_tensor(orthogonal_slices(train.images.numpy())["axial"])
+        train = LabelledArrays(axial, torch.zeros_like(axial, dtype=torch.long), [str(i) for i in range(len(axial))], [])
+    log.info("training the feature encoder on %d real training images", len(train))
+    encoder = train_encoder(
+        train, spatial_dims=2, channels=settings.channels, steps=settings.steps, batch_size=settings.batch_size,
+        lr=settings.lr, temperature=settings.temperature, seed=seed, device=device, progress=progress,
+    )
+    save_checkpoint(Path(data_dir) / "encoder.pt", {"state": encoder.state_dict(), "settings": dataclasses.asdict(settings),
+                                                    "manifest_sha256": file_sha256(Path(data_dir) / "manifest.json")})
+    return encoder.cpu().eval()
+
+
+def saved_encoder(data_dir: str | Path, *, settings: EncoderSettings | None = None) -> FeatureEncoder | None:
+    """The encoder kept in ``data/encoder.pt``, if it was trained on the dataset's current manifest.
+
+    Args:
+        data_dir: The preprocessed dataset folder.
+        settings: Also require that it was trained with these settings (default: any).
+
+    Returns:
+        The encoder in eval mode on the CPU, or ``None`` when there is none or it is out of date.
+    """
+    path, manifest = Path(data_dir) / "encoder.pt", Path(data_dir) / "manifest.json"
+    if not path.is_file() or not manifest.is_file():
+        return None
+    saved = load_checkpoint(path)
+    stored = saved.get("settings") or {}
+    if saved.get("manifest_sha256") != file_sha256(manifest):
+        return None
+    if settings is not None and stored != dataclasses.asdict(settings):
+        return None
+    encoder = FeatureEncoder(spatial_dims=2, channels=stored.get("channels", (16, 32, 64)))
+    encoder.load_state_dict(saved["state"])
+    return encoder.eval()
+
+
+# ----------------------------------------------------------------------------------- the features
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Features:
+    """Encoder features of a set of images.
+
+    Attributes:
+        items: ``(N, D)`` one feature vector per image or volume (2.5D: the mean slice feature of
+            each plane, concatenated, so ``D`` is three times the encoder's width).
+        planes: 2.5D only: ``{plane: (N * slices, D)}`` the features of every ``sagittal``,
+            ``coronal`` and ``axial`` slice; empty otherwise.
+        space: One of :data:`FEATURE_SPACES`.
+    """
+
+    items: np.ndarray
+    planes: dict[str, np.ndarray]
+    space: str
+
+
+def feature_space(encoder: nn.Module, *, spatial_dims: int) -> str:
+    """How ``encoder`` measures images with ``spatial_dims`` dimensions: ``2d``, ``2.5d`` or ``3d``.
+
+    Args:
+        encoder: A feature encoder.
+        spatial_dims: 2 or 3.
+
+    Returns:
+        ``2d`` for images; for volumes ``3d`` when the encoder has 3D convolutions, else ``2.5d``.
+    """
+    if spatial_dims == 2:
+        return "2d"
+    return "3d" if any(isinstance(m, nn.Conv3d) for m in encoder.modules()) else "2.5d"
+
+
+def features(encoder: nn.Module, images: torch.Tensor | np.ndarray, *, batch_size: int = 256) -> Features:
+    """Encoder features of ``(N, C, *spatial)`` images or volumes, as the audit and the gate use them.
+
+    Args:
+        encoder: The feature encoder (it runs where its weights are; images are moved there batch
+            by batch).
+        images: ``(N, C, H, W)`` images or ``(N, C, X, Y, Z)`` volumes.
+        batch_size: Images (2.5D: slices) per encoder batch.
+
+    Returns:
+        Per-item features and, for the 2.5D protocol, per-plane slice features, all float32 on the CPU.
+    """
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    space = feature_space(encoder, spatial_dims=x.ndim - 2)
+    if space != "2.5d":
+        return Features(encode(encoder, x, batch_size=batch_size).numpy(), {}, space)
+    n = x.shape[0]
+    planes = {name: encode(encoder, torch.as_tensor(cut), batch_size=batch_size)
+              for name, cut in orthogonal_slices(x.cpu().numpy()).items()}
+    per_volume = torch.cat([f.reshape(n, -1, f.shape[1]).mean(dim=1) for f in planes.values()], dim=1)
+    return Features(per_volume.numpy(), {name: f.numpy() for name, f in planes.items()}, space)
+
+
+# --------------------------------------------------------------------------------- the segmenters
+
+
+def train_segmenters(
+    settings: SegmenterSettings,
+    *,
+    real: LabelledArrays,
+    synthetic: LabelledArrays,
+    num_classes: int,
+    spatial_dims: int,
+    seed: int,
+    device: torch.device | str,
+    progress: bool = False,
+) -> dict[str, nn.Module]:
+    """Segmenters trained on the real training split, the synthetic set, and both together.
+
+    The real one also judges label consistency (do synthetic images and their label maps agree);
+    their Dice on the real holdout gives the utility figures.
+
+    Args:
+        settings: The segmenter's settings (``evaluate.segmenter``).
+        real: The real training split.
+        synthetic: The synthetic set.
+        num_classes: Label values including background.
+        spatial_dims: 2 or 3.
+        seed: Seed of each training.
+        device: Where to train.
+        progress: Show progress bars.
+
+    Returns:
+        ``{name: segmenter}`` for each of :data:`SEGMENTER_SETS`, in eval mode on the CPU.
+    """
+    both = LabelledArrays(torch.cat([real.images, synthetic.images]), torch.cat([real.labels, synthetic.labels]),
+                          real.ids + synthetic.ids, [])
+    sets = dict(zip(SEGMENTER_SETS, (real, synthetic, both)))
+    return {name: train_segmenter(data, num_classes=num_classes, spatial_dims=spatial_dims, channels=settings.channels,
+                                  steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
+                                  device=device, progress=progress, desc=f"segmenter ({name})")
+            for name, data in sets.items()}
+
+
+def holdout_dice(segmenter: nn.Module, holdout: LabelledArrays, *, num_classes: int) -> float:
+    """Mean Dice of ``segmenter``'s label maps on real images against their own (higher = better).
+
+    Args:
+        segmenter: A trained segmenter.
+        holdout: Real images and label maps it never saw.
+        num_classes: Label values including background.
+
+    Returns:
+        The mean Dice over foreground classes, pooled over the set.
+    """
+    return mean_dice(segment(segmenter, holdout.images), holdout.labels.numpy(), num_classes=num_classes)
+
+
+# ---------------------------------------------------------------------------- the membership attack
+
+
+def membership_errors(
+    generator: Generator,
+    data: LabelledArrays,
+    records: Sequence[Record],
+    *,
+    timesteps: Sequence[int],
+    seed: int,
+) -> np.ndarray:
+    """The generator's denoising error on each record: the membership attack's score (lower = more likely trained on).
+
+    Args:
+        generator: The audited generator.
+        data: Images and label maps of ``records``.
+        records: The records, for their attributes (the model's condition codes).
+        timesteps: Timesteps the error is averaged over.
+        seed: Seed of the fixed noise draws (the same for every set, so sets are comparable).
+
+    Returns:
+        ``(N,)`` mean squared errors.
+    """
+    codes = attribute_codes(records, generator.model.vocabulary)
+    return denoising_errors(generator.model, data.images, data.labels, build_scheduler(generator.scheduler),
+                            timesteps=list(timesteps), codes=codes, seed=seed).numpy()
+

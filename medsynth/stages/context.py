@@ -1,0 +1,82 @@
+"""What every stage shares: its MLflow run, the device, and the shared settings."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsynth import MedsynthError, __version__
+from medsynth.config.schema import to_mapping
+from medsynth.config.settings import RunSettings
+from medsynth.io import write_text
+from medsynth.tracking import Tracker, TrackerLike, flatten
+
+log = logging.getLogger("medsynth")
+
+
+def make_tracker(run: RunSettings) -> Tracker:
+    """The MLflow tracker that ``run.mlflow`` configures."""
+    m = run.mlflow
+    return Tracker(m.tracking_uri, m.experiment_name, artifact_location=m.artifact_location)
+
+
+def log_config(tracker: TrackerLike, run_id: str, config: Mapping[str, Any], *, folder: str | Path) -> None:
+    """Log ``config`` flattened as params and as ``config.yaml`` (written to ``folder`` first)."""
+    import yaml
+
+    tracker.log_params(run_id, flatten(config))
+    path = write_text(Path(folder) / "config.yaml", yaml.safe_dump(dict(config), sort_keys=False))
+    tracker.log_artifact(run_id, path)
+
+
+def stage_tags(run: RunSettings, stage: str) -> dict[str, str]:
+    """The tags every medsynth run carries: its stage, medsynth's version and the output folder."""
+    return {"medsynth.stage": stage, "medsynth.version": __version__, "medsynth.output": str(Path(run.paths.output).resolve())}
+
+
+@contextlib.contextmanager
+def stage_run(
+    run: RunSettings,
+    stage: str,
+    config: Mapping[str, Any],
+    *,
+    tracker: TrackerLike | None = None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+) -> Iterator[tuple[TrackerLike, str]]:
+    """An MLflow run for one stage, nested under ``parent_run_id`` when the stage is part of a pipeline.
+
+    A top-level stage run logs the shared settings (``run``) and ``config`` (the stage's own
+    groups, e.g. ``{"data": ...}``) as params and ``config.yaml``; a nested one leaves that to its
+    pipeline run, which logs the whole config once. ``resume_run_id`` continues an
+    earlier run of the stage (a resumed training) when the store has it.
+
+    Yields:
+        The tracker and the stage's run id (``""`` with a :class:`~medsynth.tracking.NullTracker`).
+    """
+    tracker = tracker or make_tracker(run)
+    with tracker.run(stage, parent_run_id=parent_run_id, tags=stage_tags(run, stage), resume_run_id=resume_run_id) as run_id:
+        if parent_run_id is None and run_id and run_id != resume_run_id:
+            log_config(tracker, run_id, {**to_mapping(run), **config}, folder=run.paths.output)
+        if run_id:
+            log.info("%s: MLflow run %s", stage, run_id)
+        yield tracker, run_id
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; other names are passed to torch.
+
+    Raises:
+        MedsynthError: If a CUDA device is asked for and none is available.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MedsynthError(f"device={name} was asked for, but no CUDA device is available")
+    return device

@@ -1,0 +1,217 @@
+"""Stage 3: a trained model in, a labelled synthetic dataset and ``synthetic/manifest.csv`` out.
+
+This module is the wiring: it loads the generator(s), builds the privacy gate, and runs batches
+of seeds through :mod:`medsynth.stages.candidates` (planning each seed's condition, drawing, and
+replacing what the gate rejects) into :mod:`medsynth.stages.synthetic` (files and manifest).
+Sample ``i`` has seed ``generate.seed + i``; everything about it follows from that seed, so any
+one sample can be regenerated alone, and an interrupted run is continued by a rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from medsynth import MedsynthError, __version__
+from medsynth.config.schema import to_mapping
+from medsynth.config.settings import EncoderSettings, GenerateSettings, RunSettings, sampler_target
+from medsynth.data import LabelledArrays, Manifest, load_split, read_manifest
+from medsynth.diffusion.generator import Generator
+from medsynth.evaluation.gate import PrivacyGate, build_privacy_gate
+from medsynth.evaluation.instruments import dataset_encoder
+from medsynth.stages.candidates import Candidate, Planner, gated_draws, sample_candidates, user_label_maps
+from medsynth.stages.context import pick_device, stage_run
+from medsynth.stages.synthetic import SyntheticWriter
+from medsynth.tracking import TrackerLike
+from medsynth.training.checkpoint import file_sha256
+
+log = logging.getLogger("medsynth")
+
+_NOT_FINGERPRINTED = ("num_samples", "batch_size", "formats", "checkpoint")
+
+
+def generate(
+    *,
+    settings: GenerateSettings,
+    encoder: EncoderSettings,
+    run: RunSettings,
+    tracker: TrackerLike | None = None,
+    parent_run_id: str | None = None,
+) -> Path:
+    """Generate ``settings.num_samples`` labelled synthetic samples under ``run.paths.synthetic``.
+
+    Args:
+        settings: What to generate and how (``conf/generate``).
+        encoder: The dataset's feature encoder, for the privacy gate's feature space (``conf/encoder``).
+        run: The shared settings: seed, device, progress, folders, MLflow.
+        tracker: Tracker to log to (default: from ``run.mlflow``).
+        parent_run_id: Pipeline run to nest under.
+
+    Returns:
+        Path of ``synthetic/manifest.csv``.
+
+    Raises:
+        ConfigError: For a sampler that cannot sample the checkpoint's schedule.
+        MedsynthError: For a missing or mismatched checkpoint or dataset, bad user label maps, a
+            full disk, or a sample the privacy gate keeps rejecting.
+    """
+    config = {"generate": to_mapping(settings), "encoder": to_mapping(encoder)}
+    with stage_run(run, "generate", config, tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
+        device = pick_device(run.device)
+        manifest = read_manifest(run.paths.data)
+        source = load_split(manifest, settings.labels.split)
+        checkpoint = settings.checkpoint or f"{run.paths.checkpoints}/last.pt"
+        generator = _load_generator(checkpoint, manifest, run, device)
+        sampler = sampler_target(settings.sampler, generator.scheduler._target_, key="generate.sampler")
+        _check_grid(generator, checkpoint, source, manifest)
+        label_generator = None
+        if generator.conditioning == "mask" and settings.labels.source == "generator":
+            label_generator = _load_label_generator(str(settings.labels.generator), settings, manifest, run, device)
+        planner = _planner(settings, source, manifest, generator)
+        gate = _privacy_gate(settings, encoder, run, manifest, generator, device,
+                             train_split=source if settings.labels.split == "train" else None)
+        gate_description = gate.describe() if gate is not None else {"method": "off"}
+
+        checkpoint_hash, label_hash = _sha256(generator), _sha256(label_generator)
+        writer = SyntheticWriter(
+            Path(run.paths.synthetic), settings, manifest.label_names, generator.model.vocabulary,
+            common=_common_columns(settings, checkpoint, generator, sampler=sampler, checkpoint_hash=checkpoint_hash,
+                                   label_hash=label_hash, gate_method=gate_description["method"]),
+            previews_wanted="png" in settings.formats and manifest.spatial_dims == 2,
+        )
+        start = writer.resume(settings_fingerprint(settings, checkpoint_hash,
+                                                   {"label_generator": label_hash, "gate": gate_description["method"]}))
+
+        def draw(seeds: list[int]) -> tuple[list[Candidate], torch.Tensor | None, torch.Tensor | None]:
+            candidates = planner.plan(seeds)
+            return (candidates, *sample_candidates(candidates, generator, settings, label_generator=label_generator))
+
+        rejected = 0
+        with tqdm(total=settings.num_samples, initial=start, desc="generate", unit="sample",
+                  disable=not run.progress) as bar:
+            for first in range(start, settings.num_samples, settings.batch_size):
+                seeds = [settings.seed + i for i in range(first, min(first + settings.batch_size, settings.num_samples))]
+                accepted, batch_rejected = gated_draws(seeds, draw, gate, max_redraws=settings.privacy_gate.max_redraws)
+                rejected += batch_rejected
+                writer.write_batch(accepted)
+                bar.update(len(seeds))
+        sheet = writer.finish(modality=settings.dicom.modality)
+
+        tracker.log_params(run_id, {"checkpoint_sha256": checkpoint_hash, "num_samples": settings.num_samples,
+                                    "label_source": settings.labels.source if generator.conditioning == "mask" else "none",
+                                    **{f"privacy_gate_{k}": v for k, v in gate_description.items()}})
+        tracker.log_metrics(run_id, {"privacy_gate_rejected": rejected})
+        if rejected:
+            log.info("generate: the privacy gate rejected %d candidates and drew replacements", rejected)
+        tracker.log_artifact(run_id, writer.manifest, artifact_path="synthetic")
+        if sheet is not None:
+            tracker.log_artifact(run_id, sheet, artifact_path="synthetic")
+        log.info("generate: %d samples -> %s", len(writer.rows), writer.manifest)
+        return writer.manifest
+
+
+def settings_fingerprint(settings: GenerateSettings, checkpoint_hash: str, extra: Mapping[str, Any]) -> str:
+    """Hash of everything that decides the samples, so a rerun continues only an identical run.
+
+    Args:
+        settings: The generate settings (count, batch size, formats and the checkpoint's name left out).
+        checkpoint_hash: SHA-256 of the checkpoint file.
+        extra: Other facts that decide the samples (label generator, privacy gate).
+
+    Returns:
+        A hex digest.
+    """
+    g = {k: v for k, v in to_mapping(settings).items() if k not in _NOT_FINGERPRINTED}
+    body = json.dumps({"generate": g, "checkpoint": checkpoint_hash, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _load_generator(source: str, manifest: Manifest, run: RunSettings, device: torch.device) -> Generator:
+    """The generator ``source`` names (a path, run id or registered model), checked against the dataset's labels."""
+    generator = Generator.from_checkpoint(source, device=device, tracking_uri=run.mlflow.tracking_uri,
+                                          download_dir=f"{run.paths.output}/downloads")
+    if list(generator.label_names) != manifest.label_names:
+        raise MedsynthError(f"checkpoint {source} was trained on labels {generator.label_names}, but the dataset at "
+                            f"{manifest.root} has {manifest.label_names}")
+    return generator
+
+
+def _load_label_generator(source: str, settings: GenerateSettings, manifest: Manifest, run: RunSettings,
+                          device: torch.device) -> Generator:
+    """The label-map generator of ``generate.labels.generator`` (``generate.sampler`` must sample its schedule)."""
+    generator = _load_generator(source, manifest, run, device)
+    if generator.model.output != "label":
+        raise MedsynthError(f"{source} is not a label-map generator (model.output={generator.model.output})")
+    sampler_target(settings.sampler, generator.scheduler._target_, key="generate.sampler")
+    return generator
+
+
+def _check_grid(generator: Generator, source: str, split: LabelledArrays, manifest: Manifest) -> None:
+    """The generator must draw samples on the dataset's grid (label maps and geometry come from it)."""
+    grid = tuple(split.images.shape[2:])
+    if tuple(generator.image_size) != grid:
+        raise MedsynthError(f"checkpoint {source} generates images of size {list(generator.image_size)}, but the "
+                            f"dataset at {manifest.root} holds records of size {list(grid)}")
+
+
+def _planner(settings: GenerateSettings, source: LabelledArrays, manifest: Manifest, generator: Generator) -> Planner:
+    """The planner of each seed's candidate, with the user's label maps for ``generate.labels.source=folder``."""
+    user_maps = None
+    if generator.conditioning == "mask" and settings.labels.source == "folder":
+        user_maps = user_label_maps(Path(str(settings.labels.folder)), shape=generator.image_size,
+                                    num_classes=manifest.num_classes)
+    class_key = _class_key(generator) if settings.class_distribution else "class"
+    return Planner(settings, source, manifest, generator.conditioning, class_key=class_key, user_maps=user_maps)
+
+
+def _common_columns(settings: GenerateSettings, checkpoint: str, generator: Generator, *, sampler: str,
+                    checkpoint_hash: str, label_hash: str, gate_method: str) -> dict[str, Any]:
+    """The manifest columns every sample shares: the model, how it was sampled (``sampler``: its
+    MONAI class path), and the gate."""
+    return {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_hash,
+            "train_run_id": generator.info.get("run_id", ""), "sampler": sampler.rsplit(".", 1)[-1],
+            "steps": settings.steps, "eta": settings.eta,
+            "guidance_scale": settings.guidance_scale if generator.guided else "",
+            "label_generator_sha256": label_hash, "gate_method": gate_method, "medsynth_version": __version__}
+
+
+def _sha256(generator: Generator | None) -> str:
+    """SHA-256 of a generator's checkpoint file (``""`` without a generator)."""
+    if generator is None:
+        return ""
+    assert generator.checkpoint is not None  # set by Generator.from_checkpoint
+    return file_sha256(generator.checkpoint)
+
+
+def _class_key(generator: Generator) -> str:
+    """The attribute ``generate.class_distribution`` sets: the model's ``model.class_key``."""
+    return generator.settings.class_key if generator.settings is not None else "class"
+
+
+def _privacy_gate(settings: GenerateSettings, encoder: EncoderSettings, run: RunSettings, manifest: Manifest,
+                  generator: Generator, device: torch.device, *,
+                  train_split: LabelledArrays | None = None) -> PrivacyGate | None:
+    """The gate of ``generate.privacy_gate`` calibrated on this dataset, or ``None`` when off or not applicable.
+
+    ``train_split`` is the training split when the caller has it loaded already.
+    """
+    p = settings.privacy_gate
+    if not p.enabled:
+        log.warning("generate: the privacy gate is off; synthetic images are not checked against the training records")
+        return None
+    if generator.model.output == "label":
+        log.info("generate: a label-map model makes no images; the privacy gate does not apply")
+        return None
+    train_split = train_split if train_split is not None else load_split(manifest, "train")
+    holdout = load_split(manifest, "holdout")
+    features = dataset_encoder(encoder, run.paths.data, train_split, spatial_dims=manifest.spatial_dims, device=device,
+                               seed=run.seed, progress=run.progress) if p.features else None
+    return build_privacy_gate(train_split.images, holdout.images, encoder=features, quantile=p.quantile, metric=p.metric,
+                              device=device)

@@ -1,0 +1,43 @@
+"""``medsynth run``: the four stages in order under one MLflow pipeline run."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from medsynth.config import PipelineSettings, to_mapping
+from medsynth.stages.context import log_config, make_tracker, stage_tags
+from medsynth.stages.evaluate import evaluate
+from medsynth.stages.generate import generate
+from medsynth.stages.preprocess import preprocess
+from medsynth.stages.train import train
+from medsynth.tracking import TrackerLike
+
+log = logging.getLogger("medsynth")
+
+
+def run_pipeline(settings: PipelineSettings, *, tracker: TrackerLike | None = None) -> str:
+    """Preprocess, train, generate and evaluate, each as a nested run of one pipeline run.
+
+    Args:
+        settings: The whole checked config (:func:`medsynth.config.compose` or the dataclasses).
+        tracker: Tracker to log to (default: from ``settings.mlflow``).
+
+    Returns:
+        The MLflow id of the pipeline run.
+    """
+    run = settings.run
+    tracker = tracker or make_tracker(run)
+    start = time.perf_counter()
+    with tracker.run(f"{settings.name}-pipeline", tags=stage_tags(run, "pipeline")) as run_id:
+        log_config(tracker, run_id, to_mapping(settings), folder=run.paths.output)
+        nested = {"run": run, "tracker": tracker, "parent_run_id": run_id}
+        preprocess(settings=settings.data, **nested)
+        train(model=settings.model, scheduler=settings.scheduler, trainer=settings.trainer, **nested)
+        generate(settings=settings.generate, encoder=settings.encoder, **nested)
+        evaluate(settings=settings.evaluate, encoder=settings.encoder, **nested)
+        tracker.log_metrics(run_id, {"pipeline_seconds": time.perf_counter() - start})
+    print(f"\nmedsynth run finished in {time.perf_counter() - start:.0f} s; outputs in {run.paths.output}")
+    print(f"MLflow run id: {run_id} (experiment '{run.mlflow.experiment_name}')")
+    print(f"See it with: mlflow ui --backend-store-uri {run.mlflow.tracking_uri}")
+    return run_id

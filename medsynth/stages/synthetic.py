@@ -1,0 +1,200 @@
+"""generate's output: per-sample files (NIfTI in nnU-Net v2's raw layout, DICOM image series and
+SEG, PNG previews), ``manifest.csv`` listing exactly the complete samples, and ``dataset.json``.
+
+The manifest is rewritten after every batch, so an interrupted run leaves a manifest of complete
+samples; a rerun with the same settings (the same fingerprint in ``generate.json``) continues after
+them. A full disk stops generation with the count of complete samples.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import errno
+import io
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medsynth import MedsynthError
+from medsynth.config.settings import GenerateSettings
+from medsynth.io import colorize_labels, display_slice, picture_sheet, save_nifti, save_png, write_json, write_text
+from medsynth.stages.candidates import Accepted, Candidate
+
+log = logging.getLogger("medsynth")
+
+MANIFEST_COLUMNS = (
+    "sample_id", "image", "label", "dicom_series", "dicom_seg", "preview", "seed", "label_source", "attributes",
+    "checkpoint", "checkpoint_sha256", "train_run_id", "sampler", "steps", "eta", "guidance_scale",
+    "label_generator_sha256", "privacy_gate", "gate_pixel_nearness", "gate_feature_distance", "draws", "gate_method",
+    "medsynth_version",
+)
+"""Columns of ``synthetic/manifest.csv``, one row per sample."""
+
+_FILE_COLUMNS = ("image", "label", "dicom_seg", "preview")
+_MAX_PREVIEWS = 16
+
+
+@dataclasses.dataclass
+class SyntheticWriter:
+    """Writes accepted samples under ``out`` and keeps ``manifest.csv`` in step with them.
+
+    Attributes:
+        out: The synthetic dataset folder (``paths.synthetic``).
+        settings: The generate settings (formats, DICOM options, first seed).
+        label_names: The dataset's label names, background first.
+        vocabulary: The model's attributes; only these are recorded (all, when empty).
+        common: Columns every row shares (checkpoint, sampler, ...).
+        previews_wanted: Whether PNG previews are written (2D samples with ``png`` among the formats).
+        rows: The manifest rows of the complete samples.
+        previews: Preview columns of the first samples, for ``samples.png``.
+    """
+
+    out: Path
+    settings: GenerateSettings
+    label_names: list[str]
+    vocabulary: Mapping[str, Sequence[str]]
+    common: dict[str, Any]
+    previews_wanted: bool
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    previews: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / "manifest.csv"
+
+    def resume(self, fingerprint: str) -> int:
+        """Keep the complete samples of an earlier run with the same ``fingerprint`` and record it.
+
+        Returns:
+            How many samples are done already.
+        """
+        self.rows = done_rows(self.out, fingerprint)
+        if self.rows:
+            log.info("generate: continuing after %d samples already in %s", len(self.rows), self.manifest)
+        write_json(self.out / "generate.json", {"fingerprint": fingerprint})
+        return len(self.rows)
+
+    def write_batch(self, accepted: Sequence[Accepted]) -> None:
+        """Write a batch of accepted samples, then the manifest listing them.
+
+        Raises:
+            MedsynthError: When the disk is full (the manifest then lists the complete samples before the batch).
+        """
+        done = len(self.rows)
+        try:
+            for cand, image, label, verdict in accepted:
+                sample_id = f"syn_{len(self.rows):05d}"
+                preview = _preview(image, label) if self.previews_wanted else None
+                row = self._write_sample(sample_id, image, label, cand, preview=preview)
+                self.rows.append({**self.common, **row, **verdict, "attributes": self._attributes(cand)})
+                if preview is not None and len(self.previews) < _MAX_PREVIEWS:
+                    self.previews.append(preview)
+            write_manifest(self.manifest, self.rows)
+        except OSError as err:
+            del self.rows[done:]
+            write_manifest(self.manifest, self.rows)
+            if err.errno == errno.ENOSPC:
+                raise MedsynthError(
+                    f"disk full while writing to {self.out}: {done} complete samples are listed in manifest.csv; "
+                    "free space and rerun to continue"
+                ) from None
+            raise
+
+    def finish(self, *, modality: str) -> Path | None:
+        """Write ``dataset.json`` (with NIfTI output) and ``samples.png`` (when previews were made).
+
+        Returns:
+            The path of ``samples.png``, or ``None``.
+        """
+        if "nifti" in self.settings.formats:
+            write_dataset_json(self.out, label_names=self.label_names, num_training=len(self.rows), modality=modality)
+        if not self.previews:
+            return None
+        return save_png(self.out / "samples.png", picture_sheet(self.previews, titles=["label", "synthetic"]))
+
+    def _attributes(self, cand: Candidate) -> str:
+        known = self.vocabulary
+        return " ".join(f"{k}={v}" for k, v in sorted(cand.attributes.items()) if not known or k in known)
+
+    def _write_sample(self, sample_id: str, image: np.ndarray | None, label: np.ndarray | None, cand: Candidate, *,
+                      preview: list[np.ndarray] | None) -> dict[str, Any]:
+        """Write one sample in every requested format; returns its manifest row (files relative to ``out``)."""
+        out, g = self.out, self.settings
+        row: dict[str, Any] = {"sample_id": sample_id, "seed": cand.seed,
+                               "label_source": cand.label_source or ("generated" if label is not None else "")}
+        if "nifti" in g.formats:  # nnU-Net v2 raw layout
+            if image is not None:
+                row["image"] = save_nifti(out / "imagesTr" / f"{sample_id}_0000.nii.gz", image, cand.affine,
+                                          dtype=np.float32).relative_to(out).as_posix()
+            if label is not None:
+                row["label"] = save_nifti(out / "labelsTr" / f"{sample_id}.nii.gz", label, cand.affine,
+                                          dtype=np.uint8).relative_to(out).as_posix()
+        if "dicom" in g.formats and image is not None:
+            row.update(_write_dicom(out, sample_id, image, label, cand, settings=g, label_names=self.label_names))
+        if preview is not None:
+            row["preview"] = save_png(out / "previews" / f"{sample_id}.png", picture_sheet([preview])).relative_to(out).as_posix()
+        return row
+
+
+def _write_dicom(out: Path, sample_id: str, image: np.ndarray, label: np.ndarray | None, cand: Candidate, *,
+                 settings: GenerateSettings, label_names: list[str]) -> dict[str, str]:
+    """One sample as a DICOM image series (and a SEG of its label map); returns its manifest columns."""
+    from medsynth.io.dicom_write import new_study, write_image_series, write_segmentation
+
+    modality = settings.dicom.modality
+    folder = out / "dicom" / sample_id
+    files = write_image_series(
+        image, cand.affine, folder / "image", sample_id=sample_id, modality=modality, study=new_study(sample_id),
+        seed=cand.seed, series_description=f"medsynth synthetic {modality} {sample_id}",
+        intensity_range=tuple(settings.dicom.intensity_range) if settings.dicom.intensity_range else None,
+    )
+    row = {"dicom_series": (folder / "image").relative_to(out).as_posix()}
+    if label is not None:
+        row["dicom_seg"] = write_segmentation(label, files, folder / "seg.dcm", label_names=label_names).relative_to(out).as_posix()
+    return row
+
+
+def _preview(image: np.ndarray | None, label: np.ndarray | None) -> list[np.ndarray]:
+    """The label map (coloured) and the image of a 2D sample, a blank where one is missing."""
+    blank = np.zeros((image if image is not None else label).shape, dtype=np.float32)  # type: ignore[union-attr]
+    return [colorize_labels(display_slice(label if label is not None else blank.astype(np.uint8))),
+            display_slice(image if image is not None else blank)]
+
+
+def done_rows(out: Path, fingerprint: str) -> list[dict[str, Any]]:
+    """Rows of an earlier run with the same settings whose files all exist; ``[]`` otherwise."""
+    state, manifest = out / "generate.json", out / "manifest.csv"
+    if not (state.is_file() and manifest.is_file()):
+        return []
+    if json.loads(state.read_text()).get("fingerprint") != fingerprint:
+        return []
+    complete = []
+    with manifest.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if not all((out / row[k]).exists() for k in _FILE_COLUMNS if row.get(k)):
+                break
+            complete.append(row)
+    return complete
+
+
+def write_manifest(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``manifest.csv`` (:data:`MANIFEST_COLUMNS`) atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def write_dataset_json(out: Path, *, label_names: list[str], num_training: int, modality: str) -> Path:
+    """nnU-Net v2's ``dataset.json`` for the ``imagesTr`` / ``labelsTr`` folders."""
+    return write_json(out / "dataset.json", {
+        "channel_names": {"0": modality}, "labels": {name: value for value, name in enumerate(label_names)},
+        "numTraining": num_training, "file_ending": ".nii.gz",
+        "description": "medsynth synthetic dataset; synthetic/manifest.csv holds each sample's provenance",
+    })

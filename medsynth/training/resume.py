@@ -1,0 +1,48 @@
+"""Which checkpoint a training run continues from, and whether it may."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medsynth import MedsynthError
+from medsynth.training.checkpoint import load_checkpoint
+
+CHECKED_SECTIONS: tuple[str, ...] = ("model", "scheduler")
+"""Config sections a resumed run must share with its checkpoint (the trainer's may change, e.g. ``max_steps``)."""
+
+
+def resume_state(
+    resume: str | None, *, checkpoints: str | Path, config: Mapping[str, Any]
+) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint ``trainer.resume`` asks to continue from, loaded; ``(None, None)`` for a fresh start.
+
+    Args:
+        resume: ``trainer.resume``: null or empty (fresh start), ``auto`` (``checkpoints/last.pt``
+            when it exists, else a fresh start) or the path of a checkpoint.
+        checkpoints: The run's checkpoint folder.
+        config: The current ``{"model": ..., "scheduler": ...}`` as plain mappings.
+
+    Returns:
+        The checkpoint's path and its contents.
+
+    Raises:
+        MedsynthError: For a named checkpoint that does not exist, or one made with another model
+            or noise schedule (naming the differing section).
+    """
+    if not resume:
+        return None, None
+    path = Path(checkpoints) / "last.pt" if resume == "auto" else Path(resume)
+    if not path.is_file():
+        if resume == "auto":
+            return None, None
+        raise MedsynthError(f"trainer.resume={resume}: no checkpoint at {path}")
+    state = load_checkpoint(path)
+    saved = state.get("config")
+    if not isinstance(saved, Mapping):
+        raise MedsynthError(f"cannot resume from {path}: it is not a medsynth training checkpoint (no config)")
+    for section in CHECKED_SECTIONS:
+        if saved.get(section) != config[section]:
+            raise MedsynthError(f"cannot resume from {path}: it was trained with another `{section}` config")
+    return path, state

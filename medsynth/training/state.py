@@ -1,0 +1,86 @@
+"""What a training run updates and a checkpoint restores: the model, its EMA, the optimiser,
+the LR schedule, the gradient scaler, the step and the best validation loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from medsynth.config.settings import TrainerSettings
+from medsynth.training.build import build_optimizer
+from medsynth.training.ema import EMA
+from medsynth.training.loop import warmup_cosine
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """The objects a training run updates, and their checkpoint.
+
+    Attributes:
+        model: The model being trained (not its DDP or compiled wrapper).
+        ema: Its exponential moving average, which is what samples.
+        optimizer: Over the model's trainable parameters.
+        lr_scheduler: Linear warm-up then cosine decay, stepped per optimiser step.
+        scaler: The gradient scaler of ``fp16`` training, else ``None``.
+        step: Optimiser steps taken.
+        best_val_loss: The lowest validation loss of the run so far.
+    """
+
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None = None
+    step: int = 0
+    best_val_loss: float = math.inf
+
+    @classmethod
+    def create(cls, model: nn.Module, trainer: TrainerSettings, *, device: torch.device) -> TrainingState:
+        """A fresh state for ``model`` (already on ``device`` in its memory layout) as ``trainer`` configures it.
+
+        Args:
+            model: The model to train; its frozen parameters are left out of the optimiser.
+            trainer: Optimiser, LR schedule, EMA decay and precision.
+            device: Where the model trains (the scaler's device type).
+
+        Returns:
+            The state at step 0.
+        """
+        optimizer = build_optimizer(trainer.optimizer, [p for p in model.parameters() if p.requires_grad])
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+            warmup_cosine, warmup_steps=trainer.warmup_steps, max_steps=trainer.max_steps, min_factor=trainer.min_lr_factor,
+        ))
+        scaler = torch.amp.GradScaler(device.type) if trainer.precision == "fp16" else None
+        return cls(model, EMA(model, decay=trainer.ema_decay), optimizer, lr_scheduler, scaler)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's training part: ``model``, ``ema``, ``optimizer``, ``lr_scheduler``, ``scaler``,
+        ``step`` and ``best_val_loss``."""
+        return {
+            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
+            "step": self.step, "best_val_loss": self.best_val_loss,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint written from :meth:`state_dict`."""
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.best_val_loss = float(state.get("best_val_loss", math.inf))
+
+    def record_validation(self, val_loss: float) -> bool:
+        """Note a validation loss; whether it is the best so far."""
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        return improved

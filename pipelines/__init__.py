@@ -1,1 +1,0 @@
-"""Thin Hydra pipelines, one module per stage: `run(cfg)` wires library objects from the config."""
