@@ -47,9 +47,9 @@ def _call(stage: str, settings: PipelineSettings) -> Any:
     if stage == "train":
         return medsynth.train(model=settings.model, scheduler=settings.scheduler, trainer=settings.trainer, run=run)
     if stage == "generate":
-        return medsynth.generate(settings=settings.generate, encoder=settings.encoder, run=run)
+        return medsynth.generate(settings=settings.generate, encoder=settings.encoder, privacy=settings.privacy, run=run)
     if stage == "evaluate":
-        return medsynth.evaluate(settings=settings.evaluate, encoder=settings.encoder, run=run)
+        return medsynth.evaluate(settings=settings.evaluate, encoder=settings.encoder, privacy=settings.privacy, run=run)
     return medsynth.run_pipeline(settings)
 
 

@@ -20,6 +20,7 @@ from medsynth.config.settings import (
     EncoderSettings,
     EvaluateSettings,
     GenerateSettings,
+    PrivacySettings,
     MlflowSettings,
     ModelSettings,
     PathsSettings,
@@ -31,7 +32,7 @@ from medsynth.config.settings import (
 
 __all__ = [
     "DataSettings", "EncoderSettings", "EvaluateSettings", "GenerateSettings", "MlflowSettings", "ModelSettings", "PathsSettings",
-    "PipelineSettings", "RunSettings", "SchedulerSettings", "TrainerSettings", "compose", "config_dir",
+    "PipelineSettings", "PrivacySettings", "RunSettings", "SchedulerSettings", "TrainerSettings", "compose", "config_dir",
     "load_settings", "to_mapping",
 ]
 

@@ -431,14 +431,12 @@ class DicomOutputSettings:
 
 @dataclass(kw_only=True)
 class PrivacyGateSettings:
+    """Whether generate enforces the per-sample privacy rules (``privacy``) on every candidate."""
+
     enabled: bool = True
-    quantile: float = 0.01
-    metric: Literal["rms", "correlation"] = "rms"
-    features: bool = True
     max_redraws: int = 10
 
     def __post_init__(self) -> None:
-        check(0.0 <= self.quantile < 1.0, "generate.privacy_gate.quantile", "a fraction in [0, 1)", self.quantile)
         check(self.max_redraws >= 0, "generate.privacy_gate.max_redraws", "an integer >= 0", self.max_redraws)
 
 
@@ -474,6 +472,27 @@ class GenerateSettings:
                   "non-negative weights with a positive sum", self.class_distribution)
         if self.prompt:
             parse_prompt(self.prompt)
+
+
+# ----------------------------------------------------------------------------------------- privacy
+
+
+@dataclass(kw_only=True)
+class PrivacySettings:
+    """The per-sample privacy rules (``conf/privacy``): one definition that generate's gate enforces
+    on every candidate and evaluate's audit checks on every exported sample, with the same
+    features and thresholds."""
+
+    memorisation_threshold: float = 0.95
+    holdout_quantile: float = 0.01
+    metric: Literal["rms", "correlation"] = "rms"
+    features: bool = True
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.memorisation_threshold <= 1.0, "privacy.memorisation_threshold", "a number in (0, 1]",
+              self.memorisation_threshold)
+        check(0.0 < self.holdout_quantile <= 0.5, "privacy.holdout_quantile",
+              "a fraction in (0, 0.5] (the share of real holdout images counted as too close)", self.holdout_quantile)
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -541,14 +560,11 @@ class EvaluateSettings:
     seed: int = 0
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     membership: MembershipSettings = field(default_factory=MembershipSettings)
-    memorisation_threshold: float = 0.95
     limits: dict[str, LimitSettings | None] = field(default_factory=_default_limits)
 
     def __post_init__(self) -> None:
         check(self.sheet_rows >= 0, "evaluate.sheet_rows", "an integer >= 0", self.sheet_rows)
         check(self.max_ssim_pairs >= 1, "evaluate.max_ssim_pairs", "an integer >= 1", self.max_ssim_pairs)
-        check(0.0 < self.memorisation_threshold <= 1.0, "evaluate.memorisation_threshold", "a number in (0, 1]",
-              self.memorisation_threshold)
 
     def limit_table(self) -> dict[str, dict[str, float]]:
         """The verdict's limits as ``{figure: {"min"|"max": value}}``, disabled (null) ones left out."""
@@ -591,6 +607,7 @@ class PipelineSettings(RunSettings):
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from medsynth import MedsynthError
 from medsynth.config.schema import to_mapping
-from medsynth.config.settings import EncoderSettings, EvaluateSettings, RunSettings
+from medsynth.config.settings import EncoderSettings, EvaluateSettings, PrivacySettings, RunSettings
 from medsynth.data import Manifest, load_split, read_manifest
 from medsynth.diffusion.generator import Generator
 from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, render_report, utility_figures, verdict
@@ -39,6 +39,7 @@ def evaluate(
     *,
     settings: EvaluateSettings,
     encoder: EncoderSettings,
+    privacy: PrivacySettings,
     run: RunSettings,
     tracker: TrackerLike | None = None,
     parent_run_id: str | None = None,
@@ -63,7 +64,7 @@ def evaluate(
         MedsynthError: For a missing dataset or synthetic set, a synthetic set of another shape, or
             a generator checkpoint that is missing or not the file the samples were made with.
     """
-    config = {"evaluate": to_mapping(settings), "encoder": to_mapping(encoder)}
+    config = {"evaluate": to_mapping(settings), "encoder": to_mapping(encoder), "privacy": to_mapping(privacy)}
     with stage_run(run, "evaluate", config, tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
         device = pick_device(run.device)
         manifest = read_manifest(run.paths.data)
@@ -97,7 +98,7 @@ def evaluate(
         )
         privacy, correlation, nearest = privacy_figures(
             *sets.values(), num_classes=num_classes, member_errors=errors["train"], nonmember_errors=errors["holdout"],
-            memorisation_threshold=settings.memorisation_threshold,
+            memorisation_threshold=privacy.memorisation_threshold,
         )
         figures += privacy
         dice = {name: holdout_dice(model, holdout, num_classes=num_classes) for name, model in segmenters.items()}

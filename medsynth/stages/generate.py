@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from medsynth import MedsynthError, __version__
 from medsynth.config.schema import to_mapping
-from medsynth.config.settings import EncoderSettings, GenerateSettings, RunSettings, sampler_target
+from medsynth.config.settings import EncoderSettings, GenerateSettings, PrivacySettings, RunSettings, sampler_target
 from medsynth.data import LabelledArrays, Manifest, load_split, read_manifest
 from medsynth.diffusion.generator import Generator
 from medsynth.evaluation.gate import PrivacyGate, build_privacy_gate
@@ -41,6 +41,7 @@ def generate(
     *,
     settings: GenerateSettings,
     encoder: EncoderSettings,
+    privacy: PrivacySettings,
     run: RunSettings,
     tracker: TrackerLike | None = None,
     parent_run_id: str | None = None,
@@ -62,7 +63,7 @@ def generate(
         MedsynthError: For a missing or mismatched checkpoint or dataset, bad user label maps, a
             full disk, or a sample the privacy gate keeps rejecting.
     """
-    config = {"generate": to_mapping(settings), "encoder": to_mapping(encoder)}
+    config = {"generate": to_mapping(settings), "encoder": to_mapping(encoder), "privacy": to_mapping(privacy)}
     with stage_run(run, "generate", config, tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
         device = pick_device(run.device)
         manifest = read_manifest(run.paths.data)
@@ -75,7 +76,7 @@ def generate(
         if generator.conditioning == "mask" and settings.labels.source == "generator":
             label_generator = _load_label_generator(str(settings.labels.generator), settings, manifest, run, device)
         planner = _planner(settings, source, manifest, generator)
-        gate = _privacy_gate(settings, encoder, run, manifest, generator, device,
+        gate = _privacy_gate(settings, encoder, privacy, run, manifest, generator, device,
                              train_split=source if settings.labels.split == "train" else None)
         gate_description = gate.describe() if gate is not None else {"method": "off"}
 
@@ -195,7 +196,7 @@ def _class_key(generator: Generator) -> str:
     return generator.settings.class_key if generator.settings is not None else "class"
 
 
-def _privacy_gate(settings: GenerateSettings, encoder: EncoderSettings, run: RunSettings, manifest: Manifest,
+def _privacy_gate(settings: GenerateSettings, encoder: EncoderSettings, privacy: PrivacySettings, run: RunSettings, manifest: Manifest,
                   generator: Generator, device: torch.device, *,
                   train_split: LabelledArrays | None = None) -> PrivacyGate | None:
     """The gate of ``generate.privacy_gate`` calibrated on this dataset, or ``None`` when off or not applicable.
@@ -212,6 +213,7 @@ def _privacy_gate(settings: GenerateSettings, encoder: EncoderSettings, run: Run
     train_split = train_split if train_split is not None else load_split(manifest, "train")
     holdout = load_split(manifest, "holdout")
     features = dataset_encoder(encoder, run.paths.data, train_split, spatial_dims=manifest.spatial_dims, device=device,
-                               seed=run.seed, progress=run.progress) if p.features else None
-    return build_privacy_gate(train_split.images, holdout.images, encoder=features, quantile=p.quantile, metric=p.metric,
+                               seed=run.seed, progress=run.progress) if privacy.features else None
+    return build_privacy_gate(train_split.images, holdout.images, encoder=features, quantile=privacy.holdout_quantile,
+                              metric=privacy.metric,
                               device=device)

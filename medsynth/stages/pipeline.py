@@ -34,8 +34,8 @@ def run_pipeline(settings: PipelineSettings, *, tracker: TrackerLike | None = No
         nested = {"run": run, "tracker": tracker, "parent_run_id": run_id}
         preprocess(settings=settings.data, **nested)
         train(model=settings.model, scheduler=settings.scheduler, trainer=settings.trainer, **nested)
-        generate(settings=settings.generate, encoder=settings.encoder, **nested)
-        evaluate(settings=settings.evaluate, encoder=settings.encoder, **nested)
+        generate(settings=settings.generate, encoder=settings.encoder, privacy=settings.privacy, **nested)
+        evaluate(settings=settings.evaluate, encoder=settings.encoder, privacy=settings.privacy, **nested)
         tracker.log_metrics(run_id, {"pipeline_seconds": time.perf_counter() - start})
     print(f"\nmedsynth run finished in {time.perf_counter() - start:.0f} s; outputs in {run.paths.output}")
     print(f"MLflow run id: {run_id} (experiment '{run.mlflow.experiment_name}')")
