@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +23,7 @@ from medsynth.tracking.registry import log_generator, resolve_checkpoint
 from medsynth.tracking.serving import GeneratorInputError, parse_prompt
 from medsynth.training import load_checkpoint
 from tests.conftest import TINY, compose_config, phantom_overrides, run_stage, write_phantom
+from tests.servers import free_port, serve_model, stop
 
 NAME = "medsynth-tiny-class"
 FAST = ["trainer.max_steps=2", "trainer.grid.num=1", "trainer.grid.steps=1", "trainer.validation.timestep_fractions=[0.5]",
@@ -122,12 +118,6 @@ def test_mask_generator_takes_a_label_map(trained: dict[str, Any]) -> None:
         model.unwrap_python_model().predict(None, pd.DataFrame({"seed": [1]}))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -139,16 +129,9 @@ def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
 
 def test_mlflow_models_serve_answers_over_http(trained: dict[str, Any]) -> None:
     """``mlflow models serve -m models:/<name>/1 --env-manager local`` on loopback returns the same samples."""
-    bin_dir = Path(sys.executable).parent
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained["uri"], "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    port = free_port()
     log_path = trained["root"] / "serve.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [str(bin_dir / "mlflow"), "models", "serve", "-m", trained["model_uri"], "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    server = serve_model(trained["model_uri"], port=port, log_path=log_path, env={"MLFLOW_TRACKING_URI": trained["uri"]})
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -178,12 +161,7 @@ def test_mlflow_models_serve_answers_over_http(trained: dict[str, Any]) -> None:
         status, body = _post(f"{base}/invocations", {"dataframe_records": [{"seed": 1, "prompt": "level=9"}]})
         assert status == 400 and "level='9' is not one the model was trained with" in body["message"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop(server)
 
 
 def test_resolve_checkpoint_by_path_run_and_registered_name(trained: dict[str, Any], tmp_path: Path) -> None:

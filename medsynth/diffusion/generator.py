@@ -7,14 +7,19 @@ step, so a sample does not depend on the batch it was drawn in and no caller nee
 
 A checkpoint is data. Networks are rebuilt only from the classes in
 :data:`medsynth.config.settings.NETWORKS` and :data:`~medsynth.config.settings.AUTOENCODERS`,
-with plain keyword arguments checked by the settings schema; nothing in a checkpoint names code
-to run.
+with plain keyword arguments checked by the settings schema and the class's signature; a
+``_target_`` anywhere else in a checkpoint's config is refused (:func:`check_targets`). The plain
+facts a checkpoint carries are checked before use (:func:`read_generator_state`), and its EMA
+weights must be exactly the tensors of the network its config describes
+(:func:`medsynth.training.checkpoint.check_state_dict`): the network is first built on the
+``meta`` device, so a config that does not fit its weights is refused before any memory is spent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +34,7 @@ from medsynth.config.schema import from_mapping, to_mapping
 from medsynth.config.settings import (
     AUTOENCODERS,
     NETWORKS,
+    OPTIMIZERS,
     SAMPLERS,
     SCHEDULERS,
     ModelSettings,
@@ -68,11 +74,74 @@ def _plain_kwargs(options: Mapping[str, Any], *, key: str) -> dict[str, Any]:
     return kwargs
 
 
+TARGETS: dict[str, Sequence[str]] = {
+    "model.network": list(NETWORKS),
+    "model.autoencoder.network": list(AUTOENCODERS),
+    "scheduler": list(SCHEDULERS),
+    "trainer.optimizer": list(OPTIMIZERS),
+}
+"""The only places of a config (or a checkpoint's config) that may hold a ``_target_``, and the
+classes each may name."""
+
+
+def check_targets(config: Any, *, key: str = "", depth: int = 0) -> None:
+    """Refuse a config that names a class anywhere but :data:`TARGETS`, or one off their allow-lists,
+    or holds anything but plain values (numbers, strings, booleans, ``None``, lists, mappings).
+
+    Args:
+        config: A config section, e.g. a checkpoint's ``config``; ``key`` is its dotted place.
+        key: Dotted prefix, ``""`` for the whole config.
+
+    Raises:
+        ConfigError: Naming the dotted key at fault.
+    """
+    where = key or "config"
+    if depth > 32:
+        raise ConfigError(f"{where} nests deeper than 32 levels")
+    if isinstance(config, Mapping):
+        if "_target_" in config:
+            allowed = TARGETS.get(key)
+            if allowed is None:
+                raise ConfigError(f"{where}._target_: nested objects are not built from configs or checkpoints")
+            if config["_target_"] not in allowed:
+                raise ConfigError(f"{where}._target_ must be one of {', '.join(allowed)}, got {config['_target_']!r}")
+        for name, value in config.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"{where} has a key that is not a name: {name!r}")
+            check_targets(value, key=f"{key}.{name}" if key else name, depth=depth + 1)
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            check_targets(value, key=f"{where}[{i}]", depth=depth + 1)
+    elif config is not None and not isinstance(config, (bool, int, float, str)):
+        raise ConfigError(f"{where} must be a plain value, got {type(config).__name__}")
+
+
 def build_network(options: Mapping[str, Any], *, key: str = "model.network", **extra: Any) -> nn.Module:
-    """An allow-listed network (``options["_target_"]``) built with its plain options and ``extra``."""
+    """An allow-listed network (``options["_target_"]``) built with its plain options and ``extra``.
+
+    Args:
+        options: ``_target_`` and the constructor's keyword arguments (plain values only).
+        key: The dotted config key of ``options``, for messages.
+        extra: Arguments medsynth sets from the model's mode (channels, condition inputs).
+
+    Returns:
+        The network.
+
+    Raises:
+        ConfigError: For a class off the allow-list, a nested ``_target_``, an argument the class
+            does not take, or one that medsynth sets itself.
+    """
     allowed = AUTOENCODERS if "autoencoder" in key else NETWORKS
     cls = _allowed_class(str(options.get("_target_")), allowed, key=f"{key}._target_")
-    return cls(**_plain_kwargs(options, key=key), **extra)
+    kwargs = _plain_kwargs(options, key=key)
+    accepted = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    for name in kwargs:
+        if name in extra:
+            raise ConfigError(f"{key}.{name} is set by medsynth from the model's mode and labels; leave it out")
+        if not takes_any and (name not in accepted or name == "self"):
+            raise ConfigError(f"{key}.{name} is not an argument of {cls.__name__}")
+    return cls(**kwargs, **extra)
 
 
 def build_denoiser(model: ModelSettings, *, num_classes: int, vocabulary: Mapping[str, Sequence[str]] | None = None) -> Denoiser:
@@ -220,31 +289,49 @@ class Generator:
             folder = download_dir or tempfile.mkdtemp(prefix="medsynth-checkpoint-")
             path = resolve_checkpoint(str(source), tracking_uri=tracking_uri, download_dir=folder)
         state = load_checkpoint(path)
-        generator = cls.from_state(state, where=str(path))
+        generator = cls.from_state(state, where=str(path) if str(path) == str(source) else f"{source} ({path})")
         generator.model.to(device)
         generator.source, generator.checkpoint = str(source), path
         return generator
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], *, where: str) -> Generator:
-        """The generator of a loaded checkpoint dict (see :meth:`from_checkpoint`), on the CPU."""
-        try:
-            config = state["config"]
-            label_names = [str(n) for n in state["label_names"]]
-            model_settings = from_mapping(ModelSettings, config["model"], key="model")
-            scheduler = from_mapping(SchedulerSettings, config["scheduler"], key="scheduler")
-            sampling = from_mapping(SamplingSettings, state.get("sampling") or {}, key="sampling")
-            image_size = tuple(int(s) for s in state["image_size"])
-            vocabulary = {str(k): [str(v) for v in values] for k, values in (state.get("vocabulary") or {}).items()}
-            model = build_denoiser(model_settings, num_classes=len(label_names), vocabulary=vocabulary)
-            model.load_state_dict(state["ema"]["shadow"])
-        except ConfigError as err:
-            raise MedsynthError(f"checkpoint {where}: {err}") from None
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
-            raise MedsynthError(f"checkpoint {where} is not a medsynth generator checkpoint, or its weights do not fit "
-                                f"the model its config describes: {str(err)[:300]}") from None
-        info = {k: state[k] for k in ("run_id", "step", "val_loss") if k in state}
-        return cls(model.eval(), scheduler, label_names, image_size, sampling, info=info, settings=model_settings)
+        """The generator of a loaded checkpoint dict (see :meth:`from_checkpoint`), on the CPU.
+
+        Its plain facts are checked first (:func:`read_generator_state`), then the network its
+        config describes is built on the ``meta`` device and the EMA weights are checked against
+        it (:func:`~medsynth.training.checkpoint.check_state_dict`); only then is it built for real.
+
+        Args:
+            state: The loaded checkpoint.
+            where: The checkpoint file (or source), for messages.
+
+        Returns:
+            The generator, in eval mode on the CPU.
+
+        Raises:
+            MedsynthError: One line naming ``where`` and the key at fault.
+        """
+        from medsynth.training.checkpoint import check_state_dict
+
+        facts = read_generator_state(state, where=where)
+
+        def build() -> Denoiser:
+            try:
+                return build_denoiser(facts.model, num_classes=len(facts.label_names), vocabulary=facts.vocabulary)
+            except ConfigError as err:
+                raise MedsynthError(f"checkpoint {where}: {err}") from None
+            except (TypeError, ValueError, AttributeError, RuntimeError, AssertionError) as err:
+                raise MedsynthError(f"checkpoint {where}: its model config does not build a network: "
+                                    f"{' '.join(str(err).split())[:300]}") from None
+
+        with torch.device("meta"):
+            shape_of = build()
+        shadow = check_state_dict(shape_of, state["ema"]["shadow"], where=f"checkpoint {where}: ema.shadow")
+        model = build()
+        model.load_state_dict(shadow)
+        return cls(model.eval(), facts.scheduler, facts.label_names, facts.image_size, facts.sampling, info=facts.info,
+                   settings=facts.model)
 
     def sampler(self, name: str | None = None) -> Scheduler:
         """A fresh sampler (``name``, default the checkpoint's) on this model's training schedule."""
@@ -313,6 +400,124 @@ class Generator:
         return {"conditioning": self.conditioning, "label_names": list(self.label_names),
                 "vocabulary": dict(self.model.vocabulary), "image_size": list(self.image_size),
                 "sampling": to_mapping(self.sampling), **self.info}
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorFacts:
+    """The checked plain facts of a generator checkpoint (all but its weights); see :func:`read_generator_state`."""
+
+    model: ModelSettings
+    scheduler: SchedulerSettings
+    sampling: SamplingSettings
+    label_names: list[str]
+    vocabulary: dict[str, list[str]]
+    image_size: tuple[int, ...]
+    info: dict[str, Any]
+
+
+def check_checkpoint_config(config: Any, *, where: str) -> tuple[ModelSettings, SchedulerSettings]:
+    """The model and noise schedule a checkpoint's ``config`` describes, checked.
+
+    Every ``_target_`` must sit where :data:`TARGETS` allows and name an allow-listed class, every
+    value must be plain, and the ``model`` and ``scheduler`` sections must pass the settings schema.
+
+    Args:
+        config: The checkpoint's ``config``.
+        where: The checkpoint file, for messages.
+
+    Returns:
+        The model and scheduler settings.
+
+    Raises:
+        MedsynthError: One line naming the checkpoint and the key at fault.
+    """
+    if not isinstance(config, Mapping) or not all(isinstance(config.get(k), Mapping) for k in ("model", "scheduler")):
+        raise MedsynthError(f"checkpoint {where} is not a medsynth checkpoint: its config must hold the model and "
+                            "scheduler sections")
+    try:
+        check_targets(config)
+        return (from_mapping(ModelSettings, config["model"], key="model"),
+                from_mapping(SchedulerSettings, config["scheduler"], key="scheduler"))
+    except ConfigError as err:
+        raise MedsynthError(f"checkpoint {where}: {err}") from None
+
+
+GENERATOR_KEYS: tuple[str, ...] = ("config", "ema", "label_names", "image_size")
+"""What a checkpoint must hold to be loaded as a generator."""
+
+
+def read_generator_state(state: Any, *, where: str, required: Sequence[str] = GENERATOR_KEYS) -> GeneratorFacts:
+    """Check the plain facts a generator checkpoint carries, before any of them is used.
+
+    ``config`` as :func:`check_checkpoint_config` checks it; ``label_names`` a non-empty list of
+    distinct names; ``vocabulary`` a mapping of attribute names to lists of values; ``image_size``
+    a list of positive integers, one per spatial dimension of the network (and ``spatial_dims``,
+    when stored, the same count); ``sampling`` as the settings schema checks it; ``ema`` a mapping
+    with ``shadow`` (the weights are checked by :meth:`Generator.from_state`); ``run_id`` a string,
+    ``step`` a non-negative integer, ``val_loss`` a number.
+
+    Args:
+        state: A loaded checkpoint.
+        where: The checkpoint file, for messages.
+        required: The keys it must hold (``config`` always); the others are checked when present
+            (a training checkpoint being resumed, say).
+
+    Returns:
+        The checked facts (``label_names`` and ``image_size`` empty when absent).
+
+    Raises:
+        MedsynthError: One line naming the checkpoint and the key at fault.
+    """
+    if not isinstance(state, Mapping):
+        raise MedsynthError(f"checkpoint {where} is not a medsynth generator checkpoint: it holds a {type(state).__name__}")
+    missing = [k for k in dict.fromkeys(["config", *required]) if k not in state]
+    if missing:
+        raise MedsynthError(f"checkpoint {where} is not a medsynth generator checkpoint: it lacks {missing}")
+    model, scheduler = check_checkpoint_config(state["config"], where=where)
+
+    def fail(key: str, expected: str, value: Any) -> MedsynthError:
+        shown = " ".join(repr(value).split())
+        return MedsynthError(f"checkpoint {where}: {key} must be {expected}, got {shown[:120]}")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    names = state.get("label_names", [])
+    if (not isinstance(names, (list, tuple)) or ("label_names" in state and not names)
+            or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names)):
+        raise fail("label_names", "a non-empty list of distinct label names (strings)", names)
+    vocabulary = {} if state.get("vocabulary") is None else state["vocabulary"]
+    if not isinstance(vocabulary, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
+            for k, v in vocabulary.items()):
+        raise fail("vocabulary", "a mapping of attribute names to lists of values (strings)", vocabulary)
+    size = state.get("image_size", [1] * model.spatial_dims)
+    if (not isinstance(size, (list, tuple)) or len(size) != model.spatial_dims
+            or not all(is_int(s) and s >= 1 for s in size)):
+        raise fail("image_size", f"a list of {model.spatial_dims} positive integers (model.network.spatial_dims="
+                                 f"{model.spatial_dims})", size)
+    if "spatial_dims" in state and state["spatial_dims"] != model.spatial_dims:
+        raise fail("spatial_dims", f"{model.spatial_dims}, as model.network.spatial_dims", state["spatial_dims"])
+    sampling = {} if state.get("sampling") is None else state["sampling"]
+    try:
+        sampling_settings = from_mapping(SamplingSettings, sampling, key="sampling")
+        sampler_target(sampling_settings.sampler, scheduler._target_, key="sampling.sampler")
+    except ConfigError as err:
+        raise MedsynthError(f"checkpoint {where}: {err}") from None
+    ema = state.get("ema", {"shadow": {}})
+    if not isinstance(ema, Mapping) or "shadow" not in ema:
+        raise fail("ema", "a mapping with the EMA weights under shadow", type(ema).__name__)
+    checks = {"run_id": (lambda v: isinstance(v, str), "a string"),
+              "step": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+              "val_loss": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")}
+    info = {}
+    for key, (ok, expected) in checks.items():
+        if key in state:
+            if not ok(state[key]):
+                raise fail(key, expected, state[key])
+            info[key] = state[key]
+    return GeneratorFacts(model, scheduler, sampling_settings, list(names), {k: list(v) for k, v in vocabulary.items()},
+                          tuple(size) if "image_size" in state else (), info)
 
 
 def generator_state(model: ModelSettings, scheduler: SchedulerSettings, sampling: SamplingSettings) -> dict[str, Any]:

@@ -96,18 +96,37 @@ def saved_encoder(data_dir: str | Path, *, settings: EncoderSettings | None = No
 
     Returns:
         The encoder in eval mode on the CPU, or ``None`` when there is none or it is out of date.
+
+    Raises:
+        MedsynthError: One line naming the file and the key, for a file that is not a medsynth
+            feature encoder: settings the schema refuses, or weights that are not exactly the
+            tensors of the encoder those settings build (checked against it built on the ``meta``
+            device first, so nothing is allocated for a file that does not fit).
     """
+    from medsynth import ConfigError, MedsynthError
+    from medsynth.config.schema import from_mapping
+    from medsynth.training.checkpoint import check_state_dict
+
     path, manifest = Path(data_dir) / "encoder.pt", Path(data_dir) / "manifest.json"
     if not path.is_file() or not manifest.is_file():
         return None
-    saved = load_checkpoint(path)
-    stored = saved.get("settings") or {}
-    if saved.get("manifest_sha256") != file_sha256(manifest):
+    saved = load_checkpoint(path)  # a file of data: every part is checked before use
+    if not {"state", "settings", "manifest_sha256"} <= set(saved) or not isinstance(saved["manifest_sha256"], str):
+        raise MedsynthError(f"{path} is not a medsynth feature encoder (state, settings, manifest_sha256): delete it "
+                            "to train the encoder again")
+    try:
+        stored = from_mapping(EncoderSettings, saved["settings"], key="encoder")
+    except ConfigError as err:
+        raise MedsynthError(f"checkpoint {path}: settings: {err}") from None
+    if saved["manifest_sha256"] != file_sha256(manifest):
         return None
-    if settings is not None and stored != dataclasses.asdict(settings):
+    if settings is not None and dataclasses.asdict(stored) != dataclasses.asdict(settings):
         return None
-    encoder = FeatureEncoder(spatial_dims=2, channels=stored.get("channels", (16, 32, 64)))
-    encoder.load_state_dict(saved["state"])
+    with torch.device("meta"):
+        shape_of = FeatureEncoder(spatial_dims=2, channels=stored.channels)
+    weights = check_state_dict(shape_of, saved["state"], where=f"checkpoint {path}: state")
+    encoder = FeatureEncoder(spatial_dims=2, channels=stored.channels)
+    encoder.load_state_dict(weights)
     return encoder.eval()
 
 

@@ -76,7 +76,13 @@ class GeneratorModel(PythonModel):
     """
 
     def load_context(self, context: PythonModelContext) -> None:
-        """Load the checkpoint artifact as a generator (on CUDA when available)."""
+        """Load the checkpoint artifact as a generator (on CUDA when available).
+
+        The artifact is data: it is loaded through :meth:`Generator.from_checkpoint
+        <medsynth.diffusion.generator.Generator.from_checkpoint>`, which checks its config, facts
+        and weights first. A crafted or damaged artifact makes loading fail with that one-line
+        :class:`~medsynth.MedsynthError`, so ``mlflow models serve`` exits instead of serving it.
+        """
         self.load(context.artifacts["checkpoint"])
 
     def load(self, path: str | os.PathLike[str], *, device: torch.device | str | None = None) -> GeneratorModel:
@@ -88,6 +94,10 @@ class GeneratorModel(PythonModel):
 
         Returns:
             This model, ready to predict.
+
+        Raises:
+            MedsynthError: One line naming the file and the key, for a checkpoint that is not a
+                medsynth generator or whose config, facts or weights are refused.
         """
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.generator = Generator.from_checkpoint(path, device=self.device)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,13 +121,13 @@ def fit_autoencoder(
     """
     from medsynth.config.schema import to_mapping
     from medsynth.diffusion.latent import latent_scale_factor
-    from medsynth.training.checkpoint import load_checkpoint, save_checkpoint
+    from medsynth.training.checkpoint import save_checkpoint
 
     path = Path(path)
     wanted = {"network": to_mapping(network), "settings": to_mapping(settings)}
     autoencoder = model.autoencoder
-    if path.is_file() and (saved := load_checkpoint(path)).get("config") == wanted:
-        autoencoder.load_state_dict(saved["weights"])
+    if path.is_file() and (weights := saved_autoencoder(path, autoencoder, wanted=wanted)) is not None:
+        autoencoder.load_state_dict(weights)
         log.info("train: autoencoder from %s", path)
     else:
         autoencoder.train().requires_grad_(True)
@@ -140,3 +141,45 @@ def fit_autoencoder(
     model.latent_scale.fill_(scale)
     log.info("train: latent scale factor %.4g", scale)
     return scale
+
+
+def saved_autoencoder(path: str | os.PathLike[str], autoencoder: nn.Module, *,
+                      wanted: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The weights ``checkpoints/autoencoder.pt`` keeps for ``autoencoder``, if it was trained with ``wanted``.
+
+    The file is data: it must be a mapping of ``config`` (the network and training settings, plain
+    values naming only allow-listed classes) and ``weights`` (exactly the autoencoder's tensors).
+
+    Args:
+        path: The saved autoencoder.
+        autoencoder: The autoencoder the current settings build.
+        wanted: ``{"network": ..., "settings": ...}``: the current ``model.autoencoder`` and
+            ``trainer.autoencoder`` as plain mappings.
+
+    Returns:
+        The checked weights, or ``None`` when the file was trained with other settings (it is then
+        trained again and overwritten).
+
+    Raises:
+        MedsynthError: One line naming the file and the key, for a file that is not a medsynth
+            autoencoder or holds weights that do not fit.
+    """
+    from medsynth import ConfigError, MedsynthError
+    from medsynth.diffusion.generator import check_targets
+    from medsynth.training.checkpoint import check_state_dict, load_checkpoint
+
+    saved = load_checkpoint(path)
+    config = saved.get("config")
+    if (not {"config", "weights"} <= set(saved) or not isinstance(config, Mapping)
+            or set(config) != {"network", "settings"}):
+        raise MedsynthError(f"{path} is not a medsynth autoencoder (a mapping of config with network and settings, and "
+                            "weights): delete it to train the autoencoder again")
+    try:
+        check_targets(config["network"], key="model.autoencoder")
+        check_targets(config["settings"], key="trainer.autoencoder")
+    except ConfigError as err:
+        raise MedsynthError(f"checkpoint {path}: config: {err}") from None
+    if config != wanted:
+        log.info("train: %s was trained with other settings; training the autoencoder again", path)
+        return None
+    return check_state_dict(autoencoder, saved["weights"], where=f"checkpoint {path}: weights")

@@ -1,16 +1,46 @@
-"""Checkpoints: state dicts plus the resolved config, written atomically, loaded weights-only."""
+"""Checkpoints: state dicts plus the resolved config, written atomically, loaded weights-only.
+
+A checkpoint is data from outside. ``weights_only=True`` stops pickled code; the checks here stop
+the rest before anything is used: :func:`check_state_dict` takes weights only when they are
+exactly the tensors a module holds (same names, shapes and dtypes), and :func:`check_plain`,
+:func:`check_optimizer_state` and :func:`check_lr_scheduler_state` take the training state only
+as plain containers that fit the objects they restore. Each refusal is one line naming the file
+and the key.
+"""
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from medsynth import MedsynthError
 from medsynth.io import atomic_path
+
+_MAX_DEPTH = 32
+"""Nesting deeper than this is not a checkpoint medsynth wrote."""
+
+
+class Checkpoint(dict):
+    """A loaded checkpoint: its top-level mapping, and the file it came from (``path``), so checks
+    made later (resuming, say) can name the file.
+
+    It saves as a plain mapping (an ``OrderedDict``), so a loaded checkpoint saved again still
+    loads with ``weights_only=True``.
+    """
+
+    path: Path
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (collections.OrderedDict, (), None, None, iter(self.items()))
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
@@ -28,19 +58,227 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
     return Path(path)
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load a checkpoint with ``weights_only=True`` onto the CPU.
 
+    Only its top level is checked here (a mapping with string keys); each user checks the parts
+    it reads (see :func:`check_state_dict`).
+
+    Args:
+        path: The checkpoint file.
+
+    Returns:
+        Its mapping, which remembers ``path``.
+
     Raises:
-        MedsynthError: If the file is missing or not a readable checkpoint.
+        MedsynthError: If the file is missing, not a readable checkpoint, or not a mapping of names.
     """
     path = Path(path)
     if not path.is_file():
         raise MedsynthError(f"checkpoint not found: {path}: run `medsynth train` first")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise MedsynthError(f"cannot load checkpoint {path}: {err}") from None
+        raise MedsynthError(f"cannot load checkpoint {path}: {_one_line(str(err))}") from None
+    if not isinstance(state, dict):
+        raise MedsynthError(f"checkpoint {path} holds {_kind(state)}, not a medsynth checkpoint (a mapping of names to values)")
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise MedsynthError(f"checkpoint {path} has a key that is not a name: {_kind(odd)}")
+    loaded = Checkpoint(state)
+    loaded.path = path
+    return loaded
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """``text`` with its white space collapsed, cut to ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value: Any) -> str:
+    """What ``value`` is, for a message: ``a list``, ``a str 'abc'``, ``None``."""
+    if value is None:
+        return "None"
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {list(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (bool, int, float, str)):
+        return f"a {type(value).__name__} {_one_line(repr(value), 60)}"
+    return f"a {type(value).__name__}"
+
+
+def check_state_dict(module: nn.Module, state: Any, *, where: str) -> dict[str, torch.Tensor]:
+    """The weights ``state`` holds for ``module``, if they are exactly what it holds.
+
+    ``module.load_state_dict`` casts dtypes and accepts any tensor-like value; this takes a
+    mapping of exactly the module's keys, each a plain CPU tensor of exactly the module's shape
+    and dtype, and nothing else.
+
+    Args:
+        module: The module the weights are for (built from the checkpoint's checked config).
+        state: What the checkpoint holds for it.
+        where: The file and key, for messages, e.g. ``checkpoint last.pt: ema.shadow``.
+
+    Returns:
+        The weights as a plain dict in the module's key order, ready for ``load_state_dict``.
+
+    Raises:
+        MedsynthError: One line naming ``where`` and the first key at fault: a missing or extra
+            key, a value that is not a tensor, or a wrong shape or dtype.
+    """
+    expected = module.state_dict()
+    if not isinstance(state, Mapping):
+        raise MedsynthError(f"{where} must be a mapping of parameter names to tensors, got {_kind(state)}")
+    odd = next((k for k in state if not isinstance(k, str)), None)
+    if odd is not None:
+        raise MedsynthError(f"{where} has a key that is not a parameter name: {_kind(odd)}")
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected]
+    for keys, what in ((missing, "lacks"), (extra, "has an unexpected key")):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise MedsynthError(f"{where} {what} {keys[0]!r}{more}: the weights do not fit the network its config describes")
+    for key, want in expected.items():
+        value = state[key]
+        if type(value) not in (torch.Tensor, nn.Parameter) or value.layout != torch.strided or value.is_meta:
+            raise MedsynthError(f"{where}[{key!r}] must be a tensor, got {_kind(value)}")
+        if value.dtype != want.dtype:
+            raise MedsynthError(f"{where}[{key!r}] has dtype {value.dtype}, expected {want.dtype}")
+        if value.shape != want.shape:
+            raise MedsynthError(f"{where}[{key!r}] has shape {list(value.shape)}, expected {list(want.shape)}: the "
+                                "weights do not fit the network its config describes")
+    return {key: state[key] for key in expected}
+
+
+def load_weights(module: nn.Module, state: Any, *, where: str) -> nn.Module:
+    """Load ``state`` into ``module`` after :func:`check_state_dict`; returns ``module``."""
+    module.load_state_dict(check_state_dict(module, state, where=where))
+    return module
+
+
+def check_plain(value: Any, *, where: str, _depth: int = 0) -> None:
+    """Refuse anything in ``value`` but plain data: mappings with string or integer keys, lists,
+    tuples, tensors, numbers, strings, booleans and ``None``.
+
+    Args:
+        value: Part of a loaded checkpoint (an optimiser's state, say).
+        where: The file and key, for messages.
+
+    Raises:
+        MedsynthError: Naming the first key that holds something else, or nests too deep.
+    """
+    if _depth > _MAX_DEPTH:
+        raise MedsynthError(f"{where} nests deeper than {_MAX_DEPTH} levels: not a checkpoint medsynth wrote")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return
+    if type(value) in (torch.Tensor, nn.Parameter):
+        if value.layout != torch.strided or value.is_meta:
+            raise MedsynthError(f"{where} must be a plain tensor, got a {value.layout} tensor on {value.device}")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise MedsynthError(f"{where} has a key that is neither a name nor an index: {_kind(key)}")
+            check_plain(item, where=f"{where}[{key!r}]", _depth=_depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_plain(item, where=f"{where}[{i}]", _depth=_depth + 1)
+        return
+    raise MedsynthError(f"{where} must hold plain values (numbers, strings, tensors, lists, mappings), got {_kind(value)}")
+
+
+def _plain_with_keys_of(current: Mapping[str, Any], state: Any, *, where: str) -> Mapping[str, Any]:
+    """Refuse ``state`` unless it is plain data with exactly the keys of ``current``; return ``current``."""
+    check_plain(state, where=where)
+    if not isinstance(state, Mapping) or set(state) != set(current):
+        raise MedsynthError(f"{where} must be a mapping with keys {sorted(current)}, got {_kind(state)}"
+                            + (f" with keys {sorted(map(str, state))}" if isinstance(state, Mapping) else ""))
+    return current
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, *, where: str) -> None:
+    """Refuse an optimiser state that is not plain data fitting ``optimizer``.
+
+    It must have the optimiser's ``state`` and ``param_groups``, the same number of groups, each
+    with the same options and number of parameters, and per-parameter tensors (moments) of their
+    parameter's shape and dtype.
+
+    Args:
+        optimizer: The optimiser the state is for.
+        state: What the checkpoint holds for it.
+        where: The file and key, for messages.
+
+    Raises:
+        MedsynthError: One line naming the key at fault.
+    """
+    current = _plain_with_keys_of(optimizer.state_dict(), state, where=where)
+    groups, mine = state["param_groups"], current["param_groups"]
+    if not isinstance(groups, (list, tuple)) or len(groups) != len(mine):
+        raise MedsynthError(f"{where}['param_groups'] must be a list of {len(mine)} group(s), got {_kind(groups)}")
+    for i, (group, own) in enumerate(zip(groups, mine)):
+        at = f"{where}['param_groups'][{i}]"
+        if not isinstance(group, Mapping) or set(group) != set(own):
+            raise MedsynthError(f"{at} must have the options {sorted(own)} of {type(optimizer).__name__}, got {_kind(group)}"
+                                + (f" with {sorted(map(str, group))}" if isinstance(group, Mapping) else ""))
+        ids = group["params"]
+        if (not isinstance(ids, (list, tuple)) or len(ids) != len(own["params"])
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in ids)):
+            raise MedsynthError(f"{at}['params'] must list {len(own['params'])} parameter indices, got {_kind(ids)}")
+    params = dict(zip(itertools.chain.from_iterable(g["params"] for g in groups),
+                      itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    per_param = state["state"]
+    if not isinstance(per_param, Mapping):
+        raise MedsynthError(f"{where}['state'] must be a mapping of parameter indices, got {_kind(per_param)}")
+    for index, entry in per_param.items():
+        at = f"{where}['state'][{index!r}]"
+        if index not in params:
+            raise MedsynthError(f"{at}: no parameter has that index in param_groups")
+        if not isinstance(entry, Mapping):
+            raise MedsynthError(f"{at} must be a mapping, got {_kind(entry)}")
+        param = params[index]
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                if value.shape != param.shape or value.dtype != param.dtype:
+                    raise MedsynthError(f"{at}[{name!r}] has shape {list(value.shape)} and dtype {value.dtype}, "
+                                        f"its parameter {list(param.shape)} and {param.dtype}")
+
+
+def check_lr_scheduler_state(scheduler: Any, state: Any, *, where: str) -> None:
+    """Refuse an LR-schedule state that is not plain data with ``scheduler``'s keys.
+
+    A ``LambdaLR`` copies its saved ``lr_lambdas`` entries onto its functions' attributes, so
+    those must equal the schedule's own.
+
+    Args:
+        scheduler: The LR schedule the state is for.
+        state: What the checkpoint holds for it.
+        where: The file and key, for messages.
+
+    Raises:
+        MedsynthError: One line naming the key at fault.
+    """
+    current = _plain_with_keys_of(scheduler.state_dict(), state, where=where)
+    if "lr_lambdas" in current and state["lr_lambdas"] != current["lr_lambdas"]:
+        raise MedsynthError(f"{where}['lr_lambdas'] must be {current['lr_lambdas']!r} (the schedule's own), got "
+                            f"{_kind(state['lr_lambdas'])}")
+    for key in ("last_epoch", "_step_count"):
+        if key in state and (not isinstance(state[key], int) or isinstance(state[key], bool)):
+            raise MedsynthError(f"{where}[{key!r}] must be an integer, got {_kind(state[key])}")
+
+
+def check_number(value: Any, *, where: str, integer: bool = False, low: float = -math.inf, high: float = math.inf) -> float:
+    """``value`` if it is a number (an integer with ``integer``) in ``[low, high]``; booleans are refused.
+
+    Raises:
+        MedsynthError: Naming ``where`` and what was expected.
+    """
+    kinds = (int,) if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or not (low <= value <= high):
+        what = "an integer" if integer else "a number"
+        bounds = "" if (low, high) == (-math.inf, math.inf) else f" in [{low}, {high}]"
+        raise MedsynthError(f"{where} must be {what}{bounds}, got {_kind(value)}")
+    return value
 
 
 def file_sha256(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:

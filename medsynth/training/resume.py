@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medsynth import MedsynthError
+from medsynth.diffusion.generator import read_generator_state
 from medsynth.training.checkpoint import load_checkpoint
 
 CHECKED_SECTIONS: tuple[str, ...] = ("model", "scheduler")
@@ -27,8 +28,13 @@ def resume_state(
     Returns:
         The checkpoint's path and its contents.
 
+    The checkpoint's config and facts are checked as data first (allow-listed classes, plain
+    values; see :func:`medsynth.diffusion.generator.read_generator_state`); its weights and training state
+    are checked when they are restored (:meth:`medsynth.training.state.TrainingState.load_state_dict`).
+
     Raises:
-        MedsynthError: For a named checkpoint that does not exist, or one made with another model
+        MedsynthError: For a named checkpoint that does not exist, one whose config names a class
+            off the allow-list or holds something but plain values, or one made with another model
             or noise schedule (naming the differing section).
     """
     if not resume:
@@ -42,6 +48,9 @@ def resume_state(
     saved = state.get("config")
     if not isinstance(saved, Mapping):
         raise MedsynthError(f"cannot resume from {path}: it is not a medsynth training checkpoint (no config)")
+    # a checkpoint is data: its config may name only allow-listed classes, with plain values, and
+    # the facts it carries (labels, image size, sampling, run id) must be well formed
+    read_generator_state(state, where=str(path), required=("config",))
     for section in CHECKED_SECTIONS:
         if saved.get(section) != config[section]:
             raise MedsynthError(f"cannot resume from {path}: it was trained with another `{section}` config")
