@@ -1,4 +1,5 @@
-"""The privacy gate of generation: thresholds from the holdout, copies rejected, fresh images accepted, 2D and 3D."""
+"""The privacy gate of generation: thresholds from the holdout, copies rejected, fresh images accepted, 2D and 3D;
+the gate and the audit apply one set of per-sample rules."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from medsynth import ConfigError, MedsynthError
+from medsynth.config.settings import PrivacySettings
 from medsynth.evaluation.gate import PrivacyGate, build_privacy_gate
 from medsynth.metrics.realism import orthogonal_slices
 from medsynth.training.encoder import FeatureEncoder, encode
@@ -54,7 +56,7 @@ def test_thresholds_are_the_holdout_quantiles(data_2d: tuple[np.ndarray, np.ndar
     """The pixel and feature thresholds are the stated quantile of the holdout-to-train nearest distances."""
     train, holdout, _ = data_2d
     encoder = encoder_2d()
-    gate = build_privacy_gate(train, holdout, encoder=encoder, quantile=0.05)
+    gate = build_privacy_gate(train, holdout, encoder=encoder, privacy=PrivacySettings(holdout_quantile=0.05))
     assert gate.pixel_threshold == pytest.approx(np.quantile(brute_rms(holdout, train), 0.05), abs=2e-4)
     feature_train = encode(encoder, torch.from_numpy(train)).numpy()
     feature_holdout = encode(encoder, torch.from_numpy(holdout)).numpy()
@@ -68,7 +70,8 @@ def test_thresholds_are_the_holdout_quantiles(data_2d: tuple[np.ndarray, np.ndar
 def test_correlation_threshold_is_the_upper_quantile(data_2d: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     """With correlation, "closer" is higher: the threshold is the 1 - quantile of holdout correlations."""
     train, holdout, _ = data_2d
-    gate = build_privacy_gate(train[:40], holdout[:30], encoder=None, quantile=0.1, metric="correlation")
+    gate = build_privacy_gate(train[:40], holdout[:30], encoder=None,
+                              privacy=PrivacySettings(holdout_quantile=0.1, metric="correlation"))
     assert gate.pixel_threshold == pytest.approx(np.quantile(brute_correlation(holdout[:30], train[:40]), 0.9), abs=1e-5)
     brighter = np.clip(0.8 * train[:5] + 0.1, 0, 1)  # an intensity-changed copy: correlation ~1
     result = gate.check(brighter)
@@ -79,7 +82,7 @@ def test_correlation_threshold_is_the_upper_quantile(data_2d: tuple[np.ndarray, 
 def test_copies_and_noisy_copies_are_rejected(data_2d: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     """Exact and lightly noised copies of training images fail; the nearest index names the copied record."""
     train, holdout, _ = data_2d
-    gate = build_privacy_gate(train, holdout, encoder=encoder_2d(), quantile=0.01)
+    gate = build_privacy_gate(train, holdout, encoder=encoder_2d())
     picks = np.array([0, 7, 42, 99])
     noise = np.random.default_rng(0).normal(0.0, 0.02, train[picks].shape).astype(np.float32)
     for candidates in (train[picks], np.clip(train[picks] + noise, 0, 1)):
@@ -95,11 +98,13 @@ def test_fresh_images_are_mostly_accepted(data_2d: tuple[np.ndarray, np.ndarray,
     """Images from the holdout's distribution pass at about 1 - quantile per space."""
     train, holdout, fresh = data_2d
     quantile = 0.05
-    pixel_only = build_privacy_gate(train, holdout, encoder=None, quantile=quantile).check(fresh)
+    privacy = PrivacySettings(holdout_quantile=quantile)
+    pixel_only = build_privacy_gate(train, holdout, encoder=None, privacy=privacy).check(fresh)
     assert 1 - quantile - 0.07 <= pixel_only.accepted.mean() <= 1.0
-    both = build_privacy_gate(train, holdout, encoder=encoder_2d(), quantile=quantile).check(fresh)
+    both = build_privacy_gate(train, holdout, encoder=encoder_2d(), privacy=privacy).check(fresh)
     assert 1 - 2 * quantile - 0.07 <= both.accepted.mean() <= pixel_only.accepted.mean()
-    np.testing.assert_array_equal(both.accepted, ~(both.pixel_too_close | both.feature_too_close))
+    np.testing.assert_array_equal(both.accepted, ~(both.memorised | both.pixel_too_close | both.feature_too_close))
+    assert not both.memorised.any()  # fresh blobs never correlate above 0.95 with a training blob
 
 
 def test_without_encoder_only_pixel_space_is_used(data_2d: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
@@ -108,7 +113,7 @@ def test_without_encoder_only_pixel_space_is_used(data_2d: tuple[np.ndarray, np.
     assert gate.feature_threshold is None and gate.reference_features is None and gate.feature_space == "none"
     result = gate.check(fresh[:10])
     assert result.feature is None and result.feature_index is None and not result.feature_too_close.any()
-    np.testing.assert_array_equal(result.accepted, ~result.pixel_too_close)
+    np.testing.assert_array_equal(result.accepted, ~(result.pixel_too_close | result.memorised))
     assert gate.describe()["feature_threshold"] is None
 
 
@@ -118,7 +123,8 @@ def test_volumes(encoder_dims: int) -> None:
     train, holdout, fresh = blob_volumes(60, seed=1), blob_volumes(60, seed=2), blob_volumes(60, seed=3)
     torch.manual_seed(0)
     encoder = FeatureEncoder(spatial_dims=encoder_dims, channels=(8, 16)).eval()
-    gate = build_privacy_gate(torch.from_numpy(train), torch.from_numpy(holdout), encoder=encoder, quantile=0.05)
+    gate = build_privacy_gate(torch.from_numpy(train), torch.from_numpy(holdout), encoder=encoder,
+                              privacy=PrivacySettings(holdout_quantile=0.05))
     assert gate.feature_space == ("2.5d" if encoder_dims == 2 else "3d")
     if encoder_dims == 2:
         # 2.5D by hand: each plane's slices encoded, averaged per volume, the planes concatenated
@@ -134,10 +140,12 @@ def test_volumes(encoder_dims: int) -> None:
 def test_options_and_inputs_are_checked(data_2d: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
     train, holdout, _ = data_2d
     for quantile in (0.0, -0.1, 0.6):
-        with pytest.raises(ConfigError, match="quantile"):
-            build_privacy_gate(train, holdout, encoder=None, quantile=quantile)
-    with pytest.raises(ConfigError, match="metric"):
-        build_privacy_gate(train, holdout, encoder=None, metric="l1")
+        with pytest.raises(ConfigError, match="privacy.holdout_quantile"):
+            PrivacySettings(holdout_quantile=quantile)
+    with pytest.raises(ConfigError, match="privacy.metric"):
+        PrivacySettings(metric="l1")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="privacy.memorisation_threshold"):
+        PrivacySettings(memorisation_threshold=1.5)
     with pytest.raises(MedsynthError, match="holdout split is empty"):
         build_privacy_gate(train, holdout[:0], encoder=None)
     with pytest.raises(MedsynthError, match="training split is empty"):
@@ -157,3 +165,60 @@ def test_encoder_is_moved_and_candidates_may_be_tensors(data_2d: tuple[np.ndarra
     a, b = gate.check(fresh[:8]), gate.check(torch.from_numpy(fresh[:8]))
     np.testing.assert_array_equal(a.accepted, b.accepted)
     np.testing.assert_allclose(a.feature, b.feature)
+
+
+def test_memorised_copies_are_rejected_even_when_far_in_pixel_space(data_2d: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """A contrast-changed copy is far in RMS distance but correlates ~1: the memorisation rule rejects it."""
+    train, holdout, _ = data_2d
+    gate = build_privacy_gate(train, holdout, encoder=None)
+    faded = 0.3 * train[:6] + 0.5
+    result = gate.check(faded)
+    assert result.memorised.all() and not result.accepted.any()
+    assert not result.pixel_too_close.any()  # the distance rule alone would have let them through
+    np.testing.assert_array_equal(result.correlation_index, np.arange(6))
+    assert gate.rejections == {"memorised": 6, "too_close_pixel": 0, "too_close_feature": 0}
+    assert "memorised" in gate.describe()["method"] and gate.describe()["memorisation_threshold"] == 0.95
+
+
+def test_an_exported_set_meets_the_audits_per_sample_rules() -> None:
+    """The gate rejects a near-copy of a training image; the audit of the ungated set counts it, of the gated set nothing."""
+    from medsynth.evaluation import AuditSet, privacy_figures
+    from medsynth.evaluation.instruments import features
+    from medsynth.evaluation.rules import calibrate_rules
+
+    (train, train_labels), (holdout, holdout_labels) = blobs(120, seed=1), blobs(100, seed=2)
+    fresh, fresh_labels = blobs(40, seed=3)
+    near_copy = np.clip(0.7 * train[3:4] + 0.15 + np.random.default_rng(0).normal(0, 0.01, train[3:4].shape), 0, 1)
+    candidates = np.concatenate([fresh, near_copy]).astype(np.float32)
+    labels = np.concatenate([fresh_labels, train_labels[3:4]])
+    encoder, privacy = encoder_2d(), PrivacySettings(holdout_quantile=0.05)
+
+    gate = build_privacy_gate(train, holdout, encoder=encoder, privacy=privacy)
+    check = gate.check(candidates[:16])  # the gate sees candidates batch by batch
+    check = [check, gate.check(candidates[16:])]
+    accepted = np.concatenate([c.accepted for c in check])
+    assert not accepted[-1] and check[1].memorised[-1] and 0 < accepted[:-1].mean() < 1
+
+    # the audit, as evaluate does it: features of each whole set, rules calibrated from them
+    train_features, holdout_features = features(encoder, train).items, features(encoder, holdout).items
+    rules = calibrate_rules(train, holdout, privacy=privacy, encoder=encoder, train_features=train_features,
+                            holdout_features=holdout_features)
+    assert (rules.pixel_threshold, rules.feature_threshold) == (gate.pixel_threshold, gate.feature_threshold)
+
+    def audit(images: np.ndarray, maps: np.ndarray) -> dict[str, float]:
+        figures, _, _ = privacy_figures(
+            AuditSet(train, train_labels, train_features), AuditSet(holdout, holdout_labels, holdout_features),
+            AuditSet(images, maps, features(encoder, images).items), num_classes=3, member_errors=None,
+            nonmember_errors=None, rules=rules)
+        return {f.name: f.value for f in figures}
+
+    ungated = audit(candidates, labels)
+    assert ungated["privacy/memorised_count"] == 1 and ungated["privacy/rule_violations_count"] == (~accepted).sum()
+    gated = audit(candidates[accepted], labels[accepted])
+    for name in ("rule_violations_count", "memorised_count", "too_close_count_pixel", "too_close_count_feature"):
+        assert gated[f"privacy/{name}"] == 0, name
+    preview = gate.preview(candidates[accepted])
+    assert preview["rule_violations_count"] == 0
+    for space in ("pixel", "feature"):
+        name = f"closer_to_train_fraction_{space}"
+        assert preview[name] == pytest.approx(gated[f"privacy/{name}"])

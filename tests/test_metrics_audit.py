@@ -342,3 +342,44 @@ def test_orthogonal_slices_cut_every_axis() -> None:
     np.testing.assert_array_equal(cuts["axial"][1], volumes[0, :, :, :, 1])
     with pytest.raises(ValueError):
         orthogonal_slices(volumes[0])
+
+
+# --- the per-sample privacy rules ---------------------------------------------------------
+
+
+def test_rules_are_calibrated_on_the_holdout_and_flag_about_the_quantile() -> None:
+    """Thresholds are holdout quantiles; the holdout's own flags (the audit's reference) follow from them."""
+    from medsynth.config.settings import PrivacySettings
+    from medsynth.evaluation.rules import calibrate_rules
+
+    rng = np.random.default_rng(24)
+    train, holdout = rng.random((60, 1, 8, 8)).astype(np.float32), rng.random((101, 1, 8, 8)).astype(np.float32)
+    train_f, holdout_f = rng.standard_normal((60, 5)), rng.standard_normal((101, 5))
+    rules = calibrate_rules(train, holdout, privacy=PrivacySettings(holdout_quantile=0.1), train_features=train_f,
+                            holdout_features=holdout_f)
+    ref = rules.holdout
+    assert rules.pixel_threshold == pytest.approx(np.quantile(ref.distance, 0.1))
+    assert rules.feature_threshold == pytest.approx(np.quantile(ref.feature, 0.1))
+    assert ref.pixel_too_close.sum() == ref.feature_too_close.sum() == 10  # 101 values: the 10 strictly below the 11th
+    np.testing.assert_array_equal(ref.memorised, ref.correlation > 0.95)
+    np.testing.assert_array_equal(ref.violations, ref.memorised | ref.pixel_too_close | ref.feature_too_close)
+    assert ref.counts()["any"] == int(ref.violations.sum())
+    # without the feature rule, features are still measured (for the figures) but flag nothing
+    off = calibrate_rules(train, holdout, privacy=PrivacySettings(holdout_quantile=0.1, features=False),
+                          train_features=train_f, holdout_features=holdout_f)
+    assert off.feature_threshold is None and off.holdout.feature is not None and not off.holdout.feature_too_close.any()
+
+
+def test_the_gate_margin_is_stricter_than_the_audit() -> None:
+    """A sample exactly at a threshold passes the audit's strict rule and is rejected with the gate's margin."""
+    from medsynth.config.settings import PrivacySettings
+    from medsynth.evaluation.gate import GATE_MARGIN
+    from medsynth.evaluation.rules import calibrate_rules
+
+    rng = np.random.default_rng(25)
+    train, holdout = rng.random((40, 1, 8, 8)).astype(np.float32), rng.random((101, 1, 8, 8)).astype(np.float32)
+    rules = calibrate_rules(train, holdout, privacy=PrivacySettings(holdout_quantile=0.01))
+    at = int(np.argsort(rules.holdout.distance)[1])  # 101 values, quantile 0.01: the threshold is the 2nd smallest
+    assert rules.holdout.distance[at] == rules.pixel_threshold
+    assert not rules.measure(holdout[at : at + 1]).pixel_too_close[0]
+    assert rules.measure(holdout[at : at + 1], margin=GATE_MARGIN).pixel_too_close[0]

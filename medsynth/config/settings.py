@@ -200,7 +200,7 @@ class DataSettings:
     def __post_init__(self) -> None:
         if self.source == "nifti":
             for key in ("image", "label", "label_names"):
-                check(getattr(self, key) is not None, f"data.{key}", f"set for data=nifti (see conf/data/nifti.yaml)", None)
+                check(getattr(self, key) is not None, f"data.{key}", "set for data=nifti (see conf/data/nifti.yaml)", None)
         check(len(self.spacing) == 3 and all(s > 0 for s in self.spacing), "data.spacing", "3 positive numbers (mm)",
               self.spacing)
         check(len(self.size) == self.spatial_dims and all(s >= 1 for s in self.size), "data.size",
@@ -458,6 +458,7 @@ class GenerateSettings:
     labels: LabelSourceSettings = field(default_factory=LabelSourceSettings)
     dicom: DicomOutputSettings = field(default_factory=DicomOutputSettings)
     privacy_gate: PrivacyGateSettings = field(default_factory=PrivacyGateSettings)
+    require_audited: bool = False  # refuse a generator that is not a registered version with a PASS audit
 
     def __post_init__(self) -> None:
         for key in ("num_samples", "batch_size", "steps"):
@@ -493,6 +494,7 @@ class PrivacySettings:
               self.memorisation_threshold)
         check(0.0 < self.holdout_quantile <= 0.5, "privacy.holdout_quantile",
               "a fraction in (0, 0.5] (the share of real holdout images counted as too close)", self.holdout_quantile)
+        check(self.metric in ("rms", "correlation"), "privacy.metric", "rms or correlation", self.metric)
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -546,9 +548,17 @@ class LimitSettings:
     max: float | None = None
 
 
+VERDICT_GROUPS: tuple[str, ...] = ("privacy", "realism", "utility")
+"""The verdict's groups: a limit belongs to the group its figure's name starts with (``<group>/...``)."""
+
+
 def _default_limits() -> dict[str, LimitSettings | None]:
-    return {"privacy/memorised_count": LimitSettings(max=0), "privacy/membership_auc": LimitSettings(max=0.75),
-            "privacy/closer_to_train_fraction_feature": LimitSettings(max=0.75)}
+    return {"privacy/rule_violations_count": LimitSettings(max=0), "privacy/memorised_count": LimitSettings(max=0),
+            "privacy/membership_auc": LimitSettings(max=0.75),
+            "privacy/closer_to_train_fraction_feature": LimitSettings(max=0.75),
+            "realism/fid_features_ratio": LimitSettings(max=4.0),
+            "realism/label_consistency_dice_ratio": LimitSettings(min=0.7),
+            "utility/dice_synthetic_only_ratio": LimitSettings(min=0.5)}
 
 
 @dataclass(kw_only=True)
@@ -558,6 +568,7 @@ class EvaluateSettings:
     sheet_rows: int = 8
     max_ssim_pairs: int = 2000
     seed: int = 0
+    min_reference_dice: float = 0.3
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     membership: MembershipSettings = field(default_factory=MembershipSettings)
     limits: dict[str, LimitSettings | None] = field(default_factory=_default_limits)
@@ -565,6 +576,13 @@ class EvaluateSettings:
     def __post_init__(self) -> None:
         check(self.sheet_rows >= 0, "evaluate.sheet_rows", "an integer >= 0", self.sheet_rows)
         check(self.max_ssim_pairs >= 1, "evaluate.max_ssim_pairs", "an integer >= 1", self.max_ssim_pairs)
+        check(0.0 <= self.min_reference_dice < 1.0, "evaluate.min_reference_dice", "a Dice in [0, 1)",
+              self.min_reference_dice)
+        for name, lim in self.limits.items():
+            check(name.split("/", 1)[0] in VERDICT_GROUPS and "/" in name, f"evaluate.limits.{name}",
+                  f"a figure named <group>/<figure> with group one of {list(VERDICT_GROUPS)}", name)
+            check(lim is None or lim.min is not None or lim.max is not None, f"evaluate.limits.{name}",
+                  "null, {min: x}, {max: x} or both", None if lim is None else dataclasses.asdict(lim))
 
     def limit_table(self) -> dict[str, dict[str, float]]:
         """The verdict's limits as ``{figure: {"min"|"max": value}}``, disabled (null) ones left out."""

@@ -1,7 +1,10 @@
 """The figures of an audit, computed from arrays, features and trained models.
 
 Every figure is read against a reference computed the same way on real data: usually real train
-against real holdout, which shows what "as good as real" looks like at this sample size.
+against real holdout, which shows what "as good as real" looks like at this sample size. The
+``*_ratio`` figures divide a figure by its reference, so the verdict's realism and utility floors
+(``evaluate.limits``) hold for any dataset: noise is many times further from the holdout than the
+training images are, and real-looking samples are not.
 """
 
 from __future__ import annotations
@@ -13,22 +16,53 @@ import numpy as np
 import torch
 from monai.metrics import MMDMetric
 
+from medsynth.config.settings import PrivacySettings
 from medsynth.evaluation.figures import Figure
+from medsynth.evaluation.rules import PrivacyRules, calibrate_rules
 from medsynth.metrics import (
-    closer_to_train_fraction,
     dice_to_nearest_label_map,
     frechet_distance,
     gaussian_mmd,
     histogram_distance,
     kernel_inception_distance,
-    max_normalised_correlation,
     mean_pairwise_ssim,
-    nearest_neighbours,
     roc_auc,
     tissue_intensity_distances,
     tpr_at_fpr,
 )
 from medsynth.metrics.segmentation import mean_dice
+
+
+FD_REFERENCE_FLOOR = 0.01
+"""The Fréchet-distance ratio divides by at least this share of the holdout features' total
+variance, so a near-zero real-vs-real reference (records that all look alike) cannot make every
+synthetic set fail."""
+
+MIN_REFERENCE_DICE = 0.3
+"""Default of ``evaluate.min_reference_dice``: below this Dice on the real holdout the real-data
+segmenter finds too little in real images to judge synthetic ones, so the Dice ratios are not
+computed (NaN), and a limit on them fails its group: the audit cannot judge it."""
+
+
+def _ratio(value: float, reference: float | None, *, floor: float | None = None, minimum: float | None = None) -> float:
+    """``value / reference`` with the reference clamped up to ``floor``, or NaN when it is below ``minimum``
+    (or missing, NaN, or not positive)."""
+    if reference is None or not np.isfinite(reference) or not np.isfinite(value):
+        return float("nan")
+    if minimum is not None and reference < minimum:
+        return float("nan")
+    denominator = max(reference, floor) if floor is not None else reference
+    return float(value / denominator) if denominator > 0 else float("nan")
+
+
+def _dice_ratio(name: str, value: float, reference: float, *, minimum: float, better: str, meaning: str) -> Figure:
+    """A Dice over the real segmenter's Dice, with a note when that reference is too weak to judge by."""
+    ratio = _ratio(value, reference, minimum=minimum)
+    note = ""
+    if np.isnan(ratio):
+        note = (f"the real-data segmenter's Dice on the real holdout is {reference:.3g}, below evaluate.min_reference_dice "
+                f"({minimum:g}): too weak to judge by; train it longer (evaluate.segmenter.steps)")
+    return Figure(name, ratio, better, meaning, 1.0, True, note)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +100,7 @@ def realism_figures(
     segment: Callable[[np.ndarray], np.ndarray],
     max_ssim_pairs: int = 2000,
     seed: int = 0,
+    min_reference_dice: float = MIN_REFERENCE_DICE,
 ) -> list[Figure]:
     """Realism of the synthetic set against the real holdout; references from real train vs holdout.
 
@@ -81,6 +116,7 @@ def realism_figures(
         segment: A segmenter trained on real data: images in, label maps out.
         max_ssim_pairs: Pairs drawn for the MS-SSIM diversity figure.
         seed: Seed for subsampling.
+        min_reference_dice: Below this holdout Dice of ``segment`` the label-consistency ratio is not computed.
 
     Returns:
         The figures.
@@ -90,10 +126,16 @@ def realism_figures(
     synthetic_images, synthetic_labels, synthetic_features = synthetic.images, synthetic.labels, synthetic.features
     n = len(synthetic_features)
     ref_features = _subsample(train_features, n, seed)
+    fid, fid_reference = frechet_distance(holdout_features, synthetic_features), frechet_distance(holdout_features, ref_features)
+    variance = float(np.trace(np.atleast_2d(np.cov(holdout_features, rowvar=False)))) if len(holdout_features) > 1 else 0.0
     figures = [
-        Figure("realism/fid_features", frechet_distance(holdout_features, synthetic_features), "lower",
+        Figure("realism/fid_features", fid, "lower",
                "Fréchet distance between encoder features of synthetic and real holdout images; reference: "
-               "as many real training images against the holdout", frechet_distance(holdout_features, ref_features), True),
+               "as many real training images against the holdout", fid_reference, True),
+        Figure("realism/fid_features_ratio", _ratio(fid, fid_reference, floor=FD_REFERENCE_FLOOR * variance), "lower",
+               "feature Fréchet distance divided by its real-vs-real reference (at least "
+               f"{FD_REFERENCE_FLOOR:g} of the holdout features' total variance): 1 = as far from the holdout as real "
+               "training images are; noise is tens of times further", 1.0, True),
         Figure("realism/kid_features", kernel_inception_distance(holdout_features, synthetic_features, seed=seed)[0], "lower",
                "kernel inception distance (unbiased MMD^2, cubic kernel) on encoder features, synthetic vs holdout; "
                "reference: real train vs holdout", kernel_inception_distance(holdout_features, ref_features, seed=seed)[0], True),
@@ -144,12 +186,18 @@ def realism_figures(
             "reference: train vs holdout", histogram_distance(real_values, train_images[train_labels == value]),
         ))
     num_classes = len(label_names)
-    figures.append(Figure(
-        "realism/label_consistency_dice", mean_dice(segment(synthetic_images), synthetic_labels, num_classes=num_classes),
-        "higher", "mean Dice between the synthetic label maps and what a segmenter trained on real data finds in the "
-        "synthetic images: do image and label agree? reference: the same segmenter on the real holdout",
-        mean_dice(segment(holdout_images), holdout_labels, num_classes=num_classes), True,
-    ))
+    consistency = mean_dice(segment(synthetic_images), synthetic_labels, num_classes=num_classes)
+    consistency_reference = mean_dice(segment(holdout_images), holdout_labels, num_classes=num_classes)
+    figures += [
+        Figure("realism/label_consistency_dice", consistency,
+               "higher", "mean Dice between the synthetic label maps and what a segmenter trained on real data finds in "
+               "the synthetic images: do image and label agree? reference: the same segmenter on the real holdout",
+               consistency_reference, True),
+        _dice_ratio("realism/label_consistency_dice_ratio", consistency, consistency_reference,
+                    minimum=min_reference_dice, better="higher (1 = as real)",
+                    meaning="label-consistency Dice divided by the real segmenter's Dice on the real holdout; not "
+                    f"computed when that reference is below {min_reference_dice:g}"),
+    ]
     return figures
 
 
@@ -161,9 +209,14 @@ def privacy_figures(
     num_classes: int,
     member_errors: np.ndarray | None,
     nonmember_errors: np.ndarray | None,
+    rules: PrivacyRules | None = None,
     memorisation_threshold: float = 0.95,
 ) -> tuple[list[Figure], np.ndarray, np.ndarray]:
-    """Privacy of the synthetic set: nearness to training records, memorisation, membership inference.
+    """Privacy of the synthetic set: the per-sample rules, nearness to training records, membership inference.
+
+    The per-sample figures (memorisation, distance to the closest record, rule violations) come
+    from one measurement by ``rules``, the object generate's privacy gate applies, so a set the
+    gate let through has no rule violations here.
 
     Args:
         train: Real training set (the members).
@@ -172,22 +225,30 @@ def privacy_figures(
         num_classes: Label values including background.
         member_errors, nonmember_errors: The model's denoising error on training and holdout images
             (lower error = more likely a member); ``None`` skips membership inference.
-        memorisation_threshold: Correlation above which a synthetic image counts as a copy.
+        rules: The per-sample rules calibrated on ``train`` and ``holdout`` (:func:`calibrate_rules`
+            with the sets' features); default: calibrated here from the sets' images and features
+            with the default ``conf/privacy`` settings and ``memorisation_threshold``.
+        memorisation_threshold: Correlation above which a synthetic image is a copy (only without ``rules``).
 
     Returns:
         ``(figures, correlations, nearest)``: the figures, and for each synthetic image its highest
         correlation with a training image and that image's index (for the report's pairs).
     """
+    if rules is None:
+        rules = calibrate_rules(train.images, holdout.images,
+                                privacy=PrivacySettings(memorisation_threshold=memorisation_threshold),
+                                train_features=train.features, holdout_features=holdout.features)
+    check = rules.measure(synthetic.images, features=synthetic.features if rules.train_features is not None else None)
+    reference = rules.holdout
+    n = len(check)
     figures: list[Figure] = []
-    for space in ("pixel", "feature"):
-        field = "images" if space == "pixel" else "features"
-        syn, real, hold = (getattr(x, field) for x in (synthetic, train, holdout))
-        to_train, _ = nearest_neighbours(syn, real)
-        to_holdout, _ = nearest_neighbours(syn, hold)
-        ref, _ = nearest_neighbours(hold, real)
+    closer = rules.closer_to_train(synthetic.images, check)
+    for space, to_train, ref in (("pixel", check.distance, reference.distance), ("feature", check.feature, reference.feature)):
+        if to_train is None or ref is None:
+            continue
         p05 = float(np.percentile(ref, 5))
         figures += [
-            Figure(f"privacy/closer_to_train_fraction_{space}", closer_to_train_fraction(to_train, to_holdout),
+            Figure(f"privacy/closer_to_train_fraction_{space}", closer[space],
                    "0.5 (higher = memorisation)", f"fraction of synthetic images nearer ({space} space) to a training "
                    "image than to any holdout image", 0.5, space == "pixel"),
             Figure(f"privacy/min_distance_to_train_{space}", float(to_train.min()), "higher",
@@ -198,18 +259,31 @@ def privacy_figures(
                    float(np.median(ref))),
             Figure(f"privacy/below_holdout_p05_count_{space}", float(np.sum(to_train < p05)), "lower",
                    f"synthetic images nearer ({space} space) to a training image than 95% of real holdout images are; "
-                   "reference: the 5% of holdout images expected there", 0.05 * len(syn)),
+                   "reference: the 5% of holdout images expected there", 0.05 * n),
         ]
-    correlation, nearest = max_normalised_correlation(synthetic.images, train.images)
-    ref_correlation, _ = max_normalised_correlation(holdout.images, train.images)
     figures += [
-        Figure("privacy/max_correlation_to_train", float(correlation.max()), "lower",
+        Figure("privacy/max_correlation_to_train", float(check.correlation.max()), "lower",
                "highest normalised correlation of any synthetic image with any training image (1 = copy); reference: "
-               "the same for real holdout images", float(ref_correlation.max()), True),
-        Figure("privacy/memorised_count", float(np.sum(correlation > memorisation_threshold)), "lower",
-               f"synthetic images whose correlation with a training image exceeds {memorisation_threshold}; reference: "
-               "holdout images above it", float(np.sum(ref_correlation > memorisation_threshold)), True),
+               "the same for real holdout images", float(reference.correlation.max()), True),
+        Figure("privacy/memorised_count", float(check.memorised.sum()), "lower",
+               f"synthetic images whose correlation with a training image exceeds {rules.memorisation_threshold:g} "
+               "(rule: memorised); reference: holdout images above it", float(reference.memorised.sum()), True),
+        Figure("privacy/too_close_count_pixel", float(check.pixel_too_close.sum()), "lower",
+               f"synthetic images nearer to a training image ({rules.metric}) than all but {rules.quantile:g} of real "
+               f"holdout images are (rule: too close, pixel); reference: {rules.quantile:g} of the set",
+               rules.quantile * n),
     ]
+    if rules.feature_threshold is not None:
+        figures.append(Figure(
+            "privacy/too_close_count_feature", float(check.feature_too_close.sum()), "lower",
+            f"synthetic images nearer to a training record in feature space than all but {rules.quantile:g} of real "
+            f"holdout images are (rule: too close, feature); reference: {rules.quantile:g} of the set", rules.quantile * n))
+    figures.append(Figure(
+        "privacy/rule_violations_count", float(check.num_rejected), "lower (0: every sample meets the rules)",
+        "synthetic images that break any per-sample privacy rule (memorised, too close in pixel or feature space; "
+        "generate's gate rejects these); reference: real holdout images breaking one, scaled to the set size",
+        float(reference.violations.mean() * n), True,
+    ))
     label_dice, _ = dice_to_nearest_label_map(synthetic.labels, train.labels, num_classes=num_classes)
     ref_dice, _ = dice_to_nearest_label_map(holdout.labels, train.labels, num_classes=num_classes)
     figures.append(Figure(
@@ -225,11 +299,23 @@ def privacy_figures(
             Figure("privacy/membership_tpr_at_1pct_fpr", tpr_at_fpr(-member_errors, -nonmember_errors, fpr=0.01), "lower",
                    "share of training images flagged as members when at most 1% of holdout images are", 0.01),
         ]
-    return figures, correlation, nearest
+    return figures, check.correlation, check.correlation_index
 
 
-def utility_figures(*, dice_real: float, dice_synthetic: float, dice_both: float) -> list[Figure]:
-    """Segmentation Dice on the real holdout for models trained on real, synthetic, and both."""
+def utility_figures(*, dice_real: float, dice_synthetic: float, dice_both: float,
+                    min_reference_dice: float = MIN_REFERENCE_DICE) -> list[Figure]:
+    """Segmentation Dice on the real holdout for models trained on real, synthetic, and both.
+
+    Args:
+        dice_real: Mean Dice of the segmenter trained on the real training split.
+        dice_synthetic: The same for the segmenter trained on the synthetic set only.
+        dice_both: The same for the segmenter trained on both.
+        min_reference_dice: Below this real-only Dice the ratio is not computed.
+
+    Returns:
+        The three Dice figures and ``utility/dice_synthetic_only_ratio`` (synthetic-only over
+        real-only; NaN, with a note, when the real-only Dice is below ``min_reference_dice``).
+    """
     return [
         Figure("utility/dice_real_only", dice_real, "higher",
                "mean Dice on the real holdout of a segmenter trained on real training data only", None, True),
@@ -237,4 +323,8 @@ def utility_figures(*, dice_real: float, dice_synthetic: float, dice_both: float
                "mean Dice on the real holdout of a segmenter trained on synthetic data only", dice_real, True),
         Figure("utility/dice_real_plus_synthetic", dice_both, "higher than real only = augmentation helps",
                "mean Dice on the real holdout of a segmenter trained on real plus synthetic data", dice_real, True),
+        _dice_ratio("utility/dice_synthetic_only_ratio", dice_synthetic, dice_real, minimum=min_reference_dice,
+                    better="higher (1 = as useful as real)",
+                    meaning="synthetic-only Dice divided by real-only Dice on the real holdout: how much of the real "
+                    f"data's use the synthetic set replaces; not computed when real-only is below {min_reference_dice:g}"),
     ]

@@ -6,8 +6,9 @@ import base64
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from medsynth.evaluation.figures import Figure
+from medsynth.evaluation.figures import Figure, GroupVerdict
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
@@ -32,6 +33,8 @@ def render_report(
     reasons: Sequence[str],
     pictures: Mapping[str, Path],
     facts: Mapping[str, str],
+    groups: Mapping[str, GroupVerdict] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> str:
     """Render the audit as one HTML page with pictures embedded (it can be mailed or archived alone).
 
@@ -42,6 +45,10 @@ def render_report(
         reasons: Broken limits, when not passed.
         pictures: Caption -> PNG file, shown in order.
         facts: Short key/value lines shown under the title (sizes, run ids, checkpoint hash).
+        groups: The verdict of each group (privacy, realism, utility), shown one by one under the
+            overall verdict, which names the groups that failed.
+        provenance: The ``provenance`` block of ``metrics.json`` (what the audit verified), shown
+            as a short table with the files' hashes in a collapsed list.
 
     Returns:
         The HTML text.
@@ -51,8 +58,7 @@ def render_report(
              f"<h1>{esc(title)}</h1><ul>"]
     parts += [f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in facts.items()]
     parts.append("</ul>")
-    verdict_text = "PASS: every limit of the evaluation config holds" if passed else "FAIL: " + "; ".join(reasons)
-    parts.append(f"<div class='{'pass' if passed else 'fail'}'><b>Verdict.</b> {esc(verdict_text)}</div>")
+    parts += _verdict_html(passed, reasons, groups)
     for group in dict.fromkeys(f.name.split("/", 1)[0] for f in figures):
         parts.append(f"<h2>{esc(group.capitalize())}</h2><table><tr><th>figure</th><th>value</th><th>reference</th>"
                      "<th>better</th><th>meaning</th></tr>")
@@ -61,8 +67,51 @@ def render_report(
                 parts.append(f"<tr><td>{esc(f.name.split('/', 1)[1])}</td><td class='num'>{_number(f.value)}</td>"
                              f"<td class='num'>{_number(f.reference)}</td><td>{esc(f.better)}</td><td>{esc(f.meaning)}</td></tr>")
         parts.append("</table>")
+    if provenance:
+        parts += _provenance_html(provenance)
     for caption, path in pictures.items():
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         parts.append(f"<h2>{esc(caption)}</h2><img alt='{esc(caption)}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _verdict_html(passed: bool, reasons: Sequence[str], groups: Mapping[str, GroupVerdict] | None) -> list[str]:
+    """The overall verdict (naming the failed groups), then one line per group with its limits."""
+    esc = html.escape
+    failed = [name for name, g in (groups or {}).items() if not g.passed]
+    if passed:
+        text = "PASS: every limit of the evaluation config holds"
+    else:
+        text = f"FAIL ({', '.join(failed)}): " if failed else "FAIL: "
+        text += "; ".join(reasons)
+    parts = [f"<div class='{'pass' if passed else 'fail'}'><b>Verdict.</b> {esc(text)}</div>"]
+    if groups:
+        parts.append("<table><tr><th>group</th><th>verdict</th><th>limits</th><th>broken</th></tr>")
+        for name, g in groups.items():
+            limits = ", ".join(f"{esc(figure.split('/', 1)[1])} {'&ge;' if k == 'min' else '&le;'} {v:g}"
+                               for figure, bounds in g.limits.items() for k, v in bounds.items())
+            parts.append(f"<tr class='{'pass' if g.passed else 'fail'}'><td><b>{esc(name)}</b></td>"
+                         f"<td>{'PASS' if g.passed else 'FAIL'}</td><td>{limits or 'no limits'}</td>"
+                         f"<td>{esc('; '.join(g.reasons))}</td></tr>")
+        parts.append("</table>")
+    return parts
+
+
+def _provenance_html(record: Mapping[str, Any]) -> list[str]:
+    """What the audit verified: the generator, the dataset, the synthetic manifest and runs, then every file's hash."""
+    esc = html.escape
+    checkpoint, data, runs = record.get("checkpoint", {}), record.get("data_manifest", {}), record.get("runs", {})
+    rows = [("generator", f"{checkpoint.get('source', '')} ({checkpoint.get('registered_model') or 'not registered'})",
+             checkpoint.get("sha256", "")),
+            ("dataset manifest", data.get("path", ""), data.get("sha256", "")),
+            ("synthetic manifest", f"{record.get('synthetic_folder', '')}/manifest.csv", record.get("synthetic_manifest_sha256", ""))]
+    parts = ["<h2>Provenance</h2><p>Every hash below was verified before the audit; re-check the set on disk with "
+             "<code>medsynth verify PATH</code>.</p><table><tr><th>what</th><th>where</th><th>SHA-256</th></tr>"]
+    parts += [f"<tr><td>{esc(a)}</td><td>{esc(str(b))}</td><td><code>{esc(str(c))}</code></td></tr>" for a, b, c in rows]
+    parts.append("</table><p>MLflow runs: " + esc(", ".join(f"{k} {v or 'unknown'}" for k, v in runs.items())) + "</p>")
+    files = record.get("files", {})
+    parts.append(f"<details><summary>{len(files)} files in the synthetic folder</summary><table>"
+                 + "".join(f"<tr><td>{esc(str(name))}</td><td><code>{esc(str(sha))}</code></td></tr>" for name, sha in files.items())
+                 + "</table></details>")
+    return parts

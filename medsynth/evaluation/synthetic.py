@@ -1,9 +1,8 @@
 """The synthetic set as the audit reads it: ``synthetic/manifest.csv``, the NIfTI files it lists,
-and the generator it names."""
+and the generator it names (its files are checked first: :mod:`medsynth.evaluation.provenance`)."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 
 from medsynth import MedsynthError
 from medsynth.data import LabelledArrays
+from medsynth.evaluation.provenance import read_rows, shared_value
 from medsynth.io import load_nifti
 
 
@@ -52,17 +52,9 @@ class SyntheticSet:
         Raises:
             MedsynthError: If a column is missing or empty, or the rows name different generators.
         """
-        found = []
-        for column in ("checkpoint", "checkpoint_sha256"):
-            values = {row.get(column) or "" for row in self.rows}
-            if values == {""} or "" in values:
-                raise MedsynthError(f"{self.manifest} has no {column} column for every sample, so the generator to audit "
-                                    "is unknown: generate the set again with `medsynth generate`")
-            if len(values) > 1:
-                raise MedsynthError(f"{self.manifest} lists samples of {len(values)} different generators ({column}: "
-                                    f"{sorted(values)[:3]}); audit one generator's set at a time")
-            found.append(values.pop())
-        return found[0], found[1]
+        what = "the generator to audit"
+        return (shared_value(self.rows, "checkpoint", manifest=self.manifest, what=what),
+                shared_value(self.rows, "checkpoint_sha256", manifest=self.manifest, what=what))
 
 
 def read_synthetic(folder: str | Path, *, spatial_dims: int) -> SyntheticSet:
@@ -80,10 +72,7 @@ def read_synthetic(folder: str | Path, *, spatial_dims: int) -> SyntheticSet:
     """
     folder = Path(folder)
     path = folder / "manifest.csv"
-    if not path.is_file():
-        raise MedsynthError(f"no synthetic manifest at {path}: run `medsynth generate` first")
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_rows(path)
     if not rows:
         raise MedsynthError(f"{path} lists no samples")
     if not rows[0].get("image"):

@@ -169,8 +169,16 @@ def redraw_seed(seed: int, draw: int) -> int:
     return int(np.random.SeedSequence([seed, draw]).generate_state(1, dtype=np.uint32)[0])
 
 
+def _broken_rules(check: Any, k: int) -> str:
+    """`` (last: memorised, too_close_pixel)``: the rules candidate ``k`` broke, when the check says."""
+    flags = {"memorised": "memorised", "too_close_pixel": "pixel_too_close", "too_close_feature": "feature_too_close"}
+    broken = [rule for rule, field in flags.items() if getattr(check, field, None) is not None and bool(getattr(check, field)[k])]
+    return f" (last: {', '.join(broken)})" if broken else ""
+
+
 def gated_draws(seeds: list[int], draw: Draw, gate: PrivacyGate | None, *, max_redraws: int) -> tuple[list[Accepted], int]:
-    """Draw one sample per seed; candidates the privacy gate rejects are replaced by new draws.
+    """Draw one sample per seed; candidates the privacy gate rejects (any per-sample privacy rule
+    broken, :mod:`medsynth.evaluation.rules`) are replaced by new draws.
 
     Args:
         seeds: Seeds of the samples, in order.
@@ -198,9 +206,9 @@ def gated_draws(seeds: list[int], draw: Draw, gate: PrivacyGate | None, *, max_r
                 attempts[seed] += 1
                 if attempts[seed] > max_redraws:
                     raise MedsynthError(
-                        f"the privacy gate rejected sample seed {seed} and all {max_redraws} replacements: the model "
-                        "reproduces training images; generate from other conditions, train a less memorising model, "
-                        "or raise generate.privacy_gate.max_redraws"
+                        f"the privacy gate rejected sample seed {seed} and all {max_redraws} replacements"
+                        f"{_broken_rules(check, k)}: the model reproduces training images; generate from other "
+                        "conditions, train a less memorising model, or raise generate.privacy_gate.max_redraws"
                     )
                 retry.append(seed)
                 continue
