@@ -22,8 +22,12 @@ from medsynth.config import PipelineSettings, compose, config_dir, load_settings
 STAGES = ("preprocess", "train", "generate", "evaluate", "run")
 
 USAGE = f"""usage: medsynth <stage> [key=value ...]
+       medsynth verify PATH [--audit METRICS_JSON]
 
 stages: {" | ".join(STAGES)}   (run = all four in order)
+verify: is the synthetic set at PATH (a run's output folder or its synthetic folder) exactly the
+        set its audit (evaluation/metrics.json) checked, and did it pass? Prints PASS or FAIL and
+        why; exit status 0 on PASS, 1 on FAIL. Run it before data leaves the hospital.
 
 common overrides:
   experiment=NAME             a preset from conf/experiment (default: demo, CPU demo on MNI152 brain MRI)
@@ -131,8 +135,43 @@ def hydra_entry(stage: str) -> Callable[[], Any]:
     return entry
 
 
+def verify_command(args: Sequence[str]) -> int:
+    """``medsynth verify PATH [--audit METRICS_JSON]``: re-check a synthetic set against its audit.
+
+    Args:
+        args: The arguments after ``verify``.
+
+    Returns:
+        0 on PASS, 1 on FAIL, 2 for a usage error (no path, no audit found).
+    """
+    from medsynth.evaluation.provenance import verify
+
+    usage = "usage: medsynth verify PATH [--audit METRICS_JSON]"
+    rest, audit = list(args), None
+    if "--audit" in rest:
+        i = rest.index("--audit")
+        if i + 1 >= len(rest):
+            print(f"medsynth verify: error: --audit needs a file; {usage}", file=sys.stderr)
+            return 2
+        audit = rest[i + 1]
+        del rest[i : i + 2]
+    if len(rest) != 1 or rest[0].startswith("-"):
+        print(f"medsynth verify: error: give one PATH; {usage}", file=sys.stderr)
+        return 2
+    try:
+        result = verify(rest[0], audit=audit)
+    except MedsynthError as err:
+        if os.environ.get("MEDSYNTH_DEBUG"):
+            raise
+        print(f"medsynth verify: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(result)
+    return 0 if result.passed else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``medsynth <stage> [overrides]`` to the stage's Hydra entry.
+    """Dispatch ``medsynth <stage> [overrides]`` to the stage's Hydra entry (``medsynth verify PATH``
+    runs without Hydra: :func:`verify_command`).
 
     Args:
         argv: The arguments after ``medsynth`` (default: ``sys.argv[1:]``).
@@ -145,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE.format(config=config_dir()))
         return 0 if args else 2
     stage, overrides = args[0], args[1:]
+    if stage == "verify":
+        return verify_command(overrides)
     if stage not in STAGES:
-        print(f"medsynth: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}", file=sys.stderr)
+        print(f"medsynth: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (or verify PATH)", file=sys.stderr)
         return 2
     sys.argv = [f"medsynth-{stage}", *overrides]
     hydra_entry(stage)()

@@ -141,11 +141,13 @@ def test_evaluate_a_3d_dataset_with_the_25d_protocol(tiny_config, tmp_path: Path
         "ema": EMA(model).state_dict(), **generator_state(cfg.model, cfg.scheduler, cfg.trainer.sampling),
         "label_names": ["background", "disc", "square"], "image_size": [12, 12, 12], "spatial_dims": 3, "vocabulary": {},
     })
-    rows = ["sample_id,image,label,label_source,checkpoint,checkpoint_sha256"]
+    data_hash = file_sha256(data_dir / "manifest.json")
+    rows = ["sample_id,image,image_sha256,label,label_sha256,label_source,checkpoint,checkpoint_sha256,data_manifest_sha256"]
     for i in range(8, 12):
-        save_nifti(synthetic_dir / "images" / f"syn_{i}.nii.gz", volumes[i, 0], np.eye(4))
-        save_nifti(synthetic_dir / "labels" / f"syn_{i}.nii.gz", label_volumes[i, 0], np.eye(4), dtype=np.uint8)
-        rows.append(f"syn_{i},images/syn_{i}.nii.gz,labels/syn_{i}.nii.gz,case0,{checkpoint},{file_sha256(checkpoint)}")
+        image = save_nifti(synthetic_dir / "images" / f"syn_{i}.nii.gz", volumes[i, 0], np.eye(4))
+        label = save_nifti(synthetic_dir / "labels" / f"syn_{i}.nii.gz", label_volumes[i, 0], np.eye(4), dtype=np.uint8)
+        rows.append(f"syn_{i},images/syn_{i}.nii.gz,{file_sha256(image)},labels/syn_{i}.nii.gz,{file_sha256(label)},"
+                    f"case0,{checkpoint},{file_sha256(checkpoint)},{data_hash}")
     (synthetic_dir / "manifest.csv").write_text("\n".join(rows) + "\n")
 
     metrics = json.loads(run_stage("evaluate", cfg).read_text())["metrics"]

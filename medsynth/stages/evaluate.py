@@ -2,15 +2,21 @@
 
 This module is the wiring: the instruments (encoder features, segmenters, the membership attack)
 live in :mod:`medsynth.evaluation.instruments`, the figures in :mod:`medsynth.evaluation.audit`.
-The generator audited is the one ``synthetic/manifest.csv`` names, and only if its file is still
-the one the samples were made with (same SHA-256).
+The audit names what it audited: before any work it checks that the synthetic folder holds exactly
+the files ``synthetic/manifest.csv`` lists with their recorded SHA-256
+(:func:`medsynth.evaluation.provenance.check_synthetic_folder`), that the generator is the one the
+manifest names with the same SHA-256, and that ``data/manifest.json`` is the dataset it was trained
+on; ``metrics.json`` records every hash it verified (``provenance``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +26,20 @@ from medsynth.config.schema import to_mapping
 from medsynth.config.settings import EncoderSettings, EvaluateSettings, PrivacySettings, RunSettings
 from medsynth.data import Manifest, load_split, read_manifest
 from medsynth.diffusion.generator import Generator
-from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, render_report, utility_figures, verdict
-from medsynth.evaluation.figures import Figure
+from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, render_report, utility_figures
+from medsynth.evaluation.figures import Figure, Verdict, judge
+from medsynth.evaluation.rules import PrivacyRules, calibrate_rules
 from medsynth.evaluation.instruments import dataset_encoder, features, holdout_dice, membership_errors, train_segmenters
 from medsynth.evaluation.pictures import picture_sheets
+from medsynth.evaluation.provenance import (
+    LINEAGE,
+    Custody,
+    check_synthetic_folder,
+    checkpoint_facts,
+    preprocess_run_id,
+    provenance_record,
+    shared_value,
+)
 from medsynth.evaluation.synthetic import SyntheticSet, read_synthetic
 from medsynth.io import write_json, write_text
 from medsynth.metrics import label_intensity_stats
@@ -47,12 +63,14 @@ def evaluate(
     """Audit the synthetic set listed in ``synthetic/manifest.csv`` against the real splits.
 
     Writes ``evaluation/metrics.json`` (every figure with its meaning and reference, the verdict
-    and its limits), ``evaluation/report.html`` and, for 2D sets, picture sheets; logs them to
-    MLflow with the figures as metrics and the verdict as tags.
+    of each group (privacy, realism, utility) with its limits, and the privacy rules applied),
+    ``evaluation/report.html`` and, for 2D sets, picture sheets; logs them to MLflow with the
+    figures as metrics and the verdicts as tags.
 
     Args:
         settings: The audit's settings (``conf/evaluate``).
         encoder: The dataset's feature encoder (``conf/encoder``).
+        privacy: The per-sample privacy rules (``conf/privacy``), calibrated as generate's gate does.
         run: The shared settings: seed, device, progress, folders, MLflow.
         tracker: Tracker to log to (default: from ``run.mlflow``).
         parent_run_id: Pipeline run to nest under.
@@ -61,14 +79,17 @@ def evaluate(
         Path of ``evaluation/metrics.json``.
 
     Raises:
-        MedsynthError: For a missing dataset or synthetic set, a synthetic set of another shape, or
-            a generator checkpoint that is missing or not the file the samples were made with.
+        MedsynthError: For a missing dataset or synthetic set, a synthetic set of another shape, a
+            synthetic file that is missing, changed or not listed, a generator checkpoint that is
+            missing or not the file the samples were made with, or a dataset manifest other than
+            the one the generator was trained on (one line naming the file).
     """
     config = {"evaluate": to_mapping(settings), "encoder": to_mapping(encoder), "privacy": to_mapping(privacy)}
     with stage_run(run, "evaluate", config, tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
         device = pick_device(run.device)
         manifest = read_manifest(run.paths.data)
         names, dims, num_classes = manifest.label_names, manifest.spatial_dims, manifest.num_classes
+        custody = check_synthetic_folder(run.paths.synthetic)  # every listed file unchanged, none missing, none extra
         synthetic = read_synthetic(run.paths.synthetic, spatial_dims=dims)
         train, holdout = load_split(manifest, "train"), load_split(manifest, "holdout")
         if synthetic.images.shape[1:] != tuple(holdout.images.shape[1:]):
@@ -77,6 +98,7 @@ def evaluate(
                 "generate again from a model trained on this dataset"
             )
         generator = _audited_generator(synthetic, manifest, run, device)
+        audited = _audited_inputs(custody, synthetic, generator, manifest, run, run_id)
 
         measure = dataset_encoder(encoder, run.paths.data, train, spatial_dims=dims, device=device, seed=run.seed,
                                   progress=run.progress).to(device)
@@ -95,16 +117,23 @@ def evaluate(
         figures = realism_figures(
             *sets.values(), label_names=names, spatial_dims=dims, max_ssim_pairs=settings.max_ssim_pairs, seed=settings.seed,
             segment=lambda x: segment(segmenters["real"], torch.as_tensor(x)).numpy(),
+            min_reference_dice=settings.min_reference_dice,
         )
-        privacy, correlation, nearest = privacy_figures(
+        # the per-sample rules, calibrated as generate's gate calibrates them (same splits, encoder, settings)
+        rules = calibrate_rules(sets["train"].images, sets["holdout"].images, privacy=privacy, encoder=measure,
+                                train_features=sets["train"].features, holdout_features=sets["holdout"].features)
+        _compare_gate(synthetic, rules)
+        privacy_list, correlation, nearest = privacy_figures(
             *sets.values(), num_classes=num_classes, member_errors=errors["train"], nonmember_errors=errors["holdout"],
-            memorisation_threshold=privacy.memorisation_threshold,
+            rules=rules,
         )
-        figures += privacy
+        figures += privacy_list
         dice = {name: holdout_dice(model, holdout, num_classes=num_classes) for name, model in segmenters.items()}
-        figures += utility_figures(dice_real=dice["real"], dice_synthetic=dice["synthetic"], dice_both=dice["real+synthetic"])
+        figures += utility_figures(dice_real=dice["real"], dice_synthetic=dice["synthetic"], dice_both=dice["real+synthetic"],
+                                   min_reference_dice=settings.min_reference_dice)
         limits = settings.limit_table()
-        passed, reasons = verdict(figures, limits)
+        result = judge(figures, limits)
+        passed, reasons = result.passed, result.reasons
 
         out = Path(run.paths.evaluation)
         pictures: dict[str, Path] = {}
@@ -112,7 +141,9 @@ def evaluate(
             pictures = picture_sheets(out, synthetic, train, correlation, nearest, sheet_rows=settings.sheet_rows)
         body = {
             "num_synthetic": len(synthetic), "num_train": len(train), "num_holdout": len(holdout),
-            "verdict": {"passed": passed, "reasons": reasons, "limits": limits},
+            "verdict": result.as_json(),
+            "provenance": audited.record,
+            "privacy_rules": rules.describe(),
             "metrics": {f.name: f.as_json() for f in figures},
             "label_intensity_stats": {split: label_intensity_stats(x.images, x.labels, label_names=names)
                                       for split, x in sets.items()},
@@ -123,9 +154,10 @@ def evaluate(
                  "MLflow run": run_id}
         report = write_text(out / "report.html", render_report(
             title=f"medsynth evaluation: {run.name}", figures=figures, passed=passed, reasons=reasons,
-            pictures=pictures, facts=facts))
+            pictures=pictures, facts=facts, groups=result.groups, provenance=audited.record))
 
-        _log_results(tracker, run_id, parent_run_id, figures, passed, reasons, (metrics_path, report, *pictures.values()))
+        _log_results(tracker, run_id, parent_run_id, figures, result, (metrics_path, report, *pictures.values()))
+        _log_custody(tracker, run_id, audited, passed=passed, metrics=metrics_path, run=run)
         return metrics_path
 
 
@@ -150,24 +182,117 @@ def _audited_generator(synthetic: SyntheticSet, manifest: Manifest, run: RunSett
     return generator
 
 
+@dataclasses.dataclass(frozen=True)
+class _Audited:
+    """What the audit verified before any work, and the runs it came from."""
+
+    custody: Custody
+    record: dict[str, Any]  # the provenance block of metrics.json
+    registered: tuple[str, str] | None  # (name, version) of the audited generator, when registered
+
+    @property
+    def runs(self) -> dict[str, str]:
+        return self.record["runs"]
+
+
+def _audited_inputs(custody: Custody, synthetic: SyntheticSet, generator: Generator, manifest: Manifest, run: RunSettings,
+                    run_id: str) -> _Audited:
+    """Check that ``data/manifest.json`` is the dataset the generator was trained on, and gather the provenance record."""
+    facts = checkpoint_facts(generator)
+    recorded = shared_value(custody.rows, "data_manifest_sha256", manifest=custody.manifest,
+                            what="the dataset the generator was trained on")
+    if facts["data_manifest_sha256"] and facts["data_manifest_sha256"] != recorded:
+        raise MedsynthError(f"{custody.manifest} says its generator was trained on data manifest {recorded[:16]}..., but "
+                            f"checkpoint {generator.checkpoint} says {facts['data_manifest_sha256'][:16]}...: "
+                            "generate the set again")
+    data_file = Path(manifest.root) / "manifest.json"
+    actual = file_sha256(data_file)
+    if actual != recorded:
+        raise MedsynthError(f"changed file: {data_file} has SHA-256 {actual[:16]}..., but the generator of "
+                            f"{custody.manifest} was trained on {recorded[:16]}...: audit against the dataset it was "
+                            "trained on (paths.data), or train and generate again")
+    source, checkpoint_hash = synthetic.generator_source()
+    registered = None
+    if run_id:  # with an MLflow store: is the audited generator a registered version?
+        from medsynth.tracking.registry import find_model_version
+
+        registered = find_model_version(source, checkpoint_sha256=checkpoint_hash, train_run_id=facts["run_id"],
+                                        tracking_uri=run.mlflow.tracking_uri)
+    runs = {"preprocess": facts["preprocess_run_id"] or preprocess_run_id(manifest.root, data_manifest_sha256=actual),
+            "train": facts["run_id"], "generate": _generate_run_id(custody), "evaluate": run_id}
+    assert generator.checkpoint is not None
+    record = provenance_record(custody, checkpoint_source=source, checkpoint_path=generator.checkpoint,
+                               checkpoint_sha256=checkpoint_hash, data_manifest=data_file, data_manifest_sha256=actual,
+                               runs=runs, output=run.paths.output, audit_file=Path(run.paths.evaluation) / "metrics.json",
+                               registered_model=f"models:/{registered[0]}/{registered[1]}" if registered else "")
+    return _Audited(custody, record, registered)
+
+
+def _generate_run_id(custody: Custody) -> str:
+    """The generate run that wrote the set, from its ``generate.json`` (``""`` when unknown)."""
+    try:
+        run_id = json.loads((custody.folder / "generate.json").read_text()).get("run_id", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return run_id if isinstance(run_id, str) and re.fullmatch(r"[0-9a-f]{32}", run_id) else ""
+
+
+def _log_custody(tracker: TrackerLike, run_id: str, audited: _Audited, *, passed: bool, metrics: Path,
+                 run: RunSettings) -> None:
+    """The audit's inputs as lineage tags and the audited set as a dataset input; the verdict on the
+    registered model version it audited (tags, and the ``audited`` alias on a PASS)."""
+    if not run_id:
+        return
+    record = audited.record
+    tracker.set_tags(run_id, {f"{LINEAGE}{k}": v for k, v in {
+        "generate_run_id": audited.runs["generate"], "train_run_id": audited.runs["train"],
+        "preprocess_run_id": audited.runs["preprocess"], "checkpoint_sha256": record["checkpoint"]["sha256"],
+        "data_manifest_sha256": record["data_manifest"]["sha256"],
+        "synthetic_manifest_sha256": record["synthetic_manifest_sha256"],
+        "registered_model": record["checkpoint"]["registered_model"]}.items() if v})
+    tracker.log_dataset(run_id, name=f"{run.name}/synthetic", sha256=record["synthetic_manifest_sha256"],
+                        source=audited.custody.folder, context="evaluation", num_records=len(audited.custody.rows))
+    if audited.registered is not None:
+        from medsynth.tracking.registry import AUDITED_ALIAS, mark_audit
+
+        status = mark_audit(*audited.registered, passed=passed, evaluate_run_id=run_id, metrics_sha256=file_sha256(metrics),
+                            tracking_uri=run.mlflow.tracking_uri)
+        log.info("evaluate: marked %s with verdict %s%s", status.uri, status.verdict.upper(),
+                 f" and alias @{AUDITED_ALIAS}" if passed else "")
+
+
+def _compare_gate(synthetic: SyntheticSet, rules: PrivacyRules) -> None:
+    """Warn when the set was not gated, or gated with other per-sample rules than the audit checks."""
+    methods = {row.get("gate_method") or "off" for row in synthetic.rows}
+    if methods == {"off"}:
+        log.warning("evaluate: %s was generated without the privacy gate; privacy/rule_violations_count says whether "
+                    "any sample breaks a per-sample rule", synthetic.manifest)
+    elif not all(m.endswith(rules.describe()["method"]) for m in methods):
+        log.warning("evaluate: %s was gated with other per-sample rules than this audit checks (gate: %s; audit: %s); "
+                    "the privacy settings, encoder or splits differ between generate and evaluate",
+                    synthetic.manifest, sorted(methods)[0], rules.describe()["method"])
+
+
 def _log_results(
     tracker: TrackerLike,
     run_id: str,
     parent_run_id: str | None,
     figures: list[Figure],
-    passed: bool,
-    reasons: list[str],
+    result: Verdict,
     artifacts: tuple[Path, ...],
 ) -> None:
-    """Figures as metrics, the verdict as tags, the files as artifacts; headline figures and the verdict on the parent too."""
+    """Figures as metrics, the verdict (overall and per group) as tags, the files as artifacts; headline
+    figures and the verdict on the parent too."""
     tracker.log_metrics(run_id, {f.name.replace("/", "_"): f.value for f in figures if np.isfinite(f.value)})
-    tracker.set_tags(run_id, {"medsynth.verdict": "pass" if passed else "fail",
-                              "medsynth.verdict_reasons": "; ".join(reasons) or "all limits hold"})
+    tags = {"medsynth.verdict": "pass" if result.passed else "fail",
+            "medsynth.verdict_failed_groups": ",".join(result.failed_groups) or "none",
+            **{f"medsynth.verdict.{name}": "pass" if g.passed else "fail" for name, g in result.groups.items()}}
+    tracker.set_tags(run_id, {**tags, "medsynth.verdict_reasons": "; ".join(result.reasons) or "all limits hold"})
     for path in artifacts:
         tracker.log_artifact(run_id, path, artifact_path="evaluation")
     if parent_run_id:
         tracker.log_metrics(parent_run_id, {f.name.replace("/", "_"): f.value
                                             for f in figures if f.headline and np.isfinite(f.value)})
-        tracker.set_tags(parent_run_id, {"medsynth.verdict": "pass" if passed else "fail"})
-    log.info("evaluate: verdict %s%s", "PASS" if passed else "FAIL", "" if passed else ": " + "; ".join(reasons))
+        tracker.set_tags(parent_run_id, tags)
+    log.info("evaluate: verdict %s", result.summary())
     log.info("evaluate: %s", ", ".join(f"{f.name}={f.value:.4g}" for f in figures if f.headline))

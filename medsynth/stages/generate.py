@@ -26,6 +26,8 @@ from medsynth.data import LabelledArrays, Manifest, load_split, read_manifest
 from medsynth.diffusion.generator import Generator
 from medsynth.evaluation.gate import PrivacyGate, build_privacy_gate
 from medsynth.evaluation.instruments import dataset_encoder
+from medsynth.evaluation.synthetic import read_synthetic
+from medsynth.evaluation.provenance import LINEAGE, checkpoint_facts
 from medsynth.stages.candidates import Candidate, Planner, gated_draws, sample_candidates, user_label_maps
 from medsynth.stages.context import pick_device, stage_run
 from medsynth.stages.synthetic import SyntheticWriter
@@ -34,7 +36,7 @@ from medsynth.training.checkpoint import file_sha256
 
 log = logging.getLogger("medsynth")
 
-_NOT_FINGERPRINTED = ("num_samples", "batch_size", "formats", "checkpoint")
+_NOT_FINGERPRINTED = ("num_samples", "batch_size", "formats", "checkpoint", "require_audited")
 
 
 def generate(
@@ -51,6 +53,7 @@ def generate(
     Args:
         settings: What to generate and how (``conf/generate``).
         encoder: The dataset's feature encoder, for the privacy gate's feature space (``conf/encoder``).
+        privacy: The per-sample privacy rules the gate enforces (``conf/privacy``).
         run: The shared settings: seed, device, progress, folders, MLflow.
         tracker: Tracker to log to (default: from ``run.mlflow``).
         parent_run_id: Pipeline run to nest under.
@@ -70,6 +73,8 @@ def generate(
         source = load_split(manifest, settings.labels.split)
         checkpoint = settings.checkpoint or f"{run.paths.checkpoints}/last.pt"
         generator = _load_generator(checkpoint, manifest, run, device)
+        facts = checkpoint_facts(generator)
+        registered_audit = _registered_audit(checkpoint, generator, facts, settings, run)
         sampler = sampler_target(settings.sampler, generator.scheduler._target_, key="generate.sampler")
         _check_grid(generator, checkpoint, source, manifest)
         label_generator = None
@@ -84,11 +89,13 @@ def generate(
         writer = SyntheticWriter(
             Path(run.paths.synthetic), settings, manifest.label_names, generator.model.vocabulary,
             common=_common_columns(settings, checkpoint, generator, sampler=sampler, checkpoint_hash=checkpoint_hash,
-                                   label_hash=label_hash, gate_method=gate_description["method"]),
+                                   label_hash=label_hash, gate_method=gate_description["method"],
+                                   data_manifest_hash=facts["data_manifest_sha256"]),
             previews_wanted="png" in settings.formats and manifest.spatial_dims == 2,
         )
         start = writer.resume(settings_fingerprint(settings, checkpoint_hash,
-                                                   {"label_generator": label_hash, "gate": gate_description["method"]}))
+                                                   {"label_generator": label_hash, "gate": gate_description["method"]}),
+                              run_id=run_id)
 
         def draw(seeds: list[int]) -> tuple[list[Candidate], torch.Tensor | None, torch.Tensor | None]:
             candidates = planner.plan(seeds)
@@ -105,12 +112,12 @@ def generate(
                 bar.update(len(seeds))
         sheet = writer.finish(modality=settings.dicom.modality)
 
+        _log_lineage(tracker, run_id, writer, facts, checkpoint_hash=checkpoint_hash, registered_audit=registered_audit,
+                     name=f"{run.name}/synthetic")
         tracker.log_params(run_id, {"checkpoint_sha256": checkpoint_hash, "num_samples": settings.num_samples,
                                     "label_source": settings.labels.source if generator.conditioning == "mask" else "none",
                                     **{f"privacy_gate_{k}": v for k, v in gate_description.items()}})
-        tracker.log_metrics(run_id, {"privacy_gate_rejected": rejected})
-        if rejected:
-            log.info("generate: the privacy gate rejected %d candidates and drew replacements", rejected)
+        _report_gate(gate, rejected, Path(run.paths.synthetic), tracker, run_id, spatial_dims=manifest.spatial_dims)
         tracker.log_artifact(run_id, writer.manifest, artifact_path="synthetic")
         if sheet is not None:
             tracker.log_artifact(run_id, sheet, artifact_path="synthetic")
@@ -173,14 +180,59 @@ def _planner(settings: GenerateSettings, source: LabelledArrays, manifest: Manif
 
 
 def _common_columns(settings: GenerateSettings, checkpoint: str, generator: Generator, *, sampler: str,
-                    checkpoint_hash: str, label_hash: str, gate_method: str) -> dict[str, Any]:
-    """The manifest columns every sample shares: the model, how it was sampled (``sampler``: its
-    MONAI class path), and the gate."""
+                    checkpoint_hash: str, label_hash: str, gate_method: str, data_manifest_hash: str) -> dict[str, Any]:
+    """The manifest columns every sample shares: the model and the dataset it was trained on (the
+    hash of that ``data/manifest.json``), how it was sampled (``sampler``: its MONAI class path),
+    and the gate."""
     return {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_hash,
-            "train_run_id": generator.info.get("run_id", ""), "sampler": sampler.rsplit(".", 1)[-1],
+            "train_run_id": generator.info.get("run_id", ""), "data_manifest_sha256": data_manifest_hash,
+            "sampler": sampler.rsplit(".", 1)[-1],
             "steps": settings.steps, "eta": settings.eta,
             "guidance_scale": settings.guidance_scale if generator.guided else "",
             "label_generator_sha256": label_hash, "gate_method": gate_method, "medsynth_version": __version__}
+
+
+def _registered_audit(source: str, generator: Generator, facts: Mapping[str, str], settings: GenerateSettings,
+                      run: RunSettings) -> str:
+    """Whether the generator is a registered model version that passed an audit: ``pass``, ``fail``,
+    ``none`` (a version never audited) or ``""`` (not looked up: not a ``models:/`` source).
+
+    Looked up for a ``models:/`` source, and for any source under ``generate.require_audited``,
+    which then refuses anything but a version whose last audit passed.
+
+    Raises:
+        MedsynthError: Under ``generate.require_audited`` for a generator without a PASS audit.
+    """
+    if not (source.startswith("models:/") or settings.require_audited):
+        return ""
+    from medsynth.tracking.registry import audit_status, find_model_version
+
+    assert generator.checkpoint is not None
+    found = find_model_version(source, checkpoint_sha256=file_sha256(generator.checkpoint), train_run_id=facts["run_id"],
+                               tracking_uri=run.mlflow.tracking_uri)
+    if found is None:
+        raise MedsynthError(f"generate.require_audited=true, but the checkpoint {source} is not a registered model version: "
+                            "generate from models:/NAME/VERSION (or @audited) of a version whose audit passed")
+    status = audit_status(*found, tracking_uri=run.mlflow.tracking_uri)
+    (log.info if status.passed else log.warning)("generate: %s", status.describe())
+    if settings.require_audited and not status.passed:
+        raise MedsynthError(f"generate.require_audited=true, but {status.describe()}: evaluate a set from it first "
+                            f"(a PASS sets the alias models:/{status.name}@audited)")
+    return status.verdict or "none"
+
+
+def _log_lineage(tracker: TrackerLike, run_id: str, writer: SyntheticWriter, facts: Mapping[str, str], *,
+                 checkpoint_hash: str, registered_audit: str, name: str) -> None:
+    """The run's inputs (train run, checkpoint, dataset) as lineage tags, and the set it made as a dataset input."""
+    manifest_hash = file_sha256(writer.manifest)
+    tracker.set_tags(run_id, {f"{LINEAGE}{k}": v for k, v in {
+        "train_run_id": facts["run_id"], "preprocess_run_id": facts["preprocess_run_id"],
+        "checkpoint_sha256": checkpoint_hash, "data_manifest_sha256": facts["data_manifest_sha256"],
+        "synthetic_manifest_sha256": manifest_hash}.items() if v})
+    if registered_audit:
+        tracker.log_params(run_id, {"registered_audit": registered_audit})
+    tracker.log_dataset(run_id, name=name, sha256=manifest_hash, source=writer.out,
+                        context="synthetic", num_records=len(writer.rows))
 
 
 def _sha256(generator: Generator | None) -> str:
@@ -214,6 +266,30 @@ def _privacy_gate(settings: GenerateSettings, encoder: EncoderSettings, privacy:
     holdout = load_split(manifest, "holdout")
     features = dataset_encoder(encoder, run.paths.data, train_split, spatial_dims=manifest.spatial_dims, device=device,
                                seed=run.seed, progress=run.progress) if privacy.features else None
-    return build_privacy_gate(train_split.images, holdout.images, encoder=features, quantile=privacy.holdout_quantile,
-                              metric=privacy.metric,
-                              device=device)
+    return build_privacy_gate(train_split.images, holdout.images, encoder=features, privacy=privacy, device=device)
+
+
+def _report_gate(gate: PrivacyGate | None, rejected: int, folder: Path, tracker: TrackerLike, run_id: str, *,
+                 spatial_dims: int) -> None:
+    """Log what the gate rejected (in all and per rule) and preview the audit's aggregate privacy
+    figures over the exported set (``preview_*`` metrics and one line).
+
+    The set is read back from its NIfTI files, as evaluate reads it; without NIfTI output there is
+    nothing the audit could read, and no preview.
+    """
+    tracker.log_metrics(run_id, {"privacy_gate_rejected": rejected,
+                                 **{f"privacy_gate_rejected_{rule}": n for rule, n in (gate.rejections if gate else {}).items()}})
+    if gate is None:
+        return
+    if rejected:
+        log.info("generate: the privacy gate rejected %d candidates and drew replacements (%s)", rejected,
+                 ", ".join(f"{rule}: {n}" for rule, n in gate.rejections.items()))
+    try:
+        exported = read_synthetic(folder, spatial_dims=spatial_dims)
+    except MedsynthError as err:
+        log.info("generate: no privacy preview (%s)", err)
+        return
+    preview = gate.preview(exported.images)
+    tracker.log_metrics(run_id, {f"preview_{k}": v for k, v in preview.items()})
+    log.info("generate: privacy preview of the %d exported samples (evaluate's limits decide): %s", len(exported),
+             ", ".join(f"{k}={v:.3g}" for k, v in preview.items()))

@@ -1,4 +1,5 @@
-"""Stage 1: scans in, cached dataset, ``data/manifest.json`` and ``data/quarantine.json`` out.
+"""Stage 1: scans in, cached dataset, ``data/manifest.json``, ``data/quarantine.json`` and
+``data/lineage.json`` (this run's MLflow id and the manifest's SHA-256, for train's lineage) out.
 
 Every source takes the same path: discover its cases (:mod:`medsynth.data.discovery`; the demo and
 ``data=nifti`` are one case), then :func:`medsynth.data.build.build_dataset` preprocesses them,
@@ -26,6 +27,7 @@ from medsynth.data.discovery import (
     nifti_pair_case,
     read_attributes,
 )
+from medsynth.evaluation.provenance import LINEAGE, file_sha256, write_data_lineage
 from medsynth.stages.context import stage_run
 from medsynth.tracking import TrackerLike
 
@@ -69,6 +71,9 @@ def preprocess(
         log.info("preprocess: %s records %s -> %s", len(manifest.records), counts, manifest.root / "manifest.json")
         tracker.log_metrics(run_id, {f"records_{split}": n for split, n in counts.items()})
         tracker.log_artifact(run_id, manifest.root / "manifest.json", artifact_path="data")
+        data_hash = file_sha256(manifest.root / "manifest.json")
+        tracker.set_tags(run_id, {f"{LINEAGE}data_manifest_sha256": data_hash})
+        write_data_lineage(manifest.root, preprocess_run_id=run_id, data_manifest_sha256=data_hash)
         quarantine = manifest.root / "quarantine.json"
         if quarantine.is_file():
             tracker.log_artifact(run_id, quarantine, artifact_path="data")

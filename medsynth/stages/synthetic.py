@@ -1,9 +1,12 @@
 """generate's output: per-sample files (NIfTI in nnU-Net v2's raw layout, DICOM image series and
 SEG, PNG previews), ``manifest.csv`` listing exactly the complete samples, and ``dataset.json``.
 
-The manifest is rewritten after every batch, so an interrupted run leaves a manifest of complete
-samples; a rerun with the same settings (the same fingerprint in ``generate.json``) continues after
-them. A full disk stops generation with the count of complete samples.
+The manifest records every file's SHA-256 beside its name (a DICOM series folder: one hash over
+its files, :func:`medsynth.evaluation.provenance.folder_sha256`), so the audit and ``medsynth
+verify`` can tell the files generate wrote from any others. It is rewritten after every batch, so
+an interrupted run leaves a manifest of complete samples; a rerun with the same settings (the same
+fingerprint in ``generate.json``) continues after those whose files are unchanged. A full disk
+stops generation with the count of complete samples.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import errno
 import io
 import json
 import logging
+import re
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,20 +27,24 @@ import numpy as np
 
 from medsynth import MedsynthError
 from medsynth.config.settings import GenerateSettings
+from medsynth.evaluation.provenance import FILE_COLUMNS, hash_column, path_sha256
 from medsynth.io import colorize_labels, display_slice, picture_sheet, save_nifti, save_png, write_json, write_text
 from medsynth.stages.candidates import Accepted, Candidate
 
 log = logging.getLogger("medsynth")
 
+_FILE_COLUMNS = FILE_COLUMNS  # image, label, dicom_series (a folder), dicom_seg, preview
+
 MANIFEST_COLUMNS = (
-    "sample_id", "image", "label", "dicom_series", "dicom_seg", "preview", "seed", "label_source", "attributes",
-    "checkpoint", "checkpoint_sha256", "train_run_id", "sampler", "steps", "eta", "guidance_scale",
-    "label_generator_sha256", "privacy_gate", "gate_pixel_nearness", "gate_feature_distance", "draws", "gate_method",
-    "medsynth_version",
+    "sample_id", *_FILE_COLUMNS, *(hash_column(c) for c in _FILE_COLUMNS), "seed", "label_source", "attributes",
+    "checkpoint", "checkpoint_sha256", "train_run_id", "data_manifest_sha256", "sampler", "steps", "eta",
+    "guidance_scale", "label_generator_sha256", "privacy_gate", "gate_pixel_nearness", "gate_feature_distance", "draws",
+    "gate_method", "medsynth_version",
 )
 """Columns of ``synthetic/manifest.csv``, one row per sample."""
 
-_FILE_COLUMNS = ("image", "label", "dicom_seg", "preview")
+_SAMPLE_FOLDERS = ("imagesTr", "labelsTr", "dicom", "previews")
+_SAMPLE_NAME = re.compile(r"^syn_\d{5}(?:_0000)?(?:\.nii\.gz|\.png)?$")
 _MAX_PREVIEWS = 16
 
 
@@ -67,8 +76,13 @@ class SyntheticWriter:
     def manifest(self) -> Path:
         return self.out / "manifest.csv"
 
-    def resume(self, fingerprint: str) -> int:
-        """Keep the complete samples of an earlier run with the same ``fingerprint`` and record it.
+    def resume(self, fingerprint: str, *, run_id: str = "") -> int:
+        """Keep the complete, unchanged samples of an earlier run with the same ``fingerprint``, and
+        record the fingerprint and this run in ``generate.json``.
+
+        Args:
+            fingerprint: :func:`medsynth.stages.generate.settings_fingerprint` of this run.
+            run_id: This generate run's MLflow id (``""`` without tracking).
 
         Returns:
             How many samples are done already.
@@ -76,7 +90,7 @@ class SyntheticWriter:
         self.rows = done_rows(self.out, fingerprint)
         if self.rows:
             log.info("generate: continuing after %d samples already in %s", len(self.rows), self.manifest)
-        write_json(self.out / "generate.json", {"fingerprint": fingerprint})
+        write_json(self.out / "generate.json", {"fingerprint": fingerprint, "run_id": run_id})
         return len(self.rows)
 
     def write_batch(self, accepted: Sequence[Accepted]) -> None:
@@ -113,9 +127,33 @@ class SyntheticWriter:
         """
         if "nifti" in self.settings.formats:
             write_dataset_json(self.out, label_names=self.label_names, num_training=len(self.rows), modality=modality)
+        self._remove_stale()
         if not self.previews:
             return None
         return save_png(self.out / "samples.png", picture_sheet(self.previews, titles=["label", "synthetic"]))
+
+    def _remove_stale(self) -> None:
+        """Delete sample files an earlier run left here that the manifest does not list (a larger
+        earlier run, other formats), so the folder holds exactly the listed set. Only generate's own
+        sample names in its own subfolders are touched."""
+        listed = {r[k] for r in self.rows for k in _FILE_COLUMNS if r.get(k)}
+        stale = []
+        for sub in _SAMPLE_FOLDERS:
+            for path in sorted((self.out / sub).glob("*")) if (self.out / sub).is_dir() else []:
+                relative = path.relative_to(self.out).as_posix()
+                if _SAMPLE_NAME.match(path.name) and not any(
+                        name == relative or name.startswith(relative + "/") for name in listed):
+                    stale.append(path)
+        for path in stale:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if "nifti" not in self.settings.formats and (self.out / "dataset.json").is_file():
+            (self.out / "dataset.json").unlink()
+            stale.append(self.out / "dataset.json")
+        if not self.previews and (self.out / "samples.png").is_file():
+            (self.out / "samples.png").unlink()
+            stale.append(self.out / "samples.png")
+        if stale:
+            log.info("generate: removed %d files of an earlier run that %s does not list", len(stale), self.manifest)
 
     def _attributes(self, cand: Candidate) -> str:
         known = self.vocabulary
@@ -138,6 +176,9 @@ class SyntheticWriter:
             row.update(_write_dicom(out, sample_id, image, label, cand, settings=g, label_names=self.label_names))
         if preview is not None:
             row["preview"] = save_png(out / "previews" / f"{sample_id}.png", picture_sheet([preview])).relative_to(out).as_posix()
+        for column in _FILE_COLUMNS:
+            if row.get(column):
+                row[hash_column(column)] = path_sha256(out / row[column])
         return row
 
 
@@ -167,19 +208,32 @@ def _preview(image: np.ndarray | None, label: np.ndarray | None) -> list[np.ndar
 
 
 def done_rows(out: Path, fingerprint: str) -> list[dict[str, Any]]:
-    """Rows of an earlier run with the same settings whose files all exist; ``[]`` otherwise."""
+    """The leading rows of an earlier run with the same settings whose files all exist with their
+    recorded SHA-256; ``[]`` otherwise. Generation continues after the last of them."""
     state, manifest = out / "generate.json", out / "manifest.csv"
     if not (state.is_file() and manifest.is_file()):
         return []
-    if json.loads(state.read_text()).get("fingerprint") != fingerprint:
+    try:
+        if json.loads(state.read_text()).get("fingerprint") != fingerprint:
+            return []
+    except (ValueError, AttributeError):
         return []
     complete = []
     with manifest.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            if not all((out / row[k]).exists() for k in _FILE_COLUMNS if row.get(k)):
+        reader = csv.DictReader(fh)
+        if tuple(reader.fieldnames or ()) != MANIFEST_COLUMNS:
+            return []  # written by another medsynth version
+        for row in reader:
+            if not all(_unchanged(out, row[k], row.get(hash_column(k)) or "") for k in _FILE_COLUMNS if row.get(k)):
                 break
             complete.append(row)
     return complete
+
+
+def _unchanged(out: Path, name: str, sha256: str) -> bool:
+    """Whether the file (or series folder) ``name`` under ``out`` exists with SHA-256 ``sha256``."""
+    path = out / name
+    return bool(sha256) and path.exists() and path_sha256(path) == sha256
 
 
 def write_manifest(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

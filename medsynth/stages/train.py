@@ -13,6 +13,7 @@ from medsynth.config.schema import to_mapping
 from medsynth.config.settings import ModelSettings, RunSettings, SchedulerSettings, TrainerSettings, check_training
 from medsynth.data import infinite_batches, load_split, read_manifest
 from medsynth.diffusion.generator import Generator, build_denoiser, build_scheduler, generator_state
+from medsynth.evaluation.provenance import LINEAGE, file_sha256, preprocess_run_id
 from medsynth.io import save_png
 from medsynth.stages.context import pick_device, stage_run
 from medsynth.tracking import NullTracker, TrackerLike
@@ -92,6 +93,7 @@ def _train(
     vocabulary = condition_vocabulary(model_settings, manifest.attribute_values())
     train_data = load_split(manifest, "train", vocabulary=vocabulary)
     validation = load_split(manifest, "validation", vocabulary=vocabulary)
+    lineage = _lineage(run, saved, tracker=tracker, run_id=run_id, num_records=len(train_data))
 
     # instantiate: the model (after its autoencoder, for latent diffusion), schedule, optimiser and EMA
     model = build_denoiser(model_settings, num_classes=manifest.num_classes, vocabulary=vocabulary).to(device)
@@ -126,7 +128,7 @@ def _train(
     # what every checkpoint says about the generator besides its weights (Generator.from_state reads it)
     image_size = [int(s) for s in train_data.images.shape[2:]]
     described = {**generator_state(model_settings, scheduler_settings, t.sampling), "label_names": manifest.label_names,
-                 "vocabulary": vocabulary, "spatial_dims": manifest.spatial_dims, "image_size": image_size}
+                 "vocabulary": vocabulary, "spatial_dims": manifest.spatial_dims, "image_size": image_size, **lineage}
     described["config"]["trainer"] = to_mapping(t)
     generator = Generator(state.ema.shadow, scheduler_settings, list(manifest.label_names), tuple(image_size), t.sampling)
     timesteps = validation_timesteps(t.validation.timestep_fractions, scheduler.num_train_timesteps)
@@ -171,6 +173,23 @@ def _train(
                                 registered_name=run.mlflow.register_model)
             log.info("train: generator logged as MLflow model %s", uri)
     return folder / "last.pt"
+
+
+def _lineage(run: RunSettings, saved: dict[str, Any] | None, *, tracker: TrackerLike, run_id: str,
+             num_records: int) -> dict[str, Any]:
+    """What every checkpoint records about the data it was trained on (the SHA-256 of
+    ``data/manifest.json`` and the preprocess run that wrote it); logged as lineage tags and the
+    training set as the run's dataset input."""
+    data_hash = file_sha256(Path(run.paths.data) / "manifest.json")
+    preprocess = preprocess_run_id(run.paths.data, data_manifest_sha256=data_hash)
+    if saved is not None and saved.get("data_manifest_sha256") not in (None, data_hash):
+        log.warning("train: resuming a model trained on another data/manifest.json (SHA-256 %s..., now %s...); its "
+                    "checkpoints will name the dataset of now", str(saved["data_manifest_sha256"])[:16], data_hash[:16])
+    tracker.set_tags(run_id, {f"{LINEAGE}data_manifest_sha256": data_hash,
+                              **({f"{LINEAGE}preprocess_run_id": preprocess} if preprocess else {})})
+    tracker.log_dataset(run_id, name=f"{run.name}/data", sha256=data_hash, source=run.paths.data,
+                        context="training", num_records=num_records)
+    return {"data_manifest_sha256": data_hash, "lineage": {"preprocess_run_id": preprocess}}
 
 
 def _report(result: TrainResult, *, tracker: TrackerLike, run_id: str, trainer: TrainerSettings, last: Path,

@@ -9,6 +9,7 @@ installed package ("models from code"), so ``mlflow models serve -m models:/<nam
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
@@ -33,7 +34,7 @@ CHECKPOINT_ARTIFACT = "checkpoint.pt"
 """File name of the checkpoint inside a logged generator's ``artifacts/`` folder."""
 
 _KEPT_KEYS = ("ema", "config", "sampling", "label_names", "vocabulary", "spatial_dims", "image_size", "run_id", "step",
-              "val_loss")
+              "val_loss", "data_manifest_sha256", "lineage")
 _REQUIRED_KEYS = ("ema", "config", "label_names", "image_size")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -147,6 +148,7 @@ def log_generator(
     with tempfile.TemporaryDirectory(prefix="medsynth-generator-") as tmp:
         staged = Path(tmp) / CHECKPOINT_ARTIFACT
         torch.save({k: checkpoint[k] for k in _KEPT_KEYS if k in checkpoint}, staged)
+        logged_sha256 = file_sha256(staged)  # what models:/ and runs:/ resolution download
         model_dir = Path(tmp) / "model"
         # "models from code": the model is GeneratorModel, imported from the installed package
         code = Path(tmp) / "generator_model.py"
@@ -164,8 +166,12 @@ def log_generator(
         client.get_registered_model(registered_name)
     except MlflowException:
         client.create_registered_model(registered_name, description="medsynth generator (pyfunc): seed and condition in, image and label out")
-    version = client.create_model_version(registered_name, source, run_id=run_id,
-                                          tags={"medsynth.step": str(checkpoint.get("step", ""))})
+    version = client.create_model_version(registered_name, source, run_id=run_id, tags={
+        "medsynth.step": str(checkpoint.get("step", "")),
+        "medsynth.source_checkpoint_sha256": file_sha256(checkpoint_path),
+        "medsynth.checkpoint_sha256": logged_sha256,
+        "medsynth.data_manifest_sha256": str(checkpoint.get("data_manifest_sha256", "")),
+    })
     return f"models:/{registered_name}/{version.version}"
 
 
@@ -256,9 +262,19 @@ def _run_checkpoint(client: MlflowClient, run_id: str, tracking_uri: str, downlo
     return candidate
 
 
-def _registered_checkpoint(client: MlflowClient, uri: str, tracking_uri: str, download_dir: Path) -> Path:
-    """The checkpoint of a registered generator ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
-    spec = uri[len("models:/") :].strip("/")
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """Split ``models:/<name>/<version>`` or ``models:/<name>@<alias>``.
+
+    Args:
+        uri: The model URI.
+
+    Returns:
+        ``(name, version, alias)``; one of version and alias is ``None``.
+
+    Raises:
+        MedsynthError: If ``uri`` has neither form.
+    """
+    spec = uri[len("models:/") :].strip("/") if uri.startswith("models:/") else ""
     name, alias, version = spec, None, None
     if "@" in spec:
         name, alias = spec.rsplit("@", 1)
@@ -266,6 +282,12 @@ def _registered_checkpoint(client: MlflowClient, uri: str, tracking_uri: str, do
         name, version = spec.rsplit("/", 1)
     if not name or not (alias or version) or (version is not None and not version.isdigit()):
         raise MedsynthError(f"{uri!r}: name a registered model as models:/<name>/<version> or models:/<name>@<alias>")
+    return name, version, alias
+
+
+def _registered_checkpoint(client: MlflowClient, uri: str, tracking_uri: str, download_dir: Path) -> Path:
+    """The checkpoint of a registered generator ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
+    name, version, alias = parse_model_uri(uri)
     try:
         registered = client.get_registered_model(name)
     except MlflowException as err:
@@ -290,4 +312,151 @@ def _registered_checkpoint(client: MlflowClient, uri: str, tracking_uri: str, do
             f"{uri} (version {found.version}, {location}) holds no medsynth generator checkpoint: {str(err)[:200]}") from None
 
 
-__all__ = ["CHECKPOINT_ARTIFACT", "generator_signature", "log_generator", "resolve_checkpoint"]
+# ------------------------------------------------------------------------------- audit of a version
+
+AUDITED_ALIAS = "audited"
+"""Alias of the newest registered version whose audit passed."""
+
+AUDIT_TAGS = ("medsynth.audit.verdict", "medsynth.audit.evaluate_run_id", "medsynth.audit.metrics_sha256")
+"""Model version tags that carry an audit: the verdict (pass|fail), the evaluate run, the hash of its metrics.json."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditStatus:
+    """A registered model version and the last audit recorded on it.
+
+    Attributes:
+        name: Registered model name.
+        version: Version number.
+        verdict: ``pass``, ``fail``, or ``""`` when never audited.
+        evaluate_run_id: The evaluate run of that audit (``""`` when never audited).
+        metrics_sha256: SHA-256 of that audit's ``metrics.json``.
+    """
+
+    name: str
+    version: str
+    verdict: str = ""
+    evaluate_run_id: str = ""
+    metrics_sha256: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def describe(self) -> str:
+        """One phrase for a log line: ``passed an audit (evaluate run ...)`` and the like."""
+        if not self.verdict:
+            return f"{self.uri} has no audit"
+        return f"{self.uri} {'passed' if self.passed else 'failed'} its audit (evaluate run {self.evaluate_run_id or '?'})"
+
+
+def _registry(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def find_model_version(source: str, *, checkpoint_sha256: str, train_run_id: str, tracking_uri: str) -> tuple[str, str] | None:
+    """The registered version a generator is, if it is one.
+
+    A ``models:/NAME/VERSION`` (or ``@ALIAS``) source is that version. Otherwise a version counts
+    when its run is ``train_run_id`` and its recorded checkpoint hash (of the training
+    checkpoint, or of the logged copy) is ``checkpoint_sha256``.
+
+    Args:
+        source: The checkpoint as the user named it (path, run id, ``runs:/`` or ``models:/``).
+        checkpoint_sha256: SHA-256 of the checkpoint file that was loaded.
+        train_run_id: The train run the checkpoint says it came from (``""`` if unknown).
+        tracking_uri: The MLflow store and registry.
+
+    Returns:
+        ``(name, version)``, or ``None`` when it is not a registered version.
+
+    Raises:
+        MedsynthError: For a ``models:/`` URI that names no version, or an unreadable store.
+    """
+    client = _registry(tracking_uri)
+    if source.startswith("models:/"):
+        name, version, alias = parse_model_uri(source)
+        try:
+            found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, str(version))
+        except MlflowException as err:
+            _not_found(err, tracking_uri, codes=("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"))
+            raise MedsynthError(f"{source}: no such registered model version in mlflow.tracking_uri={tracking_uri}") from None
+        return found.name, str(found.version)
+    if not _RUN_ID.match(train_run_id or ""):
+        return None
+    try:
+        versions = client.search_model_versions(f"run_id = '{train_run_id}'")
+    except MlflowException as err:
+        _not_found(err, tracking_uri)
+        return None
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        tags = v.tags or {}
+        if checkpoint_sha256 in (tags.get("medsynth.source_checkpoint_sha256"), tags.get("medsynth.checkpoint_sha256")):
+            return v.name, str(v.version)
+    return None
+
+
+def mark_audit(name: str, version: str, *, passed: bool, evaluate_run_id: str, metrics_sha256: str,
+               tracking_uri: str) -> AuditStatus:
+    """Record an audit on a registered model version: tags, and the ``audited`` alias on a PASS.
+
+    A FAIL also takes the ``audited`` alias away from this version if it held it.
+
+    Args:
+        name: Registered model name.
+        version: Version number.
+        passed: The audit's verdict.
+        evaluate_run_id: The evaluate run that made it.
+        metrics_sha256: SHA-256 of its ``evaluation/metrics.json``.
+        tracking_uri: The MLflow store and registry.
+
+    Returns:
+        The version's audit status as recorded.
+    """
+    client = _registry(tracking_uri)
+    values = ("pass" if passed else "fail", evaluate_run_id, metrics_sha256)
+    for key, value in zip(AUDIT_TAGS, values):
+        client.set_model_version_tag(name, str(version), key, value)
+    if passed:
+        client.set_registered_model_alias(name, AUDITED_ALIAS, str(version))
+    else:
+        try:
+            holder = client.get_model_version_by_alias(name, AUDITED_ALIAS)
+        except MlflowException:
+            holder = None
+        if holder is not None and str(holder.version) == str(version):
+            client.delete_registered_model_alias(name, AUDITED_ALIAS)
+    return AuditStatus(name, str(version), *values)
+
+
+def audit_status(name: str, version: str, *, tracking_uri: str) -> AuditStatus:
+    """The last audit recorded on a registered model version (see :func:`mark_audit`).
+
+    Args:
+        name: Registered model name.
+        version: Version number.
+        tracking_uri: The MLflow store and registry.
+
+    Returns:
+        The status; its ``verdict`` is ``""`` when the version was never audited.
+
+    Raises:
+        MedsynthError: If there is no such version.
+    """
+    try:
+        found = _registry(tracking_uri).get_model_version(name, str(version))
+    except MlflowException as err:
+        _not_found(err, tracking_uri)
+        raise MedsynthError(f"no registered model version models:/{name}/{version} in mlflow.tracking_uri={tracking_uri}") from None
+    tags = found.tags or {}
+    verdict = tags.get(AUDIT_TAGS[0], "")
+    return AuditStatus(name, str(version), verdict if verdict in ("pass", "fail") else "",
+                       tags.get(AUDIT_TAGS[1], ""), tags.get(AUDIT_TAGS[2], ""))
+
+
+__all__ = ["AUDITED_ALIAS", "AUDIT_TAGS", "CHECKPOINT_ARTIFACT", "AuditStatus", "audit_status", "find_model_version",
+           "generator_signature", "log_generator", "mark_audit", "parse_model_uri", "resolve_checkpoint"]

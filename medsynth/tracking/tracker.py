@@ -7,6 +7,7 @@ A pipeline run is a top-level MLflow run; each stage is a nested run under it (t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from medsynth import MedsynthError
 
@@ -154,6 +156,24 @@ class Tracker:
         else:
             self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
+    def log_dataset(self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str,
+                    num_records: int | None = None) -> None:
+        """Record a dataset as an input of the run (the MLflow UI lists it under the run's datasets).
+
+        Args:
+            run_id: The run.
+            name: The dataset's name.
+            sha256: SHA-256 of its manifest; the dataset's digest is its first 16 digits, the
+                profile holds all of them.
+            source: The dataset's folder.
+            context: What the run did with it (``training``, ``synthetic``, ``evaluation``).
+            num_records: How many records it holds, shown in its profile.
+        """
+        profile = {"sha256": sha256, **({"num_records": int(num_records)} if num_records is not None else {})}
+        dataset = Dataset(name=name, digest=sha256[:16], source_type="local",
+                          source=json.dumps({"uri": Path(source).resolve().as_uri()}), profile=json.dumps(profile))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
 
 class NullTracker:
     """A tracker that records nothing: what the non-main processes of a data-parallel job use.
@@ -184,6 +204,10 @@ class NullTracker:
     def log_artifact(self, run_id: str, path: str | os.PathLike[str], *, artifact_path: str | None = None) -> None:
         pass
 
+    def log_dataset(self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str,
+                    num_records: int | None = None) -> None:
+        pass
+
 
 @runtime_checkable
 class TrackerLike(Protocol):
@@ -203,3 +227,6 @@ class TrackerLike(Protocol):
     def flush(self, run_id: str) -> None: ...
 
     def log_artifact(self, run_id: str, path: str | os.PathLike[str], *, artifact_path: str | None = None) -> None: ...
+
+    def log_dataset(self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str,
+                    num_records: int | None = None) -> None: ...
