@@ -178,3 +178,24 @@ def test_closer_to_train_fraction_errors(to_train: list[float], to_holdout: list
     """Mismatched lengths or empty arrays raise ValueError."""
     with pytest.raises(ValueError):
         closer_to_train_fraction(np.array(to_train), np.array(to_holdout))
+
+
+def test_closer_to_train_fraction_per_record() -> None:
+    """With the set sizes, a sample of the population scores 0.5 however unequal the splits are;
+    copies of training records still score 1, and equal sizes leave the raw fraction unchanged."""
+    rng = np.random.default_rng(0)
+    for n, h in [(400, 80), (80, 400)]:
+        train, holdout, samples = rng.normal(size=(n, 8)), rng.normal(size=(h, 8)), rng.normal(size=(2000, 8))
+        to_train, _ = nearest_neighbours(samples, train)
+        to_holdout, _ = nearest_neighbours(samples, holdout)
+        raw = closer_to_train_fraction(to_train, to_holdout)
+        assert abs(raw - n / (n + h)) < 0.05  # the bias the sizes correct
+        assert closer_to_train_fraction(to_train, to_holdout, train_size=n, holdout_size=h) == pytest.approx(0.5, abs=0.05)
+    copies = train[:50] + 1e-4
+    to_train, _ = nearest_neighbours(copies, train)
+    to_holdout, _ = nearest_neighbours(copies, holdout)
+    assert closer_to_train_fraction(to_train, to_holdout, train_size=len(train), holdout_size=len(holdout)) == 1.0
+    d_train, d_holdout = np.array([0.1, 0.4, 0.2]), np.array([0.2, 0.3, 0.3])
+    assert closer_to_train_fraction(d_train, d_holdout, train_size=5, holdout_size=5) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="sizes"):
+        closer_to_train_fraction(d_train, d_holdout, train_size=5)

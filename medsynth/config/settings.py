@@ -536,10 +536,13 @@ class SegmenterSettings:
 @dataclass(kw_only=True)
 class MembershipSettings:
     timesteps: list[int] = field(default_factory=lambda: [50, 200, 500])
+    attacks: list[str] = field(default_factory=lambda: ["loss", "pia"])
 
     def __post_init__(self) -> None:
         check(bool(self.timesteps) and all(t >= 0 for t in self.timesteps), "evaluate.membership.timesteps",
               "a list of timesteps >= 0", self.timesteps)
+        check(bool(self.attacks) and set(self.attacks) <= {"loss", "pia"} and len(set(self.attacks)) == len(self.attacks),
+              "evaluate.membership.attacks", "a non-empty list of loss, pia without repeats", self.attacks)
 
 
 @dataclass(kw_only=True)

@@ -207,8 +207,8 @@ def privacy_figures(
     synthetic: AuditSet,
     *,
     num_classes: int,
-    member_errors: np.ndarray | None,
-    nonmember_errors: np.ndarray | None,
+    member_errors: np.ndarray | Mapping[str, np.ndarray] | None,
+    nonmember_errors: np.ndarray | Mapping[str, np.ndarray] | None,
     rules: PrivacyRules | None = None,
     memorisation_threshold: float = 0.95,
 ) -> tuple[list[Figure], np.ndarray, np.ndarray]:
@@ -223,8 +223,10 @@ def privacy_figures(
         holdout: Real holdout set (the non-members).
         synthetic: The synthetic set.
         num_classes: Label values including background.
-        member_errors, nonmember_errors: The model's denoising error on training and holdout images
-            (lower error = more likely a member); ``None`` skips membership inference.
+        member_errors, nonmember_errors: The membership attacks' scores of training and holdout
+            images (lower = more likely a member): ``{attack: errors}``, or one array for the
+            ``loss`` (denoising-error) attack alone; ``None`` skips membership inference
+            (:func:`membership_figures`).
         rules: The per-sample rules calibrated on ``train`` and ``holdout`` (:func:`calibrate_rules`
             with the sets' features); default: calibrated here from the sets' images and features
             with the default ``conf/privacy`` settings and ``memorisation_threshold``.
@@ -292,14 +294,76 @@ def privacy_figures(
         "for holdout label maps", float(np.mean(ref_dice)),
     ))
     if member_errors is not None and nonmember_errors is not None:
-        # attack score: a lower denoising error means "member"
-        figures += [
-            Figure("privacy/membership_auc", roc_auc(-member_errors, -nonmember_errors), "0.5 (higher = leaks membership)",
-                   "AUC of telling training images from holdout images by the model's denoising error", 0.5, True),
-            Figure("privacy/membership_tpr_at_1pct_fpr", tpr_at_fpr(-member_errors, -nonmember_errors, fpr=0.01), "lower",
-                   "share of training images flagged as members when at most 1% of holdout images are", 0.01),
-        ]
+        figures += membership_figures(member_errors, nonmember_errors)
     return figures, check.correlation, check.correlation_index
+
+
+ATTACK_NAMES: dict[str, str] = {
+    "loss": "the model's denoising error at fixed timesteps and noise",
+    "pia": "PIA: the model's disagreement with its own noise estimate carried from t = 0 to t (proximal initialisation)",
+}
+"""What each membership attack measures, for the figures' meanings (unknown attacks are named as given)."""
+
+
+def membership_figures(
+    member_errors: np.ndarray | Mapping[str, np.ndarray],
+    nonmember_errors: np.ndarray | Mapping[str, np.ndarray],
+) -> list[Figure]:
+    """AUC and TPR at 1% FPR of each membership attack, and of the strongest one under the plain names.
+
+    Each attack gets ``privacy/membership_auc_<attack>`` and ``privacy/membership_tpr_at_1pct_fpr_<attack>``.
+    ``privacy/membership_auc`` and ``privacy/membership_tpr_at_1pct_fpr`` (the ones the verdict
+    reads) are the figures of the attack with the highest AUC (the first on a tie), and their
+    meaning names it: a model passes only if *every* attack fails to tell members from non-members.
+
+    Args:
+        member_errors: ``{attack: (N,) scores}`` of training images (lower = more likely a
+            member), or one array, taken as the ``loss`` attack's.
+        nonmember_errors: The same for holdout images, with the same attacks.
+
+    Returns:
+        The per-attack figures, in the given order, then the two strongest-attack figures.
+
+    Raises:
+        ValueError: When the two sets name different attacks, or none.
+    """
+    members, nonmembers = _by_attack(member_errors), _by_attack(nonmember_errors)
+    if list(members) != list(nonmembers) or not members:
+        raise ValueError(f"member and non-member scores must name the same attacks, got {list(members)} and {list(nonmembers)}")
+    figures: list[Figure] = []
+    scored: dict[str, tuple[float, float]] = {}
+    for attack, errors in members.items():
+        # attack score: a lower error means "member"
+        auc = roc_auc(-np.asarray(errors), -np.asarray(nonmembers[attack]))
+        tpr = tpr_at_fpr(-np.asarray(errors), -np.asarray(nonmembers[attack]), fpr=0.01)
+        scored[attack] = (auc, tpr)
+        what = ATTACK_NAMES.get(attack, attack)
+        figures += [
+            Figure(f"privacy/membership_auc_{attack}", auc, "0.5 (higher = leaks membership)",
+                   f"AUC of telling training images from holdout images by {what} ({attack} attack)", 0.5),
+            Figure(f"privacy/membership_tpr_at_1pct_fpr_{attack}", tpr, "lower",
+                   f"share of training images the {attack} attack flags as members when at most 1% of holdout "
+                   "images are", 0.01),
+        ]
+    strongest = max(scored, key=lambda k: scored[k][0])  # max keeps the first on a tie
+    others = ", ".join(f"{k} {v[0]:.3g}" for k, v in scored.items() if k != strongest)
+    also = f"; other attacks' AUC: {others}" if others else ""
+    auc, tpr = scored[strongest]
+    return figures + [
+        Figure("privacy/membership_auc", auc, "0.5 (higher = leaks membership)",
+               f"AUC of telling training images from holdout images by the strongest membership attack run, here "
+               f"{strongest} ({ATTACK_NAMES.get(strongest, strongest)}){also}", 0.5, True),
+        Figure("privacy/membership_tpr_at_1pct_fpr", tpr, "lower",
+               f"share of training images the strongest attack ({strongest}) flags as members when at most 1% of "
+               "holdout images are", 0.01),
+    ]
+
+
+def _by_attack(errors: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Scores by attack name; a bare array is the ``loss`` attack's."""
+    if isinstance(errors, Mapping):
+        return {str(k): np.asarray(v) for k, v in errors.items()}
+    return {"loss": np.asarray(errors)}
 
 
 def utility_figures(*, dice_real: float, dice_synthetic: float, dice_both: float,

@@ -6,7 +6,8 @@
   per volume the mean slice feature of each plane, concatenated);
 - the segmenters of the label-consistency and utility figures (:func:`train_segmenters`,
   :func:`holdout_dice`);
-- the membership attack's denoising errors (:func:`membership_errors`).
+- the membership attacks' scores (:func:`membership_errors`): the denoising-error (``loss``) attack
+  and PIA (:func:`pia_errors`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.networks.schedulers import RFlowScheduler, Scheduler
 from torch import nn
 
 from medsynth.config.settings import EncoderSettings, SegmenterSettings
 from medsynth.data import LabelledArrays, Record
 from medsynth.data.dataset import attribute_codes
-from medsynth.diffusion import denoising_errors
+from medsynth.diffusion import Denoiser, denoising_errors
 from medsynth.diffusion.generator import Generator, build_scheduler
 from medsynth.metrics.realism import orthogonal_slices
 from medsynth.metrics.segmentation import mean_dice
@@ -39,6 +41,15 @@ FEATURE_SPACES = ("2d", "2.5d", "3d")
 
 SEGMENTER_SETS = ("real", "synthetic", "real+synthetic")
 """What the utility segmenters are trained on, in the order :func:`train_segmenters` returns them."""
+
+MEMBERSHIP_ATTACKS = ("loss", "pia")
+"""The membership-inference attacks: ``loss``, the denoising error at fixed timesteps and noise
+(Carlini et al. 2023); ``pia``, proximal initialisation (Kong et al. 2023, :func:`pia_errors`).
+The audit runs all of them unless told otherwise (``evaluate.membership.attacks``)."""
+
+PIA_NORM = 4
+"""Order ``p`` of the ℓp norm PIA measures its error with (a high order weighs the few pixels a
+model gets badly wrong, which is where unseen images differ)."""
 
 
 # ------------------------------------------------------------------------------------ the encoder
@@ -243,7 +254,7 @@ def holdout_dice(segmenter: nn.Module, holdout: LabelledArrays, *, num_classes: 
     return mean_dice(segment(segmenter, holdout.images), holdout.labels.numpy(), num_classes=num_classes)
 
 
-# ---------------------------------------------------------------------------- the membership attack
+# --------------------------------------------------------------------------- the membership attacks
 
 
 def membership_errors(
@@ -253,20 +264,149 @@ def membership_errors(
     *,
     timesteps: Sequence[int],
     seed: int,
-) -> np.ndarray:
-    """The generator's denoising error on each record: the membership attack's score (lower = more likely trained on).
+    attacks: Sequence[str] = MEMBERSHIP_ATTACKS,
+) -> dict[str, np.ndarray]:
+    """Each membership attack's score of each record (lower = more likely trained on).
 
     Args:
         generator: The audited generator.
         data: Images and label maps of ``records``.
         records: The records, for their attributes (the model's condition codes).
-        timesteps: Timesteps the error is averaged over.
-        seed: Seed of the fixed noise draws (the same for every set, so sets are comparable).
+        timesteps: Timesteps each attack averages over.
+        seed: Seed of the ``loss`` attack's fixed noise draws (the same for every set, so sets are
+            comparable); PIA draws no noise.
+        attacks: Names from :data:`MEMBERSHIP_ATTACKS`.
 
     Returns:
-        ``(N,)`` mean squared errors.
-    """
-    codes = attribute_codes(records, generator.model.vocabulary)
-    return denoising_errors(generator.model, data.images, data.labels, build_scheduler(generator.scheduler),
-                            timesteps=list(timesteps), codes=codes, seed=seed).numpy()
+        ``{attack: (N,) errors}`` in the order of ``attacks``: the ``loss`` attack's mean squared
+        denoising error, PIA's mean ℓp error (:func:`pia_errors`).
 
+    Raises:
+        ValueError: For an unknown attack, or PIA on a schedule it cannot invert
+            (:func:`pia_errors`).
+    """
+    unknown = sorted(set(attacks) - set(MEMBERSHIP_ATTACKS))
+    if unknown or not attacks:
+        raise ValueError(f"membership attacks must be some of {list(MEMBERSHIP_ATTACKS)}, got {list(attacks)}")
+    codes = attribute_codes(records, generator.model.vocabulary)
+    scheduler = build_scheduler(generator.scheduler)
+    out: dict[str, np.ndarray] = {}
+    for attack in attacks:
+        if attack == "loss":
+            out[attack] = denoising_errors(generator.model, data.images, data.labels, scheduler,
+                                           timesteps=list(timesteps), codes=codes, seed=seed).numpy()
+        else:
+            out[attack] = pia_errors(generator.model, data.images, data.labels, scheduler,
+                                     timesteps=timesteps, codes=codes).numpy()
+    return out
+
+
+@torch.no_grad()
+def pia_errors(
+    model: Denoiser,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    scheduler: Scheduler,
+    *,
+    timesteps: Sequence[int],
+    codes: torch.Tensor | None = None,
+    batch_size: int = 64,
+    norm: int = PIA_NORM,
+) -> torch.Tensor:
+    """PIA, the proximal-initialisation membership attack (Kong et al. 2023, arXiv 2305.18355).
+
+    The ``loss`` attack asks how well the model removes *random* noise. PIA removes the randomness:
+    it asks the model, given the clean image at ``t = 0``, which noise it sees in it
+    (``eps0``), puts exactly that noise back at timestep ``t`` the deterministic (DDIM) way,
+    ``x_t = a_t x0 + b_t eps0``, and measures how far the model's noise estimate at ``t`` strays
+    from ``eps0``. On an image it was trained on, a model's trajectory is consistent and the error
+    is small. Every prediction type medsynth trains is read as a noise estimate
+    (:func:`noise_estimate`). Cost: ``1 + len(timesteps)`` model evaluations per record.
+
+    Args:
+        model: The trained denoiser (EMA weights); conditioned models get their own condition.
+        images: ``(N, C, *spatial)`` images in [0, 1].
+        labels: ``(N, 1, *spatial)`` their label maps.
+        scheduler: The training schedule (DDPM or DDIM with any prediction type, or rectified flow).
+        timesteps: Timesteps ``t`` the error is averaged over.
+        codes: ``(N, A)`` attribute codes for ``class`` / ``attributes`` models.
+        batch_size: Records per forward pass.
+        norm: Order ``p`` of the error's ℓp norm (taken as a mean over elements, so sizes compare).
+
+    Returns:
+        ``(N,)`` error of each record, averaged over ``timesteps`` (lower = more likely a member).
+
+    Raises:
+        ValueError: For a prediction type the noise cannot be recovered from.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros(images.shape[0])
+    for start in range(0, images.shape[0], batch_size):
+        label = labels[start : start + batch_size].to(device)
+        code = codes[start : start + batch_size].to(device) if codes is not None else None
+        condition = model.condition(label, code)
+        x0 = model.to_sample(images[start : start + batch_size].to(device), label)
+        eps0 = _model_noise(model, scheduler, x0, 0, condition)  # the noise the model sees in the clean image
+        for step in timesteps:
+            a, b = diffusion_coefficients(scheduler, int(step))
+            error = _model_noise(model, scheduler, a * x0 + b * eps0, int(step), condition) - eps0
+            total[start : start + batch_size] += error.abs().pow(norm).flatten(1).mean(dim=1).pow(1.0 / norm).cpu()
+    return total / len(timesteps)
+
+
+def _model_noise(model: Denoiser, scheduler: Scheduler, x_t: torch.Tensor, step: int,
+                 condition: torch.Tensor | None) -> torch.Tensor:
+    """The model's noise estimate at ``x_t``, timestep ``step``."""
+    t = torch.full((x_t.shape[0],), step, device=x_t.device, dtype=torch.long)
+    return noise_estimate(scheduler, model(x_t, t, condition).float(), x_t.float(), step)
+
+
+def diffusion_coefficients(scheduler: Scheduler, step: int) -> tuple[float, float]:
+    """``(a, b)`` with ``x_t = a x0 + b eps`` at timestep ``step``: what ``scheduler.add_noise`` does.
+
+    Args:
+        scheduler: A MONAI DDPM, DDIM or RFlow scheduler.
+        step: An integer timestep in ``[0, num_train_timesteps)``.
+
+    Returns:
+        ``(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t))``, or ``(1 - t/T, t/T)`` for rectified flow.
+    """
+    if isinstance(scheduler, RFlowScheduler):
+        s = step / scheduler.num_train_timesteps
+        return 1.0 - s, s
+    alpha_bar = float(scheduler.alphas_cumprod[step])
+    return alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+
+
+def noise_estimate(scheduler: Scheduler, prediction: torch.Tensor, x_t: torch.Tensor, step: int) -> torch.Tensor:
+    """The noise ``eps`` a prediction of the scheduler's target implies, given ``x_t = a x0 + b eps``.
+
+    Every target medsynth trains is ``c_x x0 + c_e eps`` (:func:`medsynth.diffusion.prediction_target`):
+    ``epsilon`` (0, 1), ``sample`` (1, 0), ``v_prediction`` (``-b``, ``a``) and rectified flow's
+    velocity ``x0 - eps`` (1, -1); with ``x_t`` that is two linear equations in ``x0`` and ``eps``.
+
+    Args:
+        scheduler: The training schedule.
+        prediction: The model's output at ``x_t``.
+        x_t: The noisy input.
+        step: Its timestep.
+
+    Returns:
+        The implied noise, shaped like ``x_t``.
+
+    Raises:
+        ValueError: For another prediction type, or one that leaves the noise undetermined at
+            ``step`` (``sample`` at a timestep without noise).
+    """
+    a, b = diffusion_coefficients(scheduler, step)
+    kind = "flow" if isinstance(scheduler, RFlowScheduler) else scheduler.prediction_type
+    targets = {"epsilon": (0.0, 1.0), "sample": (1.0, 0.0), "v_prediction": (-b, a), "flow": (1.0, -1.0)}
+    if kind not in targets:
+        raise ValueError(f"PIA cannot read a noise estimate from prediction_type {kind!r}; "
+                         f"it knows {', '.join(targets)}: leave pia out of evaluate.membership.attacks")
+    c_x, c_e = targets[kind]
+    det = a * c_e - b * c_x
+    if abs(det) < 1e-12:
+        raise ValueError(f"prediction_type {kind!r} determines no noise at timestep {step} (x_t carries none)")
+    return (a * prediction - c_x * x_t) / det

@@ -192,7 +192,9 @@ class PrivacyRules:
         """Fraction of samples nearer to a training record than to any holdout record, per space.
 
         A set-level figure, not a rule: about 0.5 when the samples are as near to unseen patients
-        as to training ones, towards 1 when they sit nearer the training records.
+        as to training ones, towards 1 when they sit nearer the training records. The training and
+        holdout sets are compared per record, so their sizes do not move the figure
+        (:func:`medsynth.metrics.closer_to_train_fraction` with both sizes).
 
         Args:
             images: The samples :meth:`measure` gave ``check`` for.
@@ -201,11 +203,12 @@ class PrivacyRules:
         Returns:
             ``{"pixel": fraction}``, plus ``"feature"`` when the samples have features.
         """
+        sizes = {"train_size": len(self.train_images), "holdout_size": len(self.holdout_images)}
         to_holdout, _ = nearest_neighbours(as_images(images), self.holdout_images, chunk=self.chunk)
-        out = {"pixel": closer_to_train_fraction(check.distance, to_holdout)}
+        out = {"pixel": closer_to_train_fraction(check.distance, to_holdout, **sizes)}
         if check.feature is not None and check.features is not None and self.holdout_features is not None:
             to_holdout_feature, _ = nearest_neighbours(check.features, self.holdout_features, chunk=self.chunk)
-            out["feature"] = closer_to_train_fraction(check.feature, to_holdout_feature)
+            out["feature"] = closer_to_train_fraction(check.feature, to_holdout_feature, **sizes)
         return out
 
     def describe(self) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def evaluate(
         segmenters = train_segmenters(settings.segmenter, real=train, synthetic=synthetic.arrays(), num_classes=num_classes,
                                       spatial_dims=dims, seed=settings.seed, device=device, progress=run.progress)
         errors = {name: membership_errors(generator, data, manifest.split(name), timesteps=settings.membership.timesteps,
-                                          seed=settings.seed)
+                                          attacks=settings.membership.attacks, seed=settings.seed)
                   for name, data in (("train", train), ("holdout", holdout))}
 
         figures = realism_figures(
