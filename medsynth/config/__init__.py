@@ -17,6 +17,7 @@ from medsynth import ConfigError
 from medsynth.config.schema import from_mapping, to_mapping, unknown_key_message
 from medsynth.config.settings import (
     DataSettings,
+    DifferentialPrivacySettings,
     EncoderSettings,
     EvaluateSettings,
     GenerateSettings,
@@ -31,7 +32,7 @@ from medsynth.config.settings import (
 )
 
 __all__ = [
-    "DataSettings", "EncoderSettings", "EvaluateSettings", "GenerateSettings", "MlflowSettings", "ModelSettings", "PathsSettings",
+    "DataSettings", "DifferentialPrivacySettings", "EncoderSettings", "EvaluateSettings", "GenerateSettings", "MlflowSettings", "ModelSettings", "PathsSettings",
     "PipelineSettings", "PrivacySettings", "RunSettings", "SchedulerSettings", "TrainerSettings", "compose", "config_dir",
     "load_settings", "to_mapping",
 ]

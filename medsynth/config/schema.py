@@ -142,6 +142,9 @@ def convert(hint: Any, value: Any, *, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        group = _group(hint)
+        if group is not None and isinstance(value, Mapping):  # a group of keys: its own messages name the key at fault
+            return convert(group, value, key=key)
         for option in (a for a in args if a is not type(None)):
             try:
                 return convert(option, value, key=key)

@@ -350,6 +350,46 @@ class AutoencoderTrainingSettings:
               self.adversarial_weight)
 
 
+ACCOUNTANTS: tuple[str, ...] = ("rdp",)
+"""Privacy accountants ``trainer.privacy.accountant`` may name (Opacus's Renyi-DP accountant)."""
+
+
+@dataclass(kw_only=True)
+class DifferentialPrivacySettings:
+    """Patient-level DP-SGD (``trainer.privacy``); off unless ``enabled``.
+
+    Each step samples every training patient with probability ``expected_batch_patients / n``,
+    clips each sampled patient's gradient (summed over up to ``records_per_patient`` of its
+    records) to ``max_grad_norm``, adds Gaussian noise calibrated so that ``target_epsilon`` is
+    spent at ``trainer.max_steps`` for ``delta`` (default: ``1 / (10 n)``).
+    """
+
+    enabled: bool = False
+    target_epsilon: float = 8.0
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    expected_batch_patients: float = 8.0
+    records_per_patient: int | None = 8
+    min_patients: int = 20
+    accountant: str = "rdp"
+    patients_per_pass: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.target_epsilon > 0, "trainer.privacy.target_epsilon", "a number > 0", self.target_epsilon)
+        check(self.delta is None or 0.0 < self.delta < 1.0, "trainer.privacy.delta",
+              "null (1 / (10 x training patients)) or a number in (0, 1)", self.delta)
+        check(self.max_grad_norm > 0, "trainer.privacy.max_grad_norm", "a number > 0", self.max_grad_norm)
+        check(self.expected_batch_patients > 0, "trainer.privacy.expected_batch_patients", "a number > 0",
+              self.expected_batch_patients)
+        check(self.records_per_patient is None or self.records_per_patient >= 1, "trainer.privacy.records_per_patient",
+              "null (all of a patient's records) or an integer >= 1", self.records_per_patient)
+        check(self.min_patients >= 2, "trainer.privacy.min_patients", "an integer >= 2", self.min_patients)
+        check(self.accountant in ACCOUNTANTS, "trainer.privacy.accountant", f"one of {', '.join(ACCOUNTANTS)}",
+              self.accountant)
+        check(self.patients_per_pass is None or self.patients_per_pass >= 1, "trainer.privacy.patients_per_pass",
+              "null (all sampled patients at once) or an integer >= 1", self.patients_per_pass)
+
+
 def _adamw() -> dict[str, Any]:
     return {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1.0e-3, "weight_decay": 0.0}
 
@@ -379,6 +419,7 @@ class TrainerSettings:
     compile: bool = False
     compile_options: dict[str, Any] = field(default_factory=dict)
     autoencoder: AutoencoderTrainingSettings = field(default_factory=AutoencoderTrainingSettings)
+    privacy: DifferentialPrivacySettings | Literal["dp", "off"] = field(default_factory=DifferentialPrivacySettings)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "batch_size", "accumulate", "checkpoint_every", "keep_last"):
@@ -391,6 +432,22 @@ class TrainerSettings:
         check(target in OPTIMIZERS, "trainer.optimizer._target_", f"one of {', '.join(OPTIMIZERS)}", target)
         check(self.resume in (None, "", "auto") or self.resume.endswith(".pt"), "trainer.resume",
               "null, auto or the path of a .pt checkpoint", self.resume)
+        if isinstance(self.privacy, str):  # trainer.privacy=dp: DP-SGD with the default settings
+            self.privacy = DifferentialPrivacySettings(enabled=self.privacy == "dp")
+        if self.privacy.enabled:
+            self._check_private()
+
+    def _check_private(self) -> None:
+        """Refuse the options that would break patient-level DP-SGD's guarantee (see docs/how-it-works.md)."""
+        dp = "with trainer.privacy.enabled=true"
+        check(self.accumulate == 1, "trainer.accumulate", f"1 {dp} (each step already samples its own patients)",
+              self.accumulate)
+        check(self.precision != "fp16", "trainer.precision",
+              f"fp32 or bf16 {dp} (the fp16 gradient scaler skips and rescales noised steps)", self.precision)
+        check(not self.gradient_checkpointing, "trainer.gradient_checkpointing",
+              f"false {dp} (per-patient gradients are computed with torch.func)", self.gradient_checkpointing)
+        check(not self.compile, "trainer.compile", f"false {dp} (per-patient gradients are computed with torch.func)",
+              self.compile)
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -611,10 +668,12 @@ def check_training(model: ModelSettings, scheduler: SchedulerSettings, trainer: 
     """
     check(model.spatial_dims == spatial_dims, "model.network.spatial_dims", f"the dataset's spatial_dims ({spatial_dims})",
           model.spatial_dims)
+    check(model.autoencoder is None or not trainer.privacy.enabled, "model.autoencoder",
+          "null with trainer.privacy.enabled=true (latent diffusion's autoencoder and latent scale are fitted to the "
+          "training set without privacy)", "set")
     check(model.autoencoder is None or not scheduler.clip_sample, "scheduler.clip_sample",
           "false for latent diffusion (latents are not confined to [-1, 1])", scheduler.clip_sample)
     sampler_target(trainer.sampling.sampler, scheduler._target_, key="trainer.sampling.sampler")
-
 
 
 @dataclass(kw_only=True)

@@ -48,6 +48,24 @@ def load_salt(path: str | os.PathLike[str] | None) -> bytes:
         return env.encode("utf-8")
     if not path:
         raise ConfigError(f"data.deid.salt_file is not set and ${SALT_ENV} is empty: de-identification needs a secret salt")
+    salt = secret_file(path)
+    if not salt:
+        raise ConfigError(f"the salt file data.deid.salt_file={path} is empty; delete it to make a new one")
+    return salt
+
+
+def secret_file(path: str | os.PathLike[str], *, size: int = 32) -> bytes:
+    """The bytes of the secret file ``path``; created on first use with ``size`` random bytes, mode 0600.
+
+    Two processes that create it at once end with the same file (the second one reads the first's).
+
+    Args:
+        path: The file.
+        size: Bytes of a new secret (``os.urandom``).
+
+    Returns:
+        The file's bytes (empty if someone emptied it: the caller decides what that means).
+    """
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,11 +75,8 @@ def load_salt(path: str | os.PathLike[str] | None) -> bytes:
             pass
         else:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(os.urandom(32))
-    salt = path.read_bytes()
-    if not salt:
-        raise ConfigError(f"the salt file data.deid.salt_file={path} is empty; delete it to make a new one")
-    return salt
+                fh.write(os.urandom(size))
+    return path.read_bytes()
 
 
 def pseudonym(value: str, salt: bytes, *, prefix: str = "", length: int = 12) -> str:

@@ -35,6 +35,7 @@ def render_report(
     facts: Mapping[str, str],
     groups: Mapping[str, GroupVerdict] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    differential_privacy: Mapping[str, Any] | None = None,
 ) -> str:
     """Render the audit as one HTML page with pictures embedded (it can be mailed or archived alone).
 
@@ -49,6 +50,8 @@ def render_report(
             overall verdict, which names the groups that failed.
         provenance: The ``provenance`` block of ``metrics.json`` (what the audit verified), shown
             as a short table with the files' hashes in a collapsed list.
+        differential_privacy: The generator's DP record (``differential_privacy`` of
+            ``metrics.json``), shown as a table; ``None``: a section saying it was trained without DP.
 
     Returns:
         The HTML text.
@@ -59,6 +62,7 @@ def render_report(
     parts += [f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in facts.items()]
     parts.append("</ul>")
     parts += _verdict_html(passed, reasons, groups)
+    parts += _dp_html(differential_privacy)
     for group in dict.fromkeys(f.name.split("/", 1)[0] for f in figures):
         parts.append(f"<h2>{esc(group.capitalize())}</h2><table><tr><th>figure</th><th>value</th><th>reference</th>"
                      "<th>better</th><th>meaning</th></tr>")
@@ -115,3 +119,30 @@ def _provenance_html(record: Mapping[str, Any]) -> list[str]:
                  + "".join(f"<tr><td>{esc(str(name))}</td><td><code>{esc(str(sha))}</code></td></tr>" for name, sha in files.items())
                  + "</table></details>")
     return parts
+
+
+_DP_ROWS = (("epsilon", "epsilon spent (lower is more private)"), ("delta", "delta of the guarantee"),
+            ("unit", "unit of privacy"), ("accountant", "accountant"), ("noise_multiplier", "noise multiplier"),
+            ("sample_rate", "patient sample rate per step"), ("max_grad_norm", "clipping norm per patient"),
+            ("steps", "noised steps"), ("train_patients", "training patients"),
+            ("records_per_patient", "records per sampled patient per step"))
+
+
+def _dp_html(record: Mapping[str, Any] | None) -> list[str]:
+    """The generator's differential-privacy guarantee, or a line saying it has none."""
+    esc = html.escape
+    parts = ["<h2>Differential privacy</h2>"]
+    if not record:
+        return parts + ["<p>The generator was trained without differential privacy (trainer.privacy.enabled=false): "
+                        "the per-sample rules and figures below are its only privacy evidence.</p>"]
+    parts.append(f"<p>{esc(str(record.get('mechanism', '')))}: the weights reveal at most this much about any one "
+                 "patient of the training set (all of the patient's records together).</p><table>")
+    parts += [f"<tr><td>{esc(label)}</td><td class='num'>{esc(_dp_value(record.get(key)))}</td></tr>" for key, label in _DP_ROWS]
+    parts.append("</table>")
+    return parts
+
+
+def _dp_value(value: Any) -> str:
+    if value is None:
+        return "all"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

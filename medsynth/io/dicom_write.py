@@ -162,6 +162,7 @@ def write_image_series(
     study: SyntheticStudy | None = None,
     series_number: int = 1,
     extra: Mapping[str, Any] | None = None,
+    privacy: str | None = None,
 ) -> list[Path]:
     """Write a synthetic volume as a DICOM CT or MR image series, one single-frame file per slice.
 
@@ -189,6 +190,9 @@ def write_image_series(
         extra: More attributes by DICOM keyword, set on every file (for example
             ``{"PatientPosition": "HFS", "InstitutionName": "..."}``). Attributes that carry
             pixels, geometry, UIDs or the synthetic marks cannot be replaced.
+        privacy: The generator's differential-privacy guarantee in one line (for example
+            ``patient-level DP-SGD (epsilon=8, delta=1e-05, rdp)``), appended to Derivation
+            Description and, cut to 64 characters, recorded as De-identification Method.
 
     Returns:
         The written files in slice order ``k``.
@@ -214,6 +218,8 @@ def write_image_series(
             raise ConfigError(f"extra: {keyword!r} is not a DICOM keyword")
         if keyword in _PROTECTED:
             raise ConfigError(f"extra: {keyword!r} is set by medsynth and cannot be replaced")
+    if privacy is not None and (not privacy.isprintable() or "\\" in privacy or len(privacy) > 300):
+        raise ConfigError(f"privacy must be one printable line of at most 300 characters without backslashes, got {privacy!r}")
     if study is not None and study.patient_id != sample_id:
         raise ConfigError(f"study belongs to sample {study.patient_id!r}, not {sample_id!r}")
 
@@ -259,6 +265,8 @@ def write_image_series(
             ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # DICOM rows are j
             for keyword, value in extra.items():
                 setattr(ds, keyword, value)
+            if privacy:
+                _mark_private(ds, privacy)
             _finish(ds)
             ds.save_as(stack.enter_context(atomic_path(path)), enforce_file_format=True)
     return paths
@@ -511,6 +519,14 @@ def _image_dataset(
         ds.EchoTime = ""
         ds.EchoTrainLength = ""
     return ds
+
+
+def _mark_private(ds: Dataset, privacy: str) -> None:
+    """Record the generator's differential-privacy guarantee: in Derivation Description (ST) and as
+    the De-identification Method (LO, 64 characters) of an object with no patient identity."""
+    ds.DerivationDescription = f"{ds.DerivationDescription}; trained with {privacy}"[:1024]
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = f"synthetic, {privacy}"[:64]
 
 
 def _finish(ds: Dataset) -> None:

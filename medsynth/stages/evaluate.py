@@ -46,6 +46,7 @@ from medsynth.metrics import label_intensity_stats
 from medsynth.stages.context import pick_device, stage_run
 from medsynth.tracking import TrackerLike
 from medsynth.training import file_sha256
+from medsynth.training.privacy import PrivacyRecord, checkpoint_privacy
 from medsynth.training.segmenter import segment
 
 log = logging.getLogger("medsynth")
@@ -99,6 +100,8 @@ def evaluate(
             )
         generator = _audited_generator(synthetic, manifest, run, device)
         audited = _audited_inputs(custody, synthetic, generator, manifest, run, run_id)
+        assert generator.checkpoint is not None
+        dp = checkpoint_privacy(generator.checkpoint)
 
         measure = dataset_encoder(encoder, run.paths.data, train, spatial_dims=dims, device=device, seed=run.seed,
                                   progress=run.progress).to(device)
@@ -131,6 +134,7 @@ def evaluate(
         dice = {name: holdout_dice(model, holdout, num_classes=num_classes) for name, model in segmenters.items()}
         figures += utility_figures(dice_real=dice["real"], dice_synthetic=dice["synthetic"], dice_both=dice["real+synthetic"],
                                    min_reference_dice=settings.min_reference_dice)
+        figures += _dp_figures(dp)
         limits = settings.limit_table()
         result = judge(figures, limits)
         passed, reasons = result.passed, result.reasons
@@ -143,6 +147,7 @@ def evaluate(
             "num_synthetic": len(synthetic), "num_train": len(train), "num_holdout": len(holdout),
             "verdict": result.as_json(),
             "provenance": audited.record,
+            "differential_privacy": dp.as_json() if dp is not None else None,
             "privacy_rules": rules.describe(),
             "metrics": {f.name: f.as_json() for f in figures},
             "label_intensity_stats": {split: label_intensity_stats(x.images, x.labels, label_names=names)
@@ -151,14 +156,28 @@ def evaluate(
         metrics_path = write_json(out / "metrics.json", body)
         facts = {"synthetic samples": str(len(synthetic)), "training records": str(len(train)),
                  "holdout records": str(len(holdout)), "checkpoint sha256": synthetic.rows[0].get("checkpoint_sha256", ""),
-                 "MLflow run": run_id}
+                 "MLflow run": run_id,
+                 "differential privacy": dp.describe() if dp is not None else "none (trained without trainer.privacy)"}
         report = write_text(out / "report.html", render_report(
             title=f"medsynth evaluation: {run.name}", figures=figures, passed=passed, reasons=reasons,
-            pictures=pictures, facts=facts, groups=result.groups, provenance=audited.record))
+            pictures=pictures, facts=facts, groups=result.groups, provenance=audited.record,
+            differential_privacy=dp.as_json() if dp is not None else None))
 
         _log_results(tracker, run_id, parent_run_id, figures, result, (metrics_path, report, *pictures.values()))
+        if dp is not None:
+            tracker.log_metrics(run_id, {"privacy/dp_delta": dp.delta})
         _log_custody(tracker, run_id, audited, passed=passed, metrics=metrics_path, run=run)
         return metrics_path
+
+
+def _dp_figures(dp: PrivacyRecord | None) -> list[Figure]:
+    """The generator's differential-privacy epsilon as a figure (none without DP, so a limit on it
+    then fails as not computed: ``evaluate.limits.privacy/dp_epsilon: {max: E}`` requires DP)."""
+    if dp is None:
+        return []
+    return [Figure("privacy/dp_epsilon", dp.epsilon, "lower",
+                   f"epsilon of the generator's patient-level differential privacy (delta {dp.delta:.3g}, {dp.accountant} "
+                   "accountant): a bound on what the weights reveal about any one training patient", headline=True)]
 
 
 def _audited_generator(synthetic: SyntheticSet, manifest: Manifest, run: RunSettings, device: torch.device) -> Generator:

@@ -30,9 +30,10 @@ from medsynth.evaluation.synthetic import read_synthetic
 from medsynth.evaluation.provenance import LINEAGE, checkpoint_facts
 from medsynth.stages.candidates import Candidate, Planner, gated_draws, sample_candidates, user_label_maps
 from medsynth.stages.context import pick_device, stage_run
-from medsynth.stages.synthetic import SyntheticWriter
+from medsynth.stages.synthetic import SyntheticWriter, dp_columns
 from medsynth.tracking import TrackerLike
 from medsynth.training.checkpoint import file_sha256
+from medsynth.training.privacy import PrivacyRecord, checkpoint_privacy
 
 log = logging.getLogger("medsynth")
 
@@ -86,12 +87,15 @@ def generate(
         gate_description = gate.describe() if gate is not None else {"method": "off"}
 
         checkpoint_hash, label_hash = _sha256(generator), _sha256(label_generator)
+        assert generator.checkpoint is not None  # set by Generator.from_checkpoint
+        dp = checkpoint_privacy(generator.checkpoint)
         writer = SyntheticWriter(
             Path(run.paths.synthetic), settings, manifest.label_names, generator.model.vocabulary,
             common=_common_columns(settings, checkpoint, generator, sampler=sampler, checkpoint_hash=checkpoint_hash,
                                    label_hash=label_hash, gate_method=gate_description["method"],
-                                   data_manifest_hash=facts["data_manifest_sha256"]),
+                                   data_manifest_hash=facts["data_manifest_sha256"], dp=dp),
             previews_wanted="png" in settings.formats and manifest.spatial_dims == 2,
+            privacy=dp.describe() if dp is not None else None,
         )
         start = writer.resume(settings_fingerprint(settings, checkpoint_hash,
                                                    {"label_generator": label_hash, "gate": gate_description["method"]}),
@@ -180,16 +184,18 @@ def _planner(settings: GenerateSettings, source: LabelledArrays, manifest: Manif
 
 
 def _common_columns(settings: GenerateSettings, checkpoint: str, generator: Generator, *, sampler: str,
-                    checkpoint_hash: str, label_hash: str, gate_method: str, data_manifest_hash: str) -> dict[str, Any]:
+                    checkpoint_hash: str, label_hash: str, gate_method: str, data_manifest_hash: str,
+                    dp: PrivacyRecord | None = None) -> dict[str, Any]:
     """The manifest columns every sample shares: the model and the dataset it was trained on (the
     hash of that ``data/manifest.json``), how it was sampled (``sampler``: its MONAI class path),
-    and the gate."""
+    the gate, and the generator's differential-privacy record (``dp_*``, empty without DP)."""
     return {"checkpoint": str(checkpoint), "checkpoint_sha256": checkpoint_hash,
             "train_run_id": generator.info.get("run_id", ""), "data_manifest_sha256": data_manifest_hash,
             "sampler": sampler.rsplit(".", 1)[-1],
             "steps": settings.steps, "eta": settings.eta,
             "guidance_scale": settings.guidance_scale if generator.guided else "",
-            "label_generator_sha256": label_hash, "gate_method": gate_method, "medsynth_version": __version__}
+            "label_generator_sha256": label_hash, "gate_method": gate_method, **dp_columns(dp),
+            "medsynth_version": __version__}
 
 
 def _registered_audit(source: str, generator: Generator, facts: Mapping[str, str], settings: GenerateSettings,

@@ -35,11 +35,15 @@ log = logging.getLogger("medsynth")
 
 _FILE_COLUMNS = FILE_COLUMNS  # image, label, dicom_series (a folder), dicom_seg, preview
 
+DP_COLUMNS = ("dp_epsilon", "dp_delta", "dp_accountant", "dp_noise_multiplier", "dp_sample_rate", "dp_max_grad_norm",
+              "dp_steps", "dp_unit")
+"""The generator's differential-privacy record (empty for a generator trained without DP)."""
+
 MANIFEST_COLUMNS = (
     "sample_id", *_FILE_COLUMNS, *(hash_column(c) for c in _FILE_COLUMNS), "seed", "label_source", "attributes",
     "checkpoint", "checkpoint_sha256", "train_run_id", "data_manifest_sha256", "sampler", "steps", "eta",
     "guidance_scale", "label_generator_sha256", "privacy_gate", "gate_pixel_nearness", "gate_feature_distance", "draws",
-    "gate_method", "medsynth_version",
+    "gate_method", *DP_COLUMNS, "medsynth_version",
 )
 """Columns of ``synthetic/manifest.csv``, one row per sample."""
 
@@ -61,6 +65,7 @@ class SyntheticWriter:
         previews_wanted: Whether PNG previews are written (2D samples with ``png`` among the formats).
         rows: The manifest rows of the complete samples.
         previews: Preview columns of the first samples, for ``samples.png``.
+        privacy: The generator's DP guarantee in one line, written into DICOM files (``None``: trained without DP).
     """
 
     out: Path
@@ -71,6 +76,7 @@ class SyntheticWriter:
     previews_wanted: bool
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     previews: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
+    privacy: str | None = None
 
     @property
     def manifest(self) -> Path:
@@ -173,7 +179,8 @@ class SyntheticWriter:
                 row["label"] = save_nifti(out / "labelsTr" / f"{sample_id}.nii.gz", label, cand.affine,
                                           dtype=np.uint8).relative_to(out).as_posix()
         if "dicom" in g.formats and image is not None:
-            row.update(_write_dicom(out, sample_id, image, label, cand, settings=g, label_names=self.label_names))
+            row.update(_write_dicom(out, sample_id, image, label, cand, settings=g, label_names=self.label_names,
+                                    privacy=self.privacy))
         if preview is not None:
             row["preview"] = save_png(out / "previews" / f"{sample_id}.png", picture_sheet([preview])).relative_to(out).as_posix()
         for column in _FILE_COLUMNS:
@@ -183,7 +190,7 @@ class SyntheticWriter:
 
 
 def _write_dicom(out: Path, sample_id: str, image: np.ndarray, label: np.ndarray | None, cand: Candidate, *,
-                 settings: GenerateSettings, label_names: list[str]) -> dict[str, str]:
+                 settings: GenerateSettings, label_names: list[str], privacy: str | None = None) -> dict[str, str]:
     """One sample as a DICOM image series (and a SEG of its label map); returns its manifest columns."""
     from medsynth.io.dicom_write import new_study, write_image_series, write_segmentation
 
@@ -193,6 +200,7 @@ def _write_dicom(out: Path, sample_id: str, image: np.ndarray, label: np.ndarray
         image, cand.affine, folder / "image", sample_id=sample_id, modality=modality, study=new_study(sample_id),
         seed=cand.seed, series_description=f"medsynth synthetic {modality} {sample_id}",
         intensity_range=tuple(settings.dicom.intensity_range) if settings.dicom.intensity_range else None,
+        privacy=privacy,
     )
     row = {"dicom_series": (folder / "image").relative_to(out).as_posix()}
     if label is not None:
@@ -252,3 +260,13 @@ def write_dataset_json(out: Path, *, label_names: list[str], num_training: int, 
         "numTraining": num_training, "file_ending": ".nii.gz",
         "description": "medsynth synthetic dataset; synthetic/manifest.csv holds each sample's provenance",
     })
+
+
+def dp_columns(record: Any) -> dict[str, Any]:
+    """The manifest's DP columns for a generator's :class:`~medsynth.training.privacy.PrivacyRecord`
+    (all empty for ``None``)."""
+    if record is None:
+        return {column: "" for column in DP_COLUMNS}
+    return {"dp_epsilon": f"{record.epsilon:.6g}", "dp_delta": f"{record.delta:.6g}", "dp_accountant": record.accountant,
+            "dp_noise_multiplier": f"{record.noise_multiplier:.6g}", "dp_sample_rate": f"{record.sample_rate:.6g}",
+            "dp_max_grad_norm": f"{record.max_grad_norm:.6g}", "dp_steps": record.steps, "dp_unit": record.unit}

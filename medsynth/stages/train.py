@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from monai.networks.schedulers import Scheduler
 
+from medsynth import MedsynthError
 from medsynth.config.schema import to_mapping
 from medsynth.config.settings import ModelSettings, RunSettings, SchedulerSettings, TrainerSettings, check_training
-from medsynth.data import infinite_batches, load_split, read_manifest
+from medsynth.data import LabelledArrays, infinite_batches, load_split, read_manifest
+from medsynth.data.deid import secret_file
+from medsynth.diffusion import Denoiser
 from medsynth.diffusion.generator import Generator, build_denoiser, build_scheduler, generator_state
 from medsynth.evaluation.provenance import LINEAGE, file_sha256, preprocess_run_id
 from medsynth.io import save_png
@@ -23,8 +30,18 @@ from medsynth.training.activation import enable_activation_checkpointing
 from medsynth.training.autoencoder import fit_autoencoder
 from medsynth.training.build import condition_vocabulary
 from medsynth.training.distributed import Distributed, setup_distributed, teardown_distributed
+from medsynth.training.dp_sgd import PatientBatch, patient_batches, private_gradient
 from medsynth.training.grid import sample_sheet
 from medsynth.training.objective import denoising_objective, validation_loss, validation_timesteps
+from medsynth.training.privacy import (
+    PatientAccountant,
+    PrivatePlan,
+    check_private_model,
+    check_private_run,
+    patient_groups,
+    private_plan,
+    resumed_accountant,
+)
 from medsynth.training.resume import resume_state
 from medsynth.training.state import TrainingState
 
@@ -43,6 +60,8 @@ def train(
     """Train the configured model on the training split, resuming when ``trainer.resume`` says so.
 
     Under ``torchrun`` every process trains on its own batches and only rank 0 logs and writes.
+    With ``trainer.privacy.enabled`` it trains with patient-level DP-SGD (one process) and records
+    the (epsilon, delta) spent in every checkpoint's ``privacy`` entry.
 
     Args:
         model: The denoiser (``conf/model``).
@@ -57,7 +76,8 @@ def train(
 
     Raises:
         ConfigError: For settings that do not fit each other or the dataset.
-        MedsynthError: For a missing dataset or a checkpoint that cannot be resumed.
+        MedsynthError: For a missing dataset or a checkpoint that cannot be resumed (with DP: one
+            trained without DP, or with other noise).
     """
     config = {"model": to_mapping(model), "scheduler": to_mapping(scheduler), "trainer": to_mapping(trainer)}
     resume_path, saved = resume_state(trainer.resume, checkpoints=run.paths.checkpoints, config=config)
@@ -90,6 +110,8 @@ def _train(
     device, folder = ddp.device, Path(run.paths.checkpoints)
     manifest = read_manifest(run.paths.data)
     check_training(model_settings, scheduler_settings, t, spatial_dims=manifest.spatial_dims)
+    groups = patient_groups([r.case for r in manifest.split("train")])
+    plan, accountant = _private_setup(t, ddp=ddp, num_patients=len(groups), saved=saved, resume_path=resume_path)
     vocabulary = condition_vocabulary(model_settings, manifest.attribute_values())
     train_data = load_split(manifest, "train", vocabulary=vocabulary)
     validation = load_split(manifest, "validation", vocabulary=vocabulary)
@@ -97,6 +119,8 @@ def _train(
 
     # instantiate: the model (after its autoencoder, for latent diffusion), schedule, optimiser and EMA
     model = build_denoiser(model_settings, num_classes=manifest.num_classes, vocabulary=vocabulary).to(device)
+    if plan is not None:
+        check_private_model(model)
     if model.autoencoder is not None and saved is None:
         scale = fit_autoencoder(
             model, train_data, network=model_settings.autoencoder, settings=t.autoencoder, path=folder / "autoencoder.pt",
@@ -122,6 +146,8 @@ def _train(
     n_params = sum(p.numel() for p in model.parameters())
     if saved is None:
         tracker.log_params(run_id, {"model_parameters": n_params, "device_resolved": str(device), "train_records": len(train_data)})
+        if plan is not None:
+            tracker.log_params(run_id, _privacy_params(plan))
     log.info("train: %d records, %.2fM parameters, steps %d..%d on %s (rank %d of %d)", len(train_data), n_params / 1e6,
              start_step + 1, t.max_steps, device, ddp.rank, ddp.world_size)
 
@@ -140,30 +166,39 @@ def _train(
 
     def on_step(step: int, loss: float, lr: float) -> None:
         tracker.log_metrics(run_id, {"loss": loss, "lr": lr}, step=step, buffered=True)
-        if not ddp.is_main or (step % t.checkpoint_every and step != t.max_steps):
+        checkpoint = step % t.checkpoint_every == 0 or step == t.max_steps
+        if plan is not None and (checkpoint or step % 10 == 0):
+            tracker.log_metrics(run_id, {"privacy/epsilon": accountant.epsilon(plan.delta)}, step=step, buffered=True)
+        if not ddp.is_main or not checkpoint:
             return
         val_loss = validation_loss(state.ema.shadow, validation, scheduler, timesteps=timesteps, seed=run.seed)
         tracker.log_metrics(run_id, {"val_loss": val_loss}, step=step)
         tracker.flush(run_id)  # the losses up to this checkpoint are in MLflow before it counts as saved
         state.step = step
         best = state.record_validation(val_loss)
-        save_step_checkpoint(folder, step, {**state.state_dict(), "run_id": run_id, "val_loss": val_loss, **described},
-                             best=best, keep=t.keep_last)
+        private = {"privacy": plan.record(accountant).as_json()} if plan is not None else {}
+        save_step_checkpoint(folder, step, {**state.state_dict(), "run_id": run_id, "val_loss": val_loss, **described,
+                                            **private}, best=best, keep=t.keep_last)
         if t.grid.num > 0 and (t.grid.every_checkpoint or step == t.max_steps):
             sample_grid(step)
 
-    # fit: each rank draws its own batches and noise
+    # fit: each rank draws its own batches and noise; DP-SGD samples patients and noises their clipped gradients
     seed = run.seed + 7_919 * ddp.rank
+    batches, gradient_fn = _private_fit(
+        model, scheduler, train_data, groups, plan, accountant, t, secret_seed=dp_secret_seed(run.paths.output),
+        device=device, start_step=start_step) if plan is not None else (None, None)
     result = fit(
         trained, loss_fn=denoising_objective(model, scheduler, seed=seed, device=device, memory_format=layout),
-        batches=infinite_batches(train_data, batch_size=t.batch_size, seed=seed, flip_dims=list(t.flip_dims),
-                                 start_step=start_step * t.accumulate),
-        optimizer=state.optimizer, max_steps=t.max_steps, lr_scheduler=state.lr_scheduler, ema=state.ema,
+        batches=batches or infinite_batches(train_data, batch_size=t.batch_size, seed=seed, flip_dims=list(t.flip_dims),
+                                            start_step=start_step * t.accumulate),
+        gradient_fn=gradient_fn, optimizer=state.optimizer, max_steps=t.max_steps, lr_scheduler=state.lr_scheduler, ema=state.ema,
         grad_clip=t.grad_clip, accumulate=t.accumulate, precision=t.precision, scaler=state.scaler, on_step=on_step,
         progress=run.progress and ddp.is_main, start_step=start_step,
     )
     if ddp.is_main:
         _report(result, tracker=tracker, run_id=run_id, trainer=t, last=folder / "last.pt", start_step=start_step)
+        if plan is not None:
+            _report_privacy(plan, accountant, tracker=tracker, run_id=run_id)
         if not result.steps and t.grid.num > 0:
             sample_grid(max(start_step, t.max_steps))
         if run.mlflow.register_model and run_id:
@@ -202,7 +237,91 @@ def _report(result: TrainResult, *, tracker: TrackerLike, run_id: str, trainer: 
     tracker.log_metrics(run_id, {
         "train_seconds": result.seconds,
         "train_images_per_second": result.examples_per_second,
-        "final_loss_mean_last_10pct": float(np.mean(result.losses[-max(1, len(result.losses) // 10):])),
+        "final_loss_mean_last_10pct": _finite_mean(result.losses[-max(1, len(result.losses) // 10):]),
     }, step=trainer.max_steps)
     log.info("train: %d steps in %.0f s (%.1f images/s), checkpoint %s", result.steps, result.seconds,
              result.examples_per_second, last)
+
+
+def _finite_mean(values: list[float]) -> float:
+    """Mean of the finite values (a DP step that sampled no patient has a NaN loss); NaN if none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _private_setup(t: TrainerSettings, *, ddp: Distributed, num_patients: int, saved: dict[str, Any] | None,
+                   resume_path: Path | None) -> tuple[PrivatePlan | None, PatientAccountant | None]:
+    """The DP plan (calibrated noise) and accountant of a private run, checked before any work; ``(None, None)`` without DP.
+
+    Raises:
+        ConfigError: For a distributed run or too few patients.
+        MedsynthError: For a checkpoint that cannot be resumed into this private run.
+    """
+    if not t.privacy.enabled:
+        return None, None
+    check_private_run(distributed=ddp.enabled)
+    plan = private_plan(t.privacy, train_patients=num_patients, max_steps=t.max_steps)
+    accountant = resumed_accountant(plan, saved, where=str(resume_path))
+    log.info("train: patient-level DP-SGD on %d patients: sample rate %.4g, noise multiplier %.4g, clipping %.3g, "
+             "target epsilon %.3g at step %d for delta %.3g", num_patients, plan.sample_rate, plan.noise_multiplier,
+             t.privacy.max_grad_norm, t.privacy.target_epsilon, t.max_steps, plan.delta)
+    return plan, accountant
+
+
+def _private_fit(model: Denoiser, scheduler: Scheduler, train_data: LabelledArrays, groups: list[list[int]],
+                 plan: PrivatePlan, accountant: PatientAccountant | None, t: TrainerSettings, *, secret_seed: int,
+                 device: torch.device, start_step: int
+                 ) -> tuple[Iterator[PatientBatch], Callable[[torch.nn.Module, PatientBatch, int], tuple[float, int]]]:
+    """The patient batches (from step ``start_step + 1``) and the DP-SGD gradient step of a private run.
+
+    Which patients each step samples and the Gaussian noise come from ``secret_seed``
+    (:func:`dp_secret_seed`), never from the public ``seed``: whoever could replay them could
+    subtract the noise, and the guarantee would be gone.
+    """
+    assert accountant is not None
+    dp = t.privacy
+    batches = patient_batches(train_data, groups, rate=plan.sample_rate, records_per_patient=dp.records_per_patient,
+                              seed=secret_seed, flip_dims=list(t.flip_dims), start_step=start_step)
+    gradient_fn = private_gradient(model, scheduler, noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                                   expected_patients=plan.sample_rate * plan.train_patients, seed=secret_seed, device=device,
+                                   chunk=dp.patients_per_pass, on_noised=accountant.step)
+    return batches, gradient_fn
+
+
+def dp_secret_seed(output: str | os.PathLike[str]) -> int:
+    """The secret seed of a DP run's patient sampling and noise: ``<output>/secret/dp_seed``.
+
+    32 random bytes made on first use (mode 0600), kept beside the de-identification salt, never
+    logged or put in a checkpoint, so a resumed run draws the same noise while nobody who only has
+    the config, the checkpoint or the logs can replay it.
+
+    Args:
+        output: The run's output folder (``paths.output``).
+
+    Returns:
+        A non-negative 63-bit seed.
+
+    Raises:
+        MedsynthError: If the file exists but is empty.
+    """
+    path = Path(output) / "secret" / "dp_seed"
+    secret = secret_file(path)
+    if not secret:
+        raise MedsynthError(f"the DP seed file {path} is empty; delete it to make a new one (a resumed run then draws other noise)")
+    return int.from_bytes(hashlib.sha256(secret).digest()[:8], "big") >> 1
+
+
+def _privacy_params(plan: PrivatePlan) -> dict[str, Any]:
+    """The DP run's settings as MLflow parameters."""
+    return {"dp_accountant": plan.settings.accountant, "dp_noise_multiplier": f"{plan.noise_multiplier:.6g}",
+            "dp_sample_rate": f"{plan.sample_rate:.6g}", "dp_delta": f"{plan.delta:.6g}",
+            "dp_max_grad_norm": plan.settings.max_grad_norm, "dp_target_epsilon": plan.settings.target_epsilon,
+            "dp_train_patients": plan.train_patients}
+
+
+def _report_privacy(plan: PrivatePlan, accountant: PatientAccountant | None, *, tracker: TrackerLike, run_id: str) -> None:
+    """Log the epsilon spent by the whole run."""
+    assert accountant is not None
+    record = plan.record(accountant)
+    tracker.log_metrics(run_id, {"privacy/epsilon_final": record.epsilon}, step=record.steps)
+    log.info("train: %s after %d steps", record.describe(), record.steps)

@@ -76,6 +76,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
     start_step: int = 0,
+    gradient_fn: Callable[[nn.Module, object, int], tuple[float, int]] | None = None,
 ) -> TrainResult:
     """Run optimiser steps ``start_step + 1`` to ``max_steps``.
 
@@ -99,6 +100,10 @@ def train(
         progress: Show a progress bar with step, loss and rate.
         desc: Label of the progress bar.
         start_step: Steps already taken (when resuming).
+        gradient_fn: Replaces the forward and backward passes of ``loss_fn``: called as
+            ``gradient_fn(model, batch, step)`` with one batch per step, it sets the parameters'
+            ``.grad`` itself and returns the step's loss and number of examples (DP-SGD:
+            :func:`medsynth.training.dp_sgd.private_gradient`; needs ``accumulate=1`` and no scaler).
 
     Returns:
         Steps taken in this call, their losses and wall time.
@@ -111,6 +116,8 @@ def train(
         raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and scaler is None:
         raise ValueError("fp16 training needs a GradScaler")
+    if gradient_fn is not None and (accumulate != 1 or scaler is not None):
+        raise ValueError("a gradient_fn takes one batch per step and no gradient scaler")
     dtype = PRECISIONS[precision]
     device_type = next(model.parameters()).device.type
     losses: list[float] = []
@@ -121,7 +128,11 @@ def train(
         model.train()
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for micro in range(accumulate):
+        if gradient_fn is not None:
+            with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                total, count = gradient_fn(model, next(batches), step)
+            examples += count
+        for micro in range(accumulate if gradient_fn is None else 0):
             batch = next(batches)
             with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = loss_fn(model, batch, (step - 1) * accumulate + micro + 1)

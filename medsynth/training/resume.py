@@ -9,6 +9,7 @@ from typing import Any
 from medsynth import MedsynthError
 from medsynth.diffusion.generator import read_generator_state
 from medsynth.training.checkpoint import load_checkpoint
+from medsynth.training.privacy import read_privacy
 
 CHECKED_SECTIONS: tuple[str, ...] = ("model", "scheduler")
 """Config sections a resumed run must share with its checkpoint (the trainer's may change, e.g. ``max_steps``)."""
@@ -34,7 +35,7 @@ def resume_state(
 
     Raises:
         MedsynthError: For a named checkpoint that does not exist, one whose config names a class
-            off the allow-list or holds something but plain values, or one made with another model
+            off the allow-list or holds something but plain values (its ``privacy`` entry too), or one made with another model
             or noise schedule (naming the differing section).
     """
     if not resume:
@@ -51,6 +52,7 @@ def resume_state(
     # a checkpoint is data: its config may name only allow-listed classes, with plain values, and
     # the facts it carries (labels, image size, sampling, run id) must be well formed
     read_generator_state(state, where=str(path), required=("config",))
+    read_privacy(state.get("privacy"), where=str(path))  # a DP record must be plain, well-formed data
     for section in CHECKED_SECTIONS:
         if saved.get(section) != config[section]:
             raise MedsynthError(f"cannot resume from {path}: it was trained with another `{section}` config")
