@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
-import sys
 from typing import Any
 
 
@@ -29,7 +28,7 @@ def _worker_init() -> None:
 
 
 def progress_bar(total: int, desc: str, *, enabled: bool) -> Any:
-    """A tqdm bar on stderr labelled ``preprocess: <desc>``, counting cases (``desc="cases"``) or files.
+    """Progress on stderr labelled ``preprocess: <desc>``, counting cases (``desc="cases"``) or files.
 
     Args:
         total: Number of steps.
@@ -37,9 +36,10 @@ def progress_bar(total: int, desc: str, *, enabled: bool) -> Any:
         enabled: ``False`` gives a bar that shows nothing.
 
     Returns:
-        The bar (``update``, ``close``).
+        The bar (``update``, ``close``): a tqdm bar on a terminal, whole lines in a log file
+        (:func:`medsynth.progress.progress_bar`).
     """
-    from tqdm import tqdm
+    from medsynth.progress import progress_bar as make_bar
 
-    return tqdm(total=total, desc=f"preprocess: {desc}", unit="case" if desc == "cases" else "file",
-                disable=not enabled, file=sys.stderr, leave=False)
+    return make_bar(total=total, desc=f"preprocess: {desc}", unit="case" if desc == "cases" else "file",
+                    enabled=enabled, leave=False)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from medsynth import MedsynthError, __version__
 from medsynth.config.schema import to_mapping
@@ -28,6 +27,7 @@ from medsynth.evaluation.gate import PrivacyGate, build_privacy_gate
 from medsynth.evaluation.instruments import dataset_encoder
 from medsynth.evaluation.synthetic import read_synthetic
 from medsynth.evaluation.provenance import LINEAGE, checkpoint_facts
+from medsynth.progress import progress_bar
 from medsynth.stages.candidates import Candidate, Planner, gated_draws, sample_candidates, user_label_maps
 from medsynth.stages.context import pick_device, stage_run
 from medsynth.stages.synthetic import SyntheticWriter, dp_columns
@@ -106,8 +106,8 @@ def generate(
             return (candidates, *sample_candidates(candidates, generator, settings, label_generator=label_generator))
 
         rejected = 0
-        with tqdm(total=settings.num_samples, initial=start, desc="generate", unit="sample",
-                  disable=not run.progress) as bar:
+        with progress_bar(total=settings.num_samples, initial=start, desc="generate", unit="sample",
+                          enabled=run.progress) as bar:
             for first in range(start, settings.num_samples, settings.batch_size):
                 seeds = [settings.seed + i for i in range(first, min(first + settings.batch_size, settings.num_samples))]
                 accepted, batch_rejected = gated_draws(seeds, draw, gate, max_redraws=settings.privacy_gate.max_redraws)

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from medsynth.progress import progress_bar
 from medsynth.training.ema import EMA
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -122,7 +122,7 @@ def train(
     device_type = next(model.parameters()).device.type
     losses: list[float] = []
     examples = 0
-    bar = tqdm(total=max_steps, initial=start_step, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=max_steps, initial=start_step, desc=desc, unit="step", enabled=progress)
     start = time.perf_counter()
     for step in range(start_step + 1, max_steps + 1):
         model.train()
