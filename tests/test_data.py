@@ -488,3 +488,44 @@ def test_record_is_frozen() -> None:
                     affine=np.eye(4).tolist(), sha256="x")
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.split = "holdout"  # type: ignore[misc]
+
+
+# --- the demo cohort ------------------------------------------------------------------------------
+
+
+def test_demo_cohort_subjects_differ_and_are_reproducible(tmp_path: Path) -> None:
+    """Each virtual subject is MNI152 under its own deformation: same label values, other voxels;
+    the same seed writes the same cohort, and an existing one is reused untouched."""
+    from medsynth.data.demo import write_mni152_cohort
+
+    root = write_mni152_cohort(tmp_path / "a", subjects=3, voxel_mm=6.0)
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "other_brain": 1, "grey_matter": 2, "white_matter": 3}
+    images = [load_nifti(root / "imagesTr" / f"sub{i:03d}_0000.nii.gz")[0] for i in range(3)]
+    labels = [load_nifti(root / "labelsTr" / f"sub{i:03d}.nii.gz")[0] for i in range(3)]
+    assert all(set(np.unique(lab)) == {0, 1, 2, 3} for lab in labels)
+    assert all(0.0 <= im.min() and im.max() <= 1.0 for im in images)
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        corr = np.corrcoef(images[i].ravel(), images[j].ravel())[0, 1]
+        assert 0.5 < corr < 0.99, f"subjects {i} and {j} correlate at {corr:.3f}"
+        assert (labels[i] != labels[j]).mean() > 0.02
+    again = write_mni152_cohort(tmp_path / "b", subjects=3, voxel_mm=6.0)
+    np.testing.assert_array_equal(load_nifti(again / "imagesTr" / "sub001_0000.nii.gz")[0], images[1])
+    stamp = (root / "imagesTr" / "sub000_0000.nii.gz").stat().st_mtime_ns
+    assert write_mni152_cohort(tmp_path / "a", subjects=3, voxel_mm=6.0) == root
+    assert (root / "imagesTr" / "sub000_0000.nii.gz").stat().st_mtime_ns == stamp
+
+
+def test_demo_preprocess_splits_whole_subjects(tiny_config) -> None:
+    """data=demo_cohort preprocesses its cohort like an nnU-Net dataset: every subject in exactly one split."""
+    from medsynth.data import read_manifest
+    from tests.conftest import run_stage
+
+    cfg = tiny_config("data=demo_cohort", "data.subjects=5", "data.spacing=[8.0,8.0,8.0]")
+    run_stage("preprocess", cfg)
+    manifest = read_manifest(cfg.paths.data)
+    splits_of = {}
+    for record in manifest.records:
+        splits_of.setdefault(record.case, set()).add(record.split)
+    assert len(splits_of) == 5 and all(len(s) == 1 for s in splits_of.values())
+    assert {s for found in splits_of.values() for s in found} == {"train", "validation", "holdout"}

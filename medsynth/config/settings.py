@@ -176,7 +176,7 @@ class SplitSettings:
 class DataSettings:
     """What to read and how to cut it into records (``conf/data``)."""
 
-    source: Literal["mni152", "nifti", "dicom", "nnunet", "folder"] = "mni152"
+    source: Literal["mni152", "mni152_cohort", "nifti", "dicom", "nnunet", "folder"] = "mni152"
     image: str | None = None
     label: str | None = None
     case_id: str | None = "mni152"
@@ -196,8 +196,11 @@ class DataSettings:
     deid: DeidSettings = field(default_factory=DeidSettings)
     splits: SplitSettings = field(default_factory=SplitSettings)
     workers: int = 0
+    subjects: int = 12
 
     def __post_init__(self) -> None:
+        check(self.subjects >= 3, "data.subjects", "an integer >= 3 (data=demo_cohort fills train, validation and holdout)",
+              self.subjects)
         if self.source == "nifti":
             for key in ("image", "label", "label_names"):
                 check(getattr(self, key) is not None, f"data.{key}", "set for data=nifti (see conf/data/nifti.yaml)", None)

@@ -18,7 +18,7 @@ from medsynth.data import Manifest
 from medsynth.data.build import build_dataset
 from medsynth.data.case import VolumeSettings
 from medsynth.data.deid import load_salt
-from medsynth.data.demo import write_mni152_demo
+from medsynth.data.demo import write_mni152_cohort, write_mni152_demo
 from medsynth.data.discovery import (
     Discovery,
     discover_dicom,
@@ -33,7 +33,7 @@ from medsynth.tracking import TrackerLike
 
 log = logging.getLogger("medsynth")
 
-SOURCES = ("mni152", "nifti", "dicom", "nnunet", "folder")
+SOURCES = ("mni152", "mni152_cohort", "nifti", "dicom", "nnunet", "folder")
 
 
 def preprocess(
@@ -121,12 +121,14 @@ def _case_id(settings: DataSettings, image: Path) -> str:
 
 
 def _discover(settings: DataSettings, run: RunSettings) -> Discovery:
-    """The cases to preprocess: one per DICOM series, nnU-Net case or NIfTI file, or the one NIfTI pair."""
+    """The cases to preprocess: one per DICOM series, nnU-Net case (the demo cohort is written as one) or NIfTI
+    file, or the one NIfTI pair."""
     if settings.source in ("mni152", "nifti"):
         image, label = _input_pair(settings, run)
         return nifti_pair_case(image, label, case_id=_case_id(settings, image), label_names=list(settings.label_names or []),
                                modality=settings.modality or "", source=settings.source)
-    root = _input_folder(settings, run)
+    root = (write_mni152_cohort(Path(run.paths.output) / "raw", subjects=settings.subjects)
+            if settings.source == "mni152_cohort" else _input_folder(settings, run))
     salt = load_salt(settings.deid.salt_file or f"{run.paths.output}/secret/salt")
     attributes = _attributes(settings)
     label_names = list(settings.label_names) if settings.label_names else None
@@ -137,7 +139,7 @@ def _discover(settings: DataSettings, run: RunSettings) -> Discovery:
             attribute_match=settings.attributes.match, exclude=[run.paths.output],
             hash_all_paths=settings.deid.hash_all_paths, workers=settings.workers, progress=run.progress,
         )
-    if settings.source == "nnunet":
+    if settings.source in ("nnunet", "mni152_cohort"):
         channel = settings.channel if settings.channel is not None else 0
         return discover_nnunet(root, salt=salt, channel=channel, attributes=attributes, modality=modality)
     channel = settings.channel
