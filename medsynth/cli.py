@@ -71,8 +71,25 @@ def run_stage(stage: str, cfg: Any) -> Any:
     message alone and status 2; set ``MEDSYNTH_DEBUG=1`` to see the traceback instead.
     """
     logging.getLogger("medsynth").setLevel(logging.INFO)
+    quiet_libraries()
     with user_errors(stage):
         return _call(stage, load_settings(resolve(cfg)))
+
+
+# Libraries whose INFO records (highdicom: ~20 "copy attributes of module ..." lines per DICOM volume)
+# would bury medsynth's own log; their warnings and errors still show.
+CHATTY_LIBRARIES = ("highdicom", "pydicom", "mlflow", "alembic", "urllib3", "matplotlib", "PIL", "nilearn")
+LIBRARY_LOGS_ENV = "MEDSYNTH_LIBRARY_LOGS"
+
+
+def quiet_libraries() -> None:
+    """Keep third-party INFO and DEBUG records out of the log, unless ``MEDSYNTH_LIBRARY_LOGS=1``."""
+    if os.environ.get(LIBRARY_LOGS_ENV) == "1":
+        return
+    for name in CHATTY_LIBRARIES:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:
+            logger.setLevel(logging.WARNING)
 
 
 @contextmanager

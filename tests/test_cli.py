@@ -119,3 +119,21 @@ def test_train_before_preprocess_says_what_to_do(tmp_path: Path) -> None:
     result = medsynth("train", *TINY, f"paths.output={tmp_path / 'empty'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path)
     assert result.returncode == 2
     assert "medsynth preprocess" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_log_holds_medsynth_not_library_chatter(tmp_path: Path) -> None:
+    """A pipeline writing DICOM logs medsynth's own lines; highdicom's INFO records ("copy attributes of
+    module ...", many per volume) stay out unless MEDSYNTH_LIBRARY_LOGS=1 asks for them."""
+    image, label = write_phantom(tmp_path)
+    args = ["run", *TINY, *phantom_overrides(image, label), "generate.formats=[nifti,dicom]", "generate.num_samples=2",
+            "mlflow.tracking_uri=sqlite:///mlflow.db", "progress=false"]
+    result = medsynth(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    assert any("[medsynth][INFO] - generate:" in line for line in lines)
+    assert not [line for line in lines if "[highdicom" in line], "highdicom INFO records reached the log"
+    env_result = subprocess.run(
+        [sys.executable, "-m", "medsynth.cli", *args, "paths.output=verbose"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "MEDSYNTH_LIBRARY_LOGS": "1"})
+    assert env_result.returncode == 0, env_result.stderr[-3000:]
+    assert any("[highdicom" in line for line in (env_result.stdout + env_result.stderr).splitlines())
