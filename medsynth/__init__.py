@@ -26,6 +26,13 @@ class MedsynthError(Exception):
     exits with status 2. The message must name the file or config key at fault.
     """
 
+    def with_note(self, note: str) -> MedsynthError:
+        """The same kind of error with ``; note`` appended to its message (where the complete outputs are, say)."""
+        try:
+            return type(self)(f"{self}; {note}")
+        except TypeError:  # a subclass with another constructor
+            return MedsynthError(f"{self}; {note}")
+
 
 class ConfigError(MedsynthError, ValueError):
     """An option value that is not allowed; the message names the config key."""

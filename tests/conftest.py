@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,13 @@ import pytest
 from medsynth.config import PipelineSettings, compose
 from medsynth.io import save_nifti
 
-# 8-channel network, 16x16 slices, 10 timesteps: every stage runs on a CPU in seconds.
+# 8-channel network, 16x16 slices, 10 timesteps: every stage runs on a CPU in seconds. The data and
+# conditioning are the one-brain, label-map-conditioned setting (experiment=demo_train_labels), which
+# the tests build on; tests of the default demo (a cohort, joint generation) say so.
 TINY = [
+    "data=demo",
+    "model.conditioning=mask",
+    "generate.labels.source=train",
     "model.network.channels=[8,8]",
     "model.network.attention_levels=[false,true]",
     "model.network.num_head_channels=8",
@@ -38,6 +44,8 @@ TINY = [
     "evaluate.segmenter.batch_size=4",
     "evaluate.membership.timesteps=[2,5]",
 ]
+SETTING = TINY[:3]
+"""The data and conditioning pins of :data:`TINY`; ``tiny_config`` leaves them out when a test picks a preset."""
 
 
 def compose_config(overrides: list[str] | None = None) -> PipelineSettings:
@@ -57,8 +65,9 @@ def tiny_config(tmp_path: Path) -> Callable[..., PipelineSettings]:
     """Factory: the real config with tiny overrides, writing under ``tmp_path`` and tracking to a temporary MLflow store."""
 
     def make(*overrides: str) -> PipelineSettings:
+        preset = any(o.startswith("experiment=") for o in overrides)
         return compose_config([
-            *TINY,
+            *(o for o in TINY if not (preset and o in SETTING)),
             f"paths.output={tmp_path / 'out'}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             *overrides,
@@ -115,3 +124,28 @@ def write_volume_dataset(data_dir: Path, *, size: int = 16, cases: int = 6, seed
         records.append(Record(f"case{i}", f"case{i}", split, file, [size] * 3, [2.0] * 3, np.eye(4).tolist(), digest,
                               attributes={"level": str(1 + i % 2)}))
     Manifest(data_dir, 3, ["background", "outer", "inner"], records).write()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Factory: a real small file system, to fill or to mount read-only: a fresh tmpfs of ``size``
+    (e.g. ``"256k"``) under ``tmp_path``, unmounted after the test. Mounting needs root or
+    CAP_SYS_ADMIN; where it is refused the test skips and says why."""
+    mounted: list[Path] = []
+
+    def make(size: str, *, read_only: bool = False) -> Path:
+        folder = tmp_path / f"fs{len(mounted)}"
+        folder.mkdir()
+        try:
+            options = ",".join([f"size={size}", "mode=0777", *(["ro"] if read_only else [])])
+            subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True, capture_output=True,
+                           text=True)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN, which CI has): {detail.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True)

@@ -1,4 +1,5 @@
-"""What every stage shares: its MLflow run, the device, and the shared settings."""
+"""What every stage shares: its MLflow run, the device, the shared settings, and the claim on
+``paths.output`` (writable, and held by this run alone: :func:`claim_output`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 from medsynth import MedsynthError, __version__
 from medsynth.config.schema import to_mapping
 from medsynth.config.settings import RunSettings
-from medsynth.io import write_text
+from medsynth.io import output_lock, write_text
+from medsynth.io.lock import check_readable, check_writable
 from medsynth.tracking import Tracker, TrackerLike, flatten
 
 log = logging.getLogger("medsynth")
@@ -39,6 +41,55 @@ def stage_tags(run: RunSettings, stage: str) -> dict[str, str]:
     return {"medsynth.stage": stage, "medsynth.version": __version__, "medsynth.output": str(Path(run.paths.output).resolve())}
 
 
+STAGE_FOLDERS: dict[str, tuple[str, ...]] = {
+    "preprocess": ("data",),
+    "train": ("checkpoints",),
+    "generate": ("synthetic",),
+    "evaluate": ("evaluation",),
+    "run": ("data", "checkpoints", "synthetic", "evaluation"),
+}
+"""The folders of ``paths`` each stage writes into, besides ``paths.output`` itself."""
+
+
+def check_folders(run: RunSettings, stage: str) -> None:
+    """Refuse, before any work, folders the stage cannot use: an output folder it cannot write
+    (a read-only file system, no permission) or an input it cannot read.
+
+    Args:
+        run: The run's settings (its ``paths``).
+        stage: The stage, or ``run`` for all four.
+
+    Raises:
+        MedsynthError: One line naming the config key and the folder.
+    """
+    paths = run.paths
+    check_writable(paths.output, key="paths.output")
+    for name in STAGE_FOLDERS.get(stage, ()):
+        check_writable(getattr(paths, name), key=f"paths.{name}")
+    if paths.input and stage in ("preprocess", "run"):
+        check_readable(paths.input, key="paths.input")
+
+
+@contextlib.contextmanager
+def claim_output(run: RunSettings, stage: str) -> Iterator[None]:
+    """Check the stage's folders (:func:`check_folders`) and hold ``paths.output``'s lock for the block.
+
+    One run at a time writes under an output folder: a second is refused with one line naming
+    the holder; a lock left by a run that crashed is taken over with a warning
+    (:func:`medsynth.io.lock.output_lock`). Re-entrant: ``medsynth run`` holds it for its stages.
+
+    Args:
+        run: The run's settings.
+        stage: The stage, or ``run``.
+
+    Raises:
+        MedsynthError: For an unusable folder or an output folder another live run holds.
+    """
+    check_folders(run, stage)
+    with output_lock(run.paths.output, stage=stage):
+        yield
+
+
 @contextlib.contextmanager
 def stage_run(
     run: RunSettings,
@@ -54,11 +105,28 @@ def stage_run(
     A top-level stage run logs the shared settings (``run``) and ``config`` (the stage's own
     groups, e.g. ``{"data": ...}``) as params and ``config.yaml``; a nested one leaves that to its
     pipeline run, which logs the whole config once. ``resume_run_id`` continues an
-    earlier run of the stage (a resumed training) when the store has it.
+    earlier run of the stage (a resumed training) when the store has it. The stage holds
+    ``paths.output`` throughout (:func:`claim_output`; a pipeline or the command line may hold it already).
 
     Yields:
         The tracker and the stage's run id (``""`` with a :class:`~medsynth.tracking.NullTracker`).
     """
+    with claim_output(run, stage), _tracked(run, stage, config, tracker=tracker, parent_run_id=parent_run_id,
+                                            resume_run_id=resume_run_id) as (tracker, run_id):
+        yield tracker, run_id
+
+
+@contextlib.contextmanager
+def _tracked(
+    run: RunSettings,
+    stage: str,
+    config: Mapping[str, Any],
+    *,
+    tracker: TrackerLike | None,
+    parent_run_id: str | None,
+    resume_run_id: str | None,
+) -> Iterator[tuple[TrackerLike, str]]:
+    """The stage's MLflow run (see :func:`stage_run`)."""
     tracker = tracker or make_tracker(run)
     with tracker.run(stage, parent_run_id=parent_run_id, tags=stage_tags(run, stage), resume_run_id=resume_run_id) as run_id:
         if parent_run_id is None and run_id and run_id != resume_run_id:

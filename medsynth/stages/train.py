@@ -22,7 +22,7 @@ from medsynth.diffusion import Denoiser
 from medsynth.diffusion.generator import Generator, build_denoiser, build_scheduler, generator_state
 from medsynth.evaluation.provenance import LINEAGE, file_sha256, preprocess_run_id
 from medsynth.io import save_png
-from medsynth.stages.context import pick_device, stage_run
+from medsynth.stages.context import claim_output, pick_device, stage_run
 from medsynth.tracking import NullTracker, TrackerLike
 from medsynth.training import TrainResult, save_step_checkpoint
 from medsynth.training import train as fit
@@ -79,6 +79,13 @@ def train(
         MedsynthError: For a missing dataset or a checkpoint that cannot be resumed (with DP: one
             trained without DP, or with other noise).
     """
+    with claim_output(run, "train"):  # before the checkpoint is read: no other run may be writing it
+        return _claimed_train(model, scheduler, trainer, run, tracker=tracker, parent_run_id=parent_run_id)
+
+
+def _claimed_train(model: ModelSettings, scheduler: SchedulerSettings, trainer: TrainerSettings, run: RunSettings, *,
+                   tracker: TrackerLike | None, parent_run_id: str | None) -> Path:
+    """:func:`train` once it holds the output folder: resume, set up the ranks, train in the stage's MLflow run."""
     config = {"model": to_mapping(model), "scheduler": to_mapping(scheduler), "trainer": to_mapping(trainer)}
     resume_path, saved = resume_state(trainer.resume, checkpoints=run.paths.checkpoints, config=config)
     ddp = setup_distributed(pick_device(run.device))
@@ -181,6 +188,10 @@ def _train(
                                             **private}, best=best, keep=t.keep_last)
         if t.grid.num > 0 and (t.grid.every_checkpoint or step == t.max_steps):
             sample_grid(step)
+
+    if ddp.is_main and saved is not None and start_step < t.max_steps and t.grid.num > 0 and t.grid.every_checkpoint \
+            and not (folder / f"samples_step{start_step:07d}.png").is_file():
+        sample_grid(start_step)  # the run that saved this step was stopped before its picture
 
     # fit: each rank draws its own batches and noise; DP-SGD samples patients and noises their clipped gradients
     seed = run.seed + 7_919 * ddp.rank

@@ -6,6 +6,11 @@ exactly the tensors a module holds (same names, shapes and dtypes), and :func:`c
 :func:`check_optimizer_state` and :func:`check_lr_scheduler_state` take the training state only
 as plain containers that fit the objects they restore. Each refusal is one line naming the file
 and the key.
+
+A checkpoint is also a file a crash or a failing disk can damage: it is written to a temporary name
+and renamed into place (a full disk is one line, and ``last.pt`` keeps the last good step), and
+:func:`load_checkpoint` checks the archive's checksums, so a truncated or corrupted file is refused
+as :class:`DamagedCheckpointError` instead of loading wrong weights.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import hashlib
 import itertools
 import math
 import os
+import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,10 +30,18 @@ import torch
 from torch import nn
 
 from medsynth import MedsynthError
-from medsynth.io import atomic_path
+from medsynth.io import DiskFullError, atomic_path
 
 _MAX_DEPTH = 32
 """Nesting deeper than this is not a checkpoint medsynth wrote."""
+
+
+STEP_PATTERN = "step_*.pt"
+"""The names of step checkpoints (``step_0000040.pt``); they sort by step."""
+
+
+class DamagedCheckpointError(MedsynthError):
+    """A checkpoint file that cannot be read back whole: truncated, corrupted, or not a checkpoint archive."""
 
 
 class Checkpoint(dict):
@@ -52,17 +67,26 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
 
     Returns:
         The destination path.
+
+    Raises:
+        DiskFullError: If the disk fills while writing; ``path`` keeps what it held.
     """
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # through a file object: a full disk is an OSError
+        try:
+            torch.save(state, fh)
+        except RuntimeError as err:  # torch's archive writer, closing after a failed write, hides the OSError
+            if isinstance(err.__context__, OSError):
+                raise err.__context__ from None
+            raise
     return Path(path)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Load a checkpoint with ``weights_only=True`` onto the CPU.
 
-    Only its top level is checked here (a mapping with string keys); each user checks the parts
-    it reads (see :func:`check_state_dict`).
+    The archive's checksums are verified, so a truncated or corrupted file is refused rather
+    than loaded with wrong weights. Only its top level is checked here (a mapping with string
+    keys); each user checks the parts it reads (see :func:`check_state_dict`).
 
     Args:
         path: The checkpoint file.
@@ -71,7 +95,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         Its mapping, which remembers ``path``.
 
     Raises:
-        MedsynthError: If the file is missing, not a readable checkpoint, or not a mapping of names.
+        DamagedCheckpointError: If the file cannot be read back whole (truncated, corrupted, foreign).
+        MedsynthError: If the file is missing or not a mapping of names.
     """
     path = Path(path)
     if not path.is_file():
@@ -79,7 +104,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise MedsynthError(f"cannot load checkpoint {path}: {_one_line(str(err))}") from None
+        raise DamagedCheckpointError(f"cannot load checkpoint {path}: {_one_line(str(err))}") from None
+    damage = _damage(path)
+    if damage:
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {damage}; it was corrupted after it was written")
     if not isinstance(state, dict):
         raise MedsynthError(f"checkpoint {path} holds {_kind(state)}, not a medsynth checkpoint (a mapping of names to values)")
     odd = next((k for k in state if not isinstance(k, str)), None)
@@ -88,6 +116,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     loaded = Checkpoint(state)
     loaded.path = path
     return loaded
+
+
+def _damage(path: Path) -> str:
+    """What fails the archive's own checks (each entry's CRC-32); ``""`` when it is whole."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return f"its archive cannot be read ({_one_line(str(err), 120)})"
+    return f"the checksum of its entry {bad!r} does not match its data" if bad else ""
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -307,7 +345,7 @@ def link_checkpoint(source: str | os.PathLike[str], name: str | os.PathLike[str]
     return name
 
 
-def prune_checkpoints(folder: str | os.PathLike[str], *, keep: int, pattern: str = "step_*.pt") -> list[Path]:
+def prune_checkpoints(folder: str | os.PathLike[str], *, keep: int, pattern: str = STEP_PATTERN) -> list[Path]:
     """Delete all but the newest ``keep`` step checkpoints (names sort by step); return those deleted.
 
     ``last.pt`` and ``best.pt`` are separate links and survive the deletion of their step file.
@@ -322,7 +360,11 @@ def prune_checkpoints(folder: str | os.PathLike[str], *, keep: int, pattern: str
 def save_step_checkpoint(
     folder: str | os.PathLike[str], step: int, state: dict[str, Any], *, best: bool, keep: int
 ) -> Path:
-    """Write ``step_<step>.pt``, point ``last.pt`` (and ``best.pt`` when ``best``) at it, keep the newest ``keep`` steps.
+    """Write ``step_<step>.pt``, point ``best.pt`` (when ``best``) and ``last.pt`` at it, keep the newest ``keep`` steps.
+
+    ``best.pt`` moves before ``last.pt``: a run killed between the two resumes from the step
+    before, repeats this step and moves both, so ``best.pt`` never lags a ``last.pt`` it should
+    follow.
 
     Args:
         folder: The run's checkpoint folder.
@@ -333,11 +375,36 @@ def save_step_checkpoint(
 
     Returns:
         The path of the step checkpoint.
+
+    Raises:
+        DiskFullError: If the disk fills; the message names the last good checkpoint, which is intact.
     """
     folder = Path(folder)
-    path = save_checkpoint(folder / f"step_{step:07d}.pt", state)
-    link_checkpoint(path, folder / "last.pt")
-    if best:
-        link_checkpoint(path, folder / "best.pt")
+    try:
+        path = save_checkpoint(folder / f"step_{step:07d}.pt", state)
+        if best:
+            link_checkpoint(path, folder / "best.pt")
+        link_checkpoint(path, folder / "last.pt")
+    except DiskFullError as err:
+        raise DiskFullError(err.filename, err.strerror, err.errno, note=_last_good(folder)) from None
     prune_checkpoints(folder, keep=keep)
     return path
+
+
+def _last_good(folder: Path) -> str:
+    """Where a run stopped by a full disk can continue from, in words."""
+    last = folder / "last.pt"
+    if not last.is_file():
+        return "there is no earlier checkpoint to continue from"
+    step = next((m.group(1) for p in sorted(folder.glob(STEP_PATTERN), reverse=True)
+                 if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)) and same_file(p, last)), None)
+    at = f" (step {int(step)})" if step is not None else ""
+    return f"the last good checkpoint {last}{at} is intact: rerun with trainer.resume=auto to continue from it"
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths are one file (``last.pt`` is a hard link to its step), without raising."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

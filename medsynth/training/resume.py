@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from medsynth import MedsynthError
 from medsynth.diffusion.generator import read_generator_state
-from medsynth.training.checkpoint import load_checkpoint
+from medsynth.training.checkpoint import STEP_PATTERN, Checkpoint, DamagedCheckpointError, load_checkpoint, same_file
 from medsynth.training.privacy import read_privacy
+
+log = logging.getLogger("medsynth")
 
 CHECKED_SECTIONS: tuple[str, ...] = ("model", "scheduler")
 """Config sections a resumed run must share with its checkpoint (the trainer's may change, e.g. ``max_steps``)."""
@@ -22,7 +25,8 @@ def resume_state(
 
     Args:
         resume: ``trainer.resume``: null or empty (fresh start), ``auto`` (``checkpoints/last.pt``
-            when it exists, else a fresh start) or the path of a checkpoint.
+            when it exists, else a fresh start; a damaged ``last.pt`` falls back, with a warning,
+            to the newest step checkpoint that reads back whole) or the path of a checkpoint.
         checkpoints: The run's checkpoint folder.
         config: The current ``{"model": ..., "scheduler": ...}`` as plain mappings.
 
@@ -34,18 +38,22 @@ def resume_state(
     are checked when they are restored (:meth:`medsynth.training.state.TrainingState.load_state_dict`).
 
     Raises:
-        MedsynthError: For a named checkpoint that does not exist, one whose config names a class
-            off the allow-list or holds something but plain values (its ``privacy`` entry too), or one made with another model
-            or noise schedule (naming the differing section).
+        MedsynthError: For a named checkpoint that does not exist or is damaged, one whose config names a class
+            off the allow-list or holds something but plain values (its ``privacy`` entry too), one made with another model
+            or noise schedule (naming the differing section), or ``auto`` with no checkpoint that reads back whole.
     """
     if not resume:
         return None, None
-    path = Path(checkpoints) / "last.pt" if resume == "auto" else Path(resume)
-    if not path.is_file():
-        if resume == "auto":
+    if resume == "auto":
+        found = _newest_whole(Path(checkpoints))
+        if found is None:
             return None, None
-        raise MedsynthError(f"trainer.resume={resume}: no checkpoint at {path}")
-    state = load_checkpoint(path)
+        path, state = found
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise MedsynthError(f"trainer.resume={resume}: no checkpoint at {path}")
+        state = load_checkpoint(path)
     saved = state.get("config")
     if not isinstance(saved, Mapping):
         raise MedsynthError(f"cannot resume from {path}: it is not a medsynth training checkpoint (no config)")
@@ -57,3 +65,29 @@ def resume_state(
         if saved.get(section) != config[section]:
             raise MedsynthError(f"cannot resume from {path}: it was trained with another `{section}` config")
     return path, state
+
+
+def _newest_whole(folder: Path) -> tuple[Path, Checkpoint] | None:
+    """``last.pt`` loaded, or when it is damaged the newest step checkpoint that loads whole (a warning
+    names each damaged file); ``None`` when there is no ``last.pt``.
+
+    Raises:
+        MedsynthError: If ``last.pt`` and every step checkpoint are damaged.
+    """
+    last = folder / "last.pt"
+    if not last.is_file():
+        return None
+    damaged: list[Path] = []
+    for path in [last, *(p for p in sorted(folder.glob(STEP_PATTERN), reverse=True) if not same_file(p, last))]:
+        try:
+            state = load_checkpoint(path)
+        except DamagedCheckpointError as err:
+            log.warning("trainer.resume=auto: %s", err)
+            damaged.append(path)
+            continue
+        if damaged:
+            log.warning("trainer.resume=auto: %s cannot be used; resuming from %s, the newest checkpoint that reads back "
+                        "whole", ", ".join(str(p) for p in damaged), path)
+        return path, state
+    raise MedsynthError(f"trainer.resume=auto: {last} is damaged and no step checkpoint in {folder} reads back whole: "
+                        "delete them to train from the start, or set trainer.resume to a good checkpoint")
