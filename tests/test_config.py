@@ -9,6 +9,7 @@ import torch
 
 from medsynth import ConfigError
 from medsynth.config import PipelineSettings, config_dir, to_mapping
+from medsynth.config.settings import require_label_source
 from tests.conftest import compose_config, run_stage
 
 CONFIG_DIR = config_dir()
@@ -34,12 +35,32 @@ def test_preset_composes_and_passes_the_schema(preset: str) -> None:
 
 
 def test_default_is_demo() -> None:
-    """Without overrides the CPU demo on MNI152 is selected."""
+    """Without overrides the CPU demo is selected: a cohort made from MNI152, image and label map generated together."""
     cfg = compose_config()
     assert cfg.name == "demo"
-    assert cfg.data.source == "mni152"
+    assert cfg.data.source == "mni152_cohort"
     assert list(cfg.data.size) == [64, 64]
-    assert cfg.model.conditioning == "mask"
+    assert cfg.model.conditioning == "joint"
+
+
+def test_user_data_defaults_reuse_no_training_label_map() -> None:
+    """A user's own data, with the defaults, gets joint generation; a mask model must be told where its maps come from."""
+    for data in ("dicom", "nnunet", "demo_cohort"):
+        assert compose_config([f"data={data}"]).model.conditioning == "joint"
+    mask = compose_config(["model.conditioning=mask"])
+    assert mask.generate.labels.source is None
+    with pytest.raises(ConfigError, match=r"^generate\.labels\.source must be a choice .*generator.*folder.*train"):
+        require_label_source(mask.model.conditioning, mask.generate.labels)
+    require_label_source("joint", mask.generate.labels)  # joint models draw their own label maps
+    old = compose_config(["experiment=demo_train_labels"])
+    assert (old.data.source, old.model.conditioning, old.generate.labels.source) == ("mni152", "mask", "train")
+
+
+def test_dp_alias_takes_keys_beside_it() -> None:
+    """``trainer.privacy=dp`` turns DP-SGD on and the group's keys can still be set on the same command line."""
+    cfg = compose_config(["trainer.privacy=dp", "trainer.privacy.target_epsilon=1"])
+    assert cfg.trainer.privacy.enabled and cfg.trainer.privacy.target_epsilon == 1.0
+    assert not compose_config(["trainer.privacy=off"]).trainer.privacy.enabled
 
 
 def test_contract_overrides_are_accepted(tmp_path: Path) -> None:

@@ -164,7 +164,8 @@ def test_latent_diffusion_needs_unclipped_samples_even_without_the_pipeline_chec
     from medsynth.config.settings import AutoencoderModelSettings, ModelSettings, SchedulerSettings, TrainerSettings
     from medsynth.config.settings import check_training
 
-    latent = ModelSettings(autoencoder=AutoencoderModelSettings(network={"_target_": "monai.networks.nets.AutoencoderKL"}))
+    latent = ModelSettings(conditioning="mask",
+                           autoencoder=AutoencoderModelSettings(network={"_target_": "monai.networks.nets.AutoencoderKL"}))
     with pytest.raises(ConfigError, match="scheduler.clip_sample must be false for latent diffusion"):
         check_training(latent, SchedulerSettings(), TrainerSettings(), spatial_dims=2)
     check_training(latent, SchedulerSettings(clip_sample=False), TrainerSettings(), spatial_dims=2)

@@ -34,8 +34,27 @@ from medsynth.config.settings import (
 __all__ = [
     "DataSettings", "DifferentialPrivacySettings", "EncoderSettings", "EvaluateSettings", "GenerateSettings", "MlflowSettings", "ModelSettings", "PathsSettings",
     "PipelineSettings", "PrivacySettings", "RunSettings", "SchedulerSettings", "TrainerSettings", "compose", "config_dir",
-    "load_settings", "to_mapping",
+    "expand_aliases", "load_settings", "to_mapping",
 ]
+
+ALIASES: dict[str, str] = {
+    "trainer.privacy=dp": "trainer.privacy.enabled=true",
+    "trainer.privacy=off": "trainer.privacy.enabled=false",
+}
+"""Short overrides and what they stand for: ``trainer.privacy=dp`` turns DP-SGD on and still lets
+``trainer.privacy.target_epsilon=E`` (and the group's other keys) be set beside it."""
+
+
+def expand_aliases(overrides: Sequence[str]) -> list[str]:
+    """``overrides`` with each alias of :data:`ALIASES` replaced by the override it stands for.
+
+    Args:
+        overrides: Hydra overrides as typed.
+
+    Returns:
+        The overrides Hydra is given.
+    """
+    return [ALIASES.get(arg, arg) for arg in overrides]
 
 
 def config_dir() -> Path:
@@ -97,7 +116,7 @@ def compose_container(overrides: Sequence[str] = ()) -> dict[str, Any]:
 
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+            cfg = hydra_compose(config_name="config", overrides=expand_aliases(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(hydra_error_message(err)) from None
     return resolve(cfg)

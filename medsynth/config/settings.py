@@ -238,7 +238,7 @@ def _demo_network() -> dict[str, Any]:
 class ModelSettings:
     """The denoiser: its conditioning, output and network (``conf/model``)."""
 
-    conditioning: Literal["mask", "joint", "class", "attributes", "none"] = "mask"
+    conditioning: Literal["mask", "joint", "class", "attributes", "none"] = "joint"
     output: Literal["image", "label", "pair"] | None = None
     image_channels: int = 1
     class_key: str = "class"
@@ -458,7 +458,7 @@ class TrainerSettings:
 
 @dataclass(kw_only=True)
 class LabelSourceSettings:
-    source: Literal["train", "generator", "folder"] = "train"
+    source: Literal["train", "generator", "folder"] | None = None
     split: Split = "train"
     generator: str | None = None
     folder: str | None = None
@@ -477,6 +477,22 @@ class LabelSourceSettings:
         check(0.0 <= self.flip_prob <= 1.0, "generate.labels.flip_prob", "a probability in [0, 1]", self.flip_prob)
         for key in ("rotate_range", "scale_range", "translate_range"):
             check(getattr(self, key) >= 0, f"generate.labels.{key}", "a number >= 0", getattr(self, key))
+
+
+def require_label_source(conditioning: str, labels: LabelSourceSettings) -> None:
+    """Refuse to generate with a mask model when nobody chose where its label maps come from.
+
+    Reusing (augmented) training label maps puts every synthetic image near a training patient's,
+    so it is never a silent default.
+
+    Raises:
+        ConfigError: For ``conditioning == "mask"`` with ``generate.labels.source`` unset.
+    """
+    check(conditioning != "mask" or labels.source is not None, "generate.labels.source",
+          "a choice for a model that draws images for given label maps (model.conditioning=mask): generator "
+          "(a label-map model: generate.labels.generator=CHECKPOINT), folder (your NIfTI label maps: "
+          "generate.labels.folder=DIR) or train (augmented training maps: each image then sits near a training "
+          "patient's, and the privacy gate may reject many; docs/own-data.md)", labels.source)
 
 
 @dataclass(kw_only=True)
