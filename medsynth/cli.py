@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from medsynth import MedsynthError
-from medsynth.config import PipelineSettings, compose, config_dir, load_settings, resolve
+from medsynth.config import PipelineSettings, compose, config_dir, expand_aliases, load_settings, resolve
 
 STAGES = ("preprocess", "train", "generate", "evaluate", "run")
 
@@ -109,7 +109,7 @@ def user_errors(stage: str) -> Iterator[None]:
         sys.exit(2)
 
 
-def check_overrides(stage: str, overrides: Sequence[str]) -> None:
+def check_overrides(stage: str, overrides: Sequence[str]) -> PipelineSettings | None:
     """Compose and check the config with ``overrides`` before Hydra starts a job.
 
     Hydra itself rejects an unknown key in several lines with status 1, and the checks in
@@ -120,11 +120,34 @@ def check_overrides(stage: str, overrides: Sequence[str]) -> None:
     Args:
         stage: The stage named in an error message.
         overrides: The command line after the stage.
+
+    Returns:
+        The checked settings, or ``None`` when skipped.
     """
     if any(arg.startswith("-") for arg in overrides):
-        return
+        return None
     with user_errors(stage):
-        compose(overrides)
+        return compose(overrides)
+
+
+@contextmanager
+def claimed(stage: str, settings: PipelineSettings | None) -> Iterator[None]:
+    """Hold ``paths.output`` for the whole command (:func:`medsynth.stages.context.claim_output`):
+    its folders checked and its lock taken before Hydra writes its run folder there, so a
+    read-only or busy output folder is one line, status 2, before any work. A sweep (``None``)
+    claims per job, in the stage itself.
+
+    Args:
+        stage: The stage (or ``run``).
+        settings: What :func:`check_overrides` returned.
+    """
+    if settings is None:
+        yield
+        return
+    from medsynth.stages.context import claim_output
+
+    with user_errors(stage), claim_output(settings.run, stage):
+        yield
 
 
 def hydra_entry(stage: str) -> Callable[[], Any]:
@@ -146,8 +169,9 @@ def hydra_entry(stage: str) -> Callable[[], Any]:
     hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(job)
 
     def entry() -> Any:
-        check_overrides(stage, sys.argv[1:])
-        return hydra_main()
+        sys.argv[1:] = expand_aliases(sys.argv[1:])
+        with claimed(stage, check_overrides(stage, sys.argv[1:])):
+            return hydra_main()
 
     return entry
 

@@ -68,10 +68,12 @@ def assign_splits(records: Sequence[Record], *, spatial_dims: int, fractions: Ma
                   gap: int) -> list[Record]:
     """Give every record its split: whole patients per split, so no patient is in two splits.
 
-    With fewer patients (with records) than splits that have a positive share: 3D records all go
-    to train; 2D records are split in blocks of slices within each case, as the single-volume demo
-    is (the splits then share patients, which is logged as a warning because privacy figures
-    become optimistic). Gap slices are left out.
+    With few patients of unequal record counts, patients are placed so that each split's share of
+    *records* nears its fraction (:func:`medsynth.data.splits.balance_records`), not only its share
+    of patients. With fewer patients (with records) than splits that have a positive share: 3D
+    records all go to train; 2D records are split in blocks of slices within each case, as the
+    single-volume demo is (the splits then share patients, which is logged as a warning because
+    privacy figures become optimistic). Gap slices are left out.
 
     Args:
         records: Records of every case, split still empty.
@@ -84,14 +86,16 @@ def assign_splits(records: Sequence[Record], *, spatial_dims: int, fractions: Ma
         The records that stay, with their split.
 
     Raises:
-        ConfigError: On bad fractions.
+        ConfigError: On bad fractions, or too few slices for the block fallback.
     """
     if not records:
         return []
-    patients = sorted({r.case for r in records})
+    sizes: dict[str, int] = {}
+    for r in records:
+        sizes[r.case] = sizes.get(r.case, 0) + 1
     names = [n for n, share in fractions.items() if share > 0]
     try:
-        by_patient = patient_splits(patients, fractions=fractions)
+        by_patient = patient_splits(list(sizes), fractions=fractions, sizes=sizes)
     except ValueError as err:
         if "sum to 1" in str(err) or "non-negative" in str(err):
             raise ConfigError(f"data.splits.fractions: {err}") from None
@@ -99,11 +103,11 @@ def assign_splits(records: Sequence[Record], *, spatial_dims: int, fractions: Ma
     if by_patient is not None:
         return [dataclasses.replace(r, split=by_patient[r.case]) for r in records]
     if spatial_dims == 3:
-        log.warning("preprocess: %d patient(s) cannot fill the splits %s: every volume goes to train", len(patients), names)
+        log.warning("preprocess: %d patient(s) cannot fill the splits %s: every volume goes to train", len(sizes), names)
         return [dataclasses.replace(r, split="train") for r in records]
     log.warning(
         "preprocess: %d patient(s) cannot fill the splits %s: slices are split in blocks within each case, so the "
-        "splits share patients and privacy figures are optimistic", len(patients), names)
+        "splits share patients and privacy figures are optimistic", len(sizes), names)
     by_case: dict[str, list[Record]] = {}
     for r in records:
         by_case.setdefault(r.id.rsplit("_s", 1)[0], []).append(r)
@@ -113,9 +117,32 @@ def assign_splits(records: Sequence[Record], *, spatial_dims: int, fractions: Ma
         try:
             splits = block_splits(len(case_records), block=block, gap=gap, fractions=fractions)
         except ValueError as err:
-            raise ConfigError(f"data.splits: {err}") from None
+            raise ConfigError(f"data.splits: {len(sizes)} patient(s) cannot fill the splits {names}, and in blocks "
+                              f"within a case: {err}") from None
         out.extend(dataclasses.replace(r, split=s) for r, s in zip(case_records, splits) if s is not None)
     return out
+
+
+def split_summary(records: Sequence[Record], *, fractions: Mapping[str, float]) -> dict[str, Any]:
+    """What the splits achieved, for the manifest: records, patients and share of records per split.
+
+    Args:
+        records: The records with their splits.
+        fractions: The configured shares (every split with a positive share is listed, even if empty).
+
+    Returns:
+        ``{"records": {split: n}, "patients": {split: n}, "record_shares": {split: share}}``, shares
+        rounded to 4 decimals.
+    """
+    names = [n for n, share in fractions.items() if share > 0]
+    counts = dict.fromkeys(names, 0)
+    patients: dict[str, set[str]] = {n: set() for n in names}
+    for r in records:
+        counts[r.split] = counts.get(r.split, 0) + 1
+        patients.setdefault(r.split, set()).add(r.case)
+    total = sum(counts.values())
+    return {"records": counts, "patients": {n: len(p) for n, p in patients.items()},
+            "record_shares": {n: round(c / total, 4) if total else 0.0 for n, c in counts.items()}}
 
 
 def build_dataset(
@@ -152,7 +179,8 @@ def build_dataset(
         The written manifest.
 
     Raises:
-        MedsynthError: If no case makes it into the dataset (the quarantine is still written).
+        MedsynthError: If no case makes it into the dataset, or the records cannot fill the splits (the
+            quarantine is written first, and the message points to it).
     """
     out = Path(out_dir)
     settings = dataclasses.replace(settings, label_names=tuple(discovery.label_names))
@@ -209,8 +237,7 @@ def build_dataset(
     finally:
         bar.close()
 
-    records = assign_splits(sorted(records, key=lambda r: r.id), spatial_dims=settings.spatial_dims,
-                            fractions=fractions, block=block, gap=gap)
+    # the quarantine is written before anything else can fail, so a failed run still says why items were skipped
     quarantine_path = write_json(out / "quarantine.json", {"count": len(quarantine), "items": quarantine})
     log.info("preprocess: %d case(s): %d preprocessed, %d reused from the cache; %d item(s) quarantined -> %s",
              len(discovery.cases), len(todo), reused, len(quarantine), quarantine_path)
@@ -219,11 +246,23 @@ def build_dataset(
             raise MedsynthError(f"{failed[0]['file']}: {failed[0]['reason']} (no case made it into the dataset; "
                                 f"see {quarantine_path})")
         raise MedsynthError(f"no case made it into the dataset; see {quarantine_path} for why each item was skipped")
+    try:
+        records = assign_splits(sorted(records, key=lambda r: r.id), spatial_dims=settings.spatial_dims,
+                                fractions=fractions, block=block, gap=gap)
+    except MedsynthError as err:
+        skipped = f"{len(quarantine)} item(s) were skipped, {quarantine_path} says why" if quarantine else \
+            f"no item was skipped ({quarantine_path})"
+        raise type(err)(f"{err} ({len(records)} record(s) from {len({r.case for r in records})} case(s) made it; "
+                        f"{skipped})") from None
+    summary = split_summary(records, fractions=fractions)
+    log.info("preprocess: splits %s", ", ".join(
+        f"{name} {summary['patients'][name]} patient(s) {n} record(s) ({summary['record_shares'][name]:.0%})"
+        for name, n in summary["records"].items()))
     keys = {spec.key for spec in discovery.cases}
     manifest = Manifest(
         root=out, spatial_dims=settings.spatial_dims, label_names=list(discovery.label_names), records=records,
         settings={
-            "source": discovery.source, **settings.as_dict(), "splits": {"fractions": fractions, "block": block, "gap": gap},
+            "source": discovery.source, **settings.as_dict(), "splits": {"fractions": fractions, "block": block, "gap": gap, **summary},
             "cases": len({r.case for r in records}), "quarantined": len(quarantine), **dict(extra_settings or {}),
         },
     )

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,32 @@ class Manifest:
             "records": [dataclasses.asdict(r) for r in self.records],
         }
         return write_json(self.root / "manifest.json", body)
+
+
+SPLIT_SETTINGS = ("more patients in paths.input, or a larger share for the split in data.splits.fractions "
+                  "(then preprocess again)")
+"""What changes the number of records of a split."""
+
+
+def require_records(manifest: Manifest, needs: Mapping[str, tuple[int, str]], *, stage: str) -> None:
+    """Stop before any work when a split has fewer records than the stage needs.
+
+    Args:
+        manifest: The dataset.
+        needs: ``{split: (at least, what for)}``, for example ``{"holdout": (1, "the privacy gate's thresholds")}``.
+        stage: The stage's name, for the message.
+
+    Raises:
+        MedsynthError: One line per the first short split: how many records it needs and has, what for,
+            and which settings change that.
+    """
+    counts = manifest.counts()
+    for split, (least, why) in needs.items():
+        have = counts.get(split, 0)
+        if have < least:
+            raise MedsynthError(
+                f"{stage} needs at least {least} '{split}' record(s) for {why}, but the dataset at {manifest.root} has "
+                f"{have} (records per split: {counts or 'none'}): {SPLIT_SETTINGS}")
 
 
 def read_manifest(data_dir: str | os.PathLike[str]) -> Manifest:

@@ -55,6 +55,11 @@ def _ratio(value: float, reference: float | None, *, floor: float | None = None,
     return float(value / denominator) if denominator > 0 else float("nan")
 
 
+def _known(x: float) -> float | None:
+    """A reference value, or ``None`` when it could not be computed (NaN)."""
+    return None if np.isnan(x) else x
+
+
 def _dice_ratio(name: str, value: float, reference: float, *, minimum: float, better: str, meaning: str) -> Figure:
     """A Dice over the real segmenter's Dice, with a note when that reference is too weak to judge by."""
     ratio = _ratio(value, reference, minimum=minimum)
@@ -63,6 +68,42 @@ def _dice_ratio(name: str, value: float, reference: float, *, minimum: float, be
         note = (f"the real-data segmenter's Dice on the real holdout is {reference:.3g}, below evaluate.min_reference_dice "
                 f"({minimum:g}): too weak to judge by; train it longer (evaluate.segmenter.steps)")
     return Figure(name, ratio, better, meaning, 1.0, True, note)
+
+
+MIN_SET_SIZE = 2
+"""Fewest images (or feature rows) a set needs for the figures that compare distributions or pairs:
+Fréchet distance and KID (a covariance), MS-SSIM diversity (a pair)."""
+
+MORE_IMAGES: dict[str, str] = {
+    "train": "more patients, or a larger data.splits.fractions.train (then preprocess again)",
+    "holdout": "more patients, or a larger data.splits.fractions.holdout (then preprocess again)",
+    "synthetic": "a larger generate.num_samples",
+}
+"""What gives each set of the audit more images."""
+
+
+def not_computable(least: int = MIN_SET_SIZE, **sizes: int) -> str:
+    """Why a figure over sets of these sizes cannot be computed, or ``""`` when it can.
+
+    Args:
+        least: Fewest images each set needs.
+        **sizes: Images per set, by name (``train``, ``holdout``, ``synthetic``).
+
+    Returns:
+        ``""``, or for example ``not computable: needs at least 2 images per set, the holdout has 1
+        (more: more patients, or a larger data.splits.fractions.holdout ...)``.
+    """
+    short = {name: n for name, n in sizes.items() if n < least}
+    if not short:
+        return ""
+    have = " and ".join(f"the {name} set has {n}" for name, n in short.items())
+    more = "; ".join(f"{name}: {MORE_IMAGES.get(name, 'more images')}" for name in short)
+    return f"not computable: needs at least {least} images per set, {have} (for more, {more})"
+
+
+def _unless(note: str, compute: Callable[[], float]) -> float:
+    """``compute()``, or NaN when ``note`` says it is not computable."""
+    return float("nan") if note else float(compute())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,21 +165,26 @@ def realism_figures(
     train_images, train_labels, train_features = train.images, train.labels, train.features
     holdout_images, holdout_labels, holdout_features = holdout.images, holdout.labels, holdout.features
     synthetic_images, synthetic_labels, synthetic_features = synthetic.images, synthetic.labels, synthetic.features
-    n = len(synthetic_features)
+    n, h = len(synthetic_features), len(holdout_features)
     ref_features = _subsample(train_features, n, seed)
-    fid, fid_reference = frechet_distance(holdout_features, synthetic_features), frechet_distance(holdout_features, ref_features)
-    variance = float(np.trace(np.atleast_2d(np.cov(holdout_features, rowvar=False)))) if len(holdout_features) > 1 else 0.0
+    short = not_computable(holdout=h, synthetic=n)  # the figure itself
+    short_ref = not_computable(holdout=h, train=len(ref_features))  # its real-vs-real reference
+    fid = _unless(short, lambda: frechet_distance(holdout_features, synthetic_features))
+    fid_reference = _unless(short_ref, lambda: frechet_distance(holdout_features, ref_features))
+    variance = float(np.trace(np.atleast_2d(np.cov(holdout_features, rowvar=False)))) if h > 1 else 0.0
+    kid = _unless(short, lambda: kernel_inception_distance(holdout_features, synthetic_features, seed=seed)[0])
+    kid_reference = _unless(short_ref, lambda: kernel_inception_distance(holdout_features, ref_features, seed=seed)[0])
     figures = [
         Figure("realism/fid_features", fid, "lower",
                "Fréchet distance between encoder features of synthetic and real holdout images; reference: "
-               "as many real training images against the holdout", fid_reference, True),
+               "as many real training images against the holdout", _known(fid_reference), True, short),
         Figure("realism/fid_features_ratio", _ratio(fid, fid_reference, floor=FD_REFERENCE_FLOOR * variance), "lower",
                "feature Fréchet distance divided by its real-vs-real reference (at least "
                f"{FD_REFERENCE_FLOOR:g} of the holdout features' total variance): 1 = as far from the holdout as real "
-               "training images are; noise is tens of times further", 1.0, True),
-        Figure("realism/kid_features", kernel_inception_distance(holdout_features, synthetic_features, seed=seed)[0], "lower",
+               "training images are; noise is tens of times further", 1.0, True, short or short_ref),
+        Figure("realism/kid_features", kid, "lower",
                "kernel inception distance (unbiased MMD^2, cubic kernel) on encoder features, synthetic vs holdout; "
-               "reference: real train vs holdout", kernel_inception_distance(holdout_features, ref_features, seed=seed)[0], True),
+               "reference: real train vs holdout", _known(kid_reference), True, short),
         Figure("realism/mmd_gaussian_features", gaussian_mmd(holdout_features, synthetic_features), "lower",
                "Gaussian-kernel MMD^2 on encoder features, synthetic vs holdout; reference: real train vs holdout",
                gaussian_mmd(holdout_features, ref_features)),
@@ -154,19 +200,24 @@ def realism_figures(
                    "lower", f"KID on encoder features of {plane} slices, synthetic vs holdout volumes (2.5D); reference: "
                    "training slices", kernel_inception_distance(holdout_planes, reference_planes, seed=seed)[0]),
         ]
-    m = min(n, len(holdout_features))
+    m = min(n, h)
     mmd = MMDMetric()
     pick = lambda x: torch.as_tensor(_subsample(x, m, seed), dtype=torch.float32)  # noqa: E731
+    mmd_reference = _unless(not_computable(holdout=m, train=min(m, len(train_features))),
+                            lambda: mmd(pick(holdout_features), pick(train_features)))
     figures.append(Figure(
-        "realism/mmd_monai_features", float(mmd(pick(holdout_features), pick(synthetic_features))), "lower",
+        "realism/mmd_monai_features", _unless(short, lambda: mmd(pick(holdout_features), pick(synthetic_features))), "lower",
         "MONAI's MMD (linear kernel: compares feature means) of equally many synthetic and holdout features; "
-        "reference: real train vs holdout", float(mmd(pick(holdout_features), pick(train_features))),
+        "reference: real train vs holdout", _known(mmd_reference), False, short,
     ))
+    few_pairs = not_computable(synthetic=len(synthetic_images))
+    ssim_reference = _unless(not_computable(holdout=len(holdout_images)),
+                             lambda: mean_pairwise_ssim(holdout_images, spatial_dims=spatial_dims, max_pairs=max_ssim_pairs))
     figures.append(Figure(
-        "realism/ms_ssim_diversity", mean_pairwise_ssim(synthetic_images, spatial_dims=spatial_dims, max_pairs=max_ssim_pairs),
+        "realism/ms_ssim_diversity",
+        _unless(few_pairs, lambda: mean_pairwise_ssim(synthetic_images, spatial_dims=spatial_dims, max_pairs=max_ssim_pairs)),
         "close to reference", "mean MS-SSIM between pairs of synthetic images (higher = more alike); reference: the same "
-        "among real holdout images; far above it means too little variety",
-        mean_pairwise_ssim(holdout_images, spatial_dims=spatial_dims, max_pairs=max_ssim_pairs), True,
+        "among real holdout images; far above it means too little variety", _known(ssim_reference), True, few_pairs,
     ))
     syn_w1 = tissue_intensity_distances(holdout_images, holdout_labels, synthetic_images, synthetic_labels, label_names=label_names)
     ref_w1 = tissue_intensity_distances(holdout_images, holdout_labels, train_images, train_labels, label_names=label_names)

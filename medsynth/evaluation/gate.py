@@ -122,6 +122,31 @@ class PrivacyGate:
                 self.rejections[rule] += n
         return result
 
+    def explain(self, check: GateResult) -> str:
+        """The nearest of the rejected candidates of ``check`` against each rule's threshold, in one phrase.
+
+        Args:
+            check: A result of :meth:`check`.
+
+        Returns:
+            For example ``nearest pixel RMS 0.0121 (too close below 0.034), highest correlation 0.961
+            (memorised above 0.95)``: per rule, the most extreme value among the rejected candidates
+            and the threshold it is held against; ``""`` when none was rejected.
+        """
+        rejected = ~np.asarray(check.accepted, dtype=bool)
+        if not rejected.any():
+            return ""
+        rms = self.metric == "rms"
+        pixel = np.asarray(check.pixel)[rejected]
+        parts = [f"nearest pixel {'RMS' if rms else 'correlation'} {(pixel.min() if rms else pixel.max()):.4g} "
+                 f"(too close {'below' if rms else 'above'} {self.pixel_threshold:.4g})",
+                 f"highest correlation {np.asarray(check.correlation)[rejected].max():.4g} "
+                 f"(memorised above {self.memorisation_threshold:.4g})"]
+        if check.feature is not None and self.feature_threshold is not None:
+            parts.append(f"nearest feature distance {np.asarray(check.feature)[rejected].min():.4g} "
+                         f"(too close below {self.feature_threshold:.4g})")
+        return ", ".join(parts)
+
     def preview(self, images: torch.Tensor | np.ndarray) -> dict[str, float]:
         """The audit's aggregate privacy figures over an exported set, measured as the audit measures them.
 

@@ -9,6 +9,7 @@ regenerated alone from the seed its manifest row records.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from medsynth.diffusion.generator import Generator
 from medsynth.evaluation.gate import PrivacyGate
 from medsynth.io import load_nifti
 from medsynth.transforms import label_augmentation
+
+log = logging.getLogger("medsynth")
 
 UserMaps = list[tuple[Path, torch.Tensor, np.ndarray]]
 """Label maps of ``generate.labels.folder``: (file, ``(1, *spatial)`` long tensor, affine)."""
@@ -176,21 +179,41 @@ def _broken_rules(check: Any, k: int) -> str:
     return f" (last: {', '.join(broken)})" if broken else ""
 
 
-def gated_draws(seeds: list[int], draw: Draw, gate: PrivacyGate | None, *, max_redraws: int) -> tuple[list[Accepted], int]:
+class GateRefused(MedsynthError):
+    """The privacy gate rejected a sample and all its replacements.
+
+    Attributes:
+        accepted: The accepted samples of the batch's leading seeds (before the refused one), so the
+            caller can keep them.
+    """
+
+    def __init__(self, message: str, *, accepted: list[Accepted]) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+
+
+def gated_draws(seeds: list[int], draw: Draw, gate: PrivacyGate | None, *, max_redraws: int,
+                so_far: int = 0) -> tuple[list[Accepted], int]:
     """Draw one sample per seed; candidates the privacy gate rejects (any per-sample privacy rule
     broken, :mod:`medsynth.evaluation.rules`) are replaced by new draws.
+
+    Every round of draws with rejections logs one line on the stage logger: how many were rejected,
+    the running count, the samples still waiting and the nearest rejected candidate against the
+    thresholds, so a gate that rejects everything is seen at once rather than after the last redraw.
 
     Args:
         seeds: Seeds of the samples, in order.
         draw: ``draw(seeds) -> (candidates, images, labels)``.
         gate: The privacy gate, or ``None``.
         max_redraws: Replacement draws per sample before generation stops with an error.
+        so_far: Candidates rejected earlier in the run, for the running count.
 
     Returns:
         Per seed ``(candidate, image, label, gate columns)`` and the number of rejected candidates.
 
     Raises:
-        MedsynthError: If a sample is still rejected after ``max_redraws`` replacements.
+        GateRefused: If a sample is still rejected after ``max_redraws`` replacements (a
+            :class:`MedsynthError` carrying the batch's accepted leading samples).
     """
     result: dict[int, Accepted] = {}
     attempts = {s: 0 for s in seeds}
@@ -205,10 +228,11 @@ def gated_draws(seeds: list[int], draw: Draw, gate: PrivacyGate | None, *, max_r
                 rejected += 1
                 attempts[seed] += 1
                 if attempts[seed] > max_redraws:
-                    raise MedsynthError(
+                    raise GateRefused(
                         f"the privacy gate rejected sample seed {seed} and all {max_redraws} replacements"
                         f"{_broken_rules(check, k)}: the model reproduces training images; generate from other "
-                        "conditions, train a less memorising model, or raise generate.privacy_gate.max_redraws"
+                        "conditions, train a less memorising model, or raise generate.privacy_gate.max_redraws",
+                        accepted=_leading(seeds, result),
                     )
                 retry.append(seed)
                 continue
@@ -217,5 +241,25 @@ def gated_draws(seeds: list[int], draw: Draw, gate: PrivacyGate | None, *, max_r
                        "gate_feature_distance": f"{check.feature[k]:.6g}" if check is not None and check.feature is not None else ""}
             result[seed] = (cand, images[k, 0].numpy() if images is not None else None,
                             labels[k, 0].numpy() if labels is not None else None, verdict)
+        if retry:
+            _log_rejections(check, gate, rejected=len(retry), drawn=len(pending), total=so_far + rejected,
+                            redraw=max(attempts[s] for s in retry), max_redraws=max_redraws)
         pending = retry
     return [result[s] for s in seeds], rejected
+
+
+def _leading(seeds: Sequence[int], result: dict[int, Accepted]) -> list[Accepted]:
+    """The accepted samples of the leading seeds, up to the first seed without one."""
+    out = []
+    for seed in seeds:
+        if seed not in result:
+            break
+        out.append(result[seed])
+    return out
+
+
+def _log_rejections(check: Any, gate: Any, *, rejected: int, drawn: int, total: int, redraw: int, max_redraws: int) -> None:
+    """One line for a round of draws in which the gate rejected candidates."""
+    nearest = gate.explain(check) if isinstance(gate, PrivacyGate) else ""
+    log.info("generate: the privacy gate rejected %d of %d candidate(s) (%d so far); redrawing them (replacement %d "
+             "of at most %d)%s", rejected, drawn, total, redraw, max_redraws, f": {nearest}" if nearest else "")

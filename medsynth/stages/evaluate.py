@@ -11,10 +11,12 @@ on; ``metrics.json`` records every hash it verified (``provenance``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,10 @@ from medsynth import MedsynthError
 from medsynth.config.schema import to_mapping
 from medsynth.config.settings import EncoderSettings, EvaluateSettings, PrivacySettings, RunSettings
 from medsynth.data import Manifest, load_split, read_manifest
+from medsynth.data.manifest import require_records
 from medsynth.diffusion.generator import Generator
 from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, render_report, utility_figures
+from medsynth.evaluation.audit import not_computable
 from medsynth.evaluation.figures import Figure, Verdict, judge
 from medsynth.evaluation.rules import PrivacyRules, calibrate_rules
 from medsynth.evaluation.instruments import dataset_encoder, features, holdout_dice, membership_errors, train_segmenters
@@ -89,6 +93,8 @@ def evaluate(
     with stage_run(run, "evaluate", config, tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
         device = pick_device(run.device)
         manifest = read_manifest(run.paths.data)
+        require_records(manifest, {"train": (1, "the members every privacy figure compares with"),
+                                   "holdout": (1, "the real non-members every figure is read against")}, stage="evaluate")
         names, dims, num_classes = manifest.label_names, manifest.spatial_dims, manifest.num_classes
         custody = check_synthetic_folder(run.paths.synthetic)  # every listed file unchanged, none missing, none extra
         synthetic = read_synthetic(run.paths.synthetic, spatial_dims=dims)
@@ -103,71 +109,156 @@ def evaluate(
         assert generator.checkpoint is not None
         dp = checkpoint_privacy(generator.checkpoint)
 
-        measure = dataset_encoder(encoder, run.paths.data, train, spatial_dims=dims, device=device, seed=run.seed,
-                                  progress=run.progress).to(device)
-        sets: dict[str, AuditSet] = {}
-        for name, (images, labels) in {"train": (train.images.numpy(), train.labels.numpy()),
-                                       "holdout": (holdout.images.numpy(), holdout.labels.numpy()),
-                                       "synthetic": (synthetic.images, synthetic.labels)}.items():
-            measured = features(measure, images)
-            sets[name] = AuditSet(images, labels, measured.items, measured.planes)
-        segmenters = train_segmenters(settings.segmenter, real=train, synthetic=synthetic.arrays(), num_classes=num_classes,
-                                      spatial_dims=dims, seed=settings.seed, device=device, progress=run.progress)
-        errors = {name: membership_errors(generator, data, manifest.split(name), timesteps=settings.membership.timesteps,
-                                          attacks=settings.membership.attacks, seed=settings.seed)
-                  for name, data in (("train", train), ("holdout", holdout))}
-
-        figures = realism_figures(
-            *sets.values(), label_names=names, spatial_dims=dims, max_ssim_pairs=settings.max_ssim_pairs, seed=settings.seed,
-            segment=lambda x: segment(segmenters["real"], torch.as_tensor(x)).numpy(),
-            min_reference_dice=settings.min_reference_dice,
-        )
-        # the per-sample rules, calibrated as generate's gate calibrates them (same splits, encoder, settings)
-        rules = calibrate_rules(sets["train"].images, sets["holdout"].images, privacy=privacy, encoder=measure,
-                                train_features=sets["train"].features, holdout_features=sets["holdout"].features)
-        _compare_gate(synthetic, rules)
-        privacy_list, correlation, nearest = privacy_figures(
-            *sets.values(), num_classes=num_classes, member_errors=errors["train"], nonmember_errors=errors["holdout"],
-            rules=rules,
-        )
-        figures += privacy_list
-        dice = {name: holdout_dice(model, holdout, num_classes=num_classes) for name, model in segmenters.items()}
-        figures += utility_figures(dice_real=dice["real"], dice_synthetic=dice["synthetic"], dice_both=dice["real+synthetic"],
-                                   min_reference_dice=settings.min_reference_dice)
-        figures += _dp_figures(dp)
-        limits = settings.limit_table()
-        result = judge(figures, limits)
-        passed, reasons = result.passed, result.reasons
-
         out = Path(run.paths.evaluation)
-        pictures: dict[str, Path] = {}
-        if dims == 2:
-            pictures = picture_sheets(out, synthetic, train, correlation, nearest, sheet_rows=settings.sheet_rows)
-        body = {
+        audit = _Progress(out / "metrics.json", limits=settings.limit_table(), base={
             "num_synthetic": len(synthetic), "num_train": len(train), "num_holdout": len(holdout),
-            "verdict": result.as_json(),
-            "provenance": audited.record,
-            "differential_privacy": dp.as_json() if dp is not None else None,
-            "privacy_rules": rules.describe(),
-            "metrics": {f.name: f.as_json() for f in figures},
-            "label_intensity_stats": {split: label_intensity_stats(x.images, x.labels, label_names=names)
-                                      for split, x in sets.items()},
-        }
-        metrics_path = write_json(out / "metrics.json", body)
-        facts = {"synthetic samples": str(len(synthetic)), "training records": str(len(train)),
-                 "holdout records": str(len(holdout)), "checkpoint sha256": synthetic.rows[0].get("checkpoint_sha256", ""),
-                 "MLflow run": run_id,
-                 "differential privacy": dp.describe() if dp is not None else "none (trained without trainer.privacy)"}
-        report = write_text(out / "report.html", render_report(
-            title=f"medsynth evaluation: {run.name}", figures=figures, passed=passed, reasons=reasons,
-            pictures=pictures, facts=facts, groups=result.groups, provenance=audited.record,
-            differential_privacy=dp.as_json() if dp is not None else None))
+            "provenance": audited.record, "differential_privacy": dp.as_json() if dp is not None else None})
+        _warn_if_few(len(train), len(holdout), len(synthetic))
+        with audit.recording():
+            audit.step("training (or loading) the feature encoder")
+            measure = dataset_encoder(encoder, run.paths.data, train, spatial_dims=dims, device=device, seed=run.seed,
+                                      progress=run.progress).to(device)
+            audit.step("measuring encoder features")
+            sets: dict[str, AuditSet] = {}
+            for name, (images, labels) in {"train": (train.images.numpy(), train.labels.numpy()),
+                                           "holdout": (holdout.images.numpy(), holdout.labels.numpy()),
+                                           "synthetic": (synthetic.images, synthetic.labels)}.items():
+                measured = features(measure, images)
+                sets[name] = AuditSet(images, labels, measured.items, measured.planes)
+            audit.step("training the utility segmenters")
+            segmenters = train_segmenters(settings.segmenter, real=train, synthetic=synthetic.arrays(),
+                                          num_classes=num_classes, spatial_dims=dims, seed=settings.seed, device=device,
+                                          progress=run.progress)
+            audit.step(f"running the membership attacks on {len(train)} training and {len(holdout)} holdout records")
+            errors = {name: membership_errors(generator, data, manifest.split(name), timesteps=settings.membership.timesteps,
+                                              attacks=settings.membership.attacks, seed=settings.seed)
+                      for name, data in (("train", train), ("holdout", holdout))}
+            audit.step("computing the realism figures")
+            audit.figures += realism_figures(
+                *sets.values(), label_names=names, spatial_dims=dims, max_ssim_pairs=settings.max_ssim_pairs,
+                seed=settings.seed, segment=lambda x: segment(segmenters["real"], torch.as_tensor(x)).numpy(),
+                min_reference_dice=settings.min_reference_dice,
+            )
+            audit.step("computing the privacy figures")
+            # the per-sample rules, calibrated as generate's gate calibrates them (same splits, encoder, settings)
+            rules = calibrate_rules(sets["train"].images, sets["holdout"].images, privacy=privacy, encoder=measure,
+                                    train_features=sets["train"].features, holdout_features=sets["holdout"].features)
+            _compare_gate(synthetic, rules)
+            privacy_list, correlation, nearest = privacy_figures(
+                *sets.values(), num_classes=num_classes, member_errors=errors["train"], nonmember_errors=errors["holdout"],
+                rules=rules,
+            )
+            audit.figures += privacy_list
+            audit.step("computing the utility figures")
+            dice = {name: holdout_dice(model, holdout, num_classes=num_classes) for name, model in segmenters.items()}
+            audit.figures += utility_figures(dice_real=dice["real"], dice_synthetic=dice["synthetic"],
+                                             dice_both=dice["real+synthetic"], min_reference_dice=settings.min_reference_dice)
+            audit.figures += _dp_figures(dp)
+            audit.step("writing metrics.json and the report")
+            figures = audit.figures
+            result = judge(figures, settings.limit_table())
+            pictures: dict[str, Path] = {}
+            if dims == 2:
+                pictures = picture_sheets(out, synthetic, train, correlation, nearest, sheet_rows=settings.sheet_rows)
+            body = {
+                **audit.base, "partial": False,
+                "verdict": result.as_json(),
+                "privacy_rules": rules.describe(),
+                "metrics": {f.name: f.as_json() for f in figures},
+                "not_computable": not_computed(figures),
+                "label_intensity_stats": {split: label_intensity_stats(x.images, x.labels, label_names=names)
+                                          for split, x in sets.items()},
+            }
+            metrics_path = write_json(out / "metrics.json", body)
+            facts = {"synthetic samples": str(len(synthetic)), "training records": str(len(train)),
+                     "holdout records": str(len(holdout)), "checkpoint sha256": synthetic.rows[0].get("checkpoint_sha256", ""),
+                     "MLflow run": run_id,
+                     "differential privacy": dp.describe() if dp is not None else "none (trained without trainer.privacy)"}
+            report = write_text(out / "report.html", render_report(
+                title=f"medsynth evaluation: {run.name}", figures=figures, passed=result.passed, reasons=result.reasons,
+                pictures=pictures, facts=facts, groups=result.groups, provenance=audited.record,
+                differential_privacy=dp.as_json() if dp is not None else None))
 
         _log_results(tracker, run_id, parent_run_id, figures, result, (metrics_path, report, *pictures.values()))
         if dp is not None:
             tracker.log_metrics(run_id, {"privacy/dp_delta": dp.delta})
-        _log_custody(tracker, run_id, audited, passed=passed, metrics=metrics_path, run=run)
+        _log_custody(tracker, run_id, audited, passed=result.passed, metrics=metrics_path, run=run)
         return metrics_path
+
+
+def not_computed(figures: list[Figure]) -> dict[str, str]:
+    """``{figure: why}`` for every figure without a value (NaN), for ``metrics.json``.
+
+    Args:
+        figures: The audit's figures.
+
+    Returns:
+        The figures that could not be computed, with their note (or a plain statement without one).
+    """
+    return {f.name: f.note or "not computed" for f in figures if not np.isfinite(f.value)}
+
+
+def _warn_if_few(train: int, holdout: int, synthetic: int) -> None:
+    """Say up front which figures a set too small for them will leave out, and what gives it more images."""
+    note = not_computable(train=train, holdout=holdout, synthetic=synthetic)
+    if note:
+        log.warning("evaluate: figures that compare distributions or pairs (Fréchet distance, KID, MS-SSIM) are %s; "
+                    "they are marked not computable in metrics.json, and a limit on one fails its group", note)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What the audit has computed so far, so that a failure still leaves a record of it.
+
+    Attributes:
+        path: ``evaluation/metrics.json``.
+        limits: The verdict's limits.
+        base: The entries of ``metrics.json`` known before any figure (set sizes, provenance, DP).
+        figures: The figures computed so far.
+        doing: What the audit is doing now.
+    """
+
+    path: Path
+    limits: dict[str, dict[str, float | None]]
+    base: dict[str, Any]
+    figures: list[Figure] = dataclasses.field(default_factory=list)
+    doing: str = "starting"
+
+    def step(self, doing: str) -> None:
+        """Note (and log) what the audit does next."""
+        self.doing = doing
+        log.info("evaluate: %s", doing)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """On any error inside, write what was computed as a partial ``metrics.json`` (verdict FAIL) and
+        say where: a user error gets it appended to its line, any other error is logged with it."""
+        try:
+            yield
+        except Exception as err:
+            message = str(err) if isinstance(err, MedsynthError) else f"{type(err).__name__}: {err}"
+            path = self.write_partial(message)
+            where = f"the audit stopped while {self.doing}; what it computed is in {path} (marked partial, verdict FAIL)"
+            if isinstance(err, MedsynthError):
+                raise err.with_note(where) from None
+            log.error("evaluate: %s", where)
+            raise
+
+    def write_partial(self, message: str) -> Path:
+        """Write the figures so far as ``metrics.json`` with ``"partial": true`` and a failed verdict, and a
+        report that says so (an earlier run's report must not stand beside it)."""
+        result = judge(self.figures, self.limits)
+        reason = f"the audit did not finish: it stopped while {self.doing} ({message})"
+        verdict = {**result.as_json(), "passed": False, "reasons": [reason, *result.reasons]}
+        path = write_json(self.path, {
+            **self.base, "partial": True, "stopped": {"while": self.doing, "error": message}, "verdict": verdict,
+            "metrics": {f.name: f.as_json() for f in self.figures}, "not_computable": not_computed(self.figures)})
+        write_text(self.path.with_name("report.html"), render_report(
+            title="medsynth evaluation (did not finish)", figures=self.figures, passed=False, reasons=verdict["reasons"],
+            pictures={}, facts={"stopped while": self.doing}, groups=result.groups,
+            provenance=self.base.get("provenance"), differential_privacy=self.base.get("differential_privacy")))
+        return path
+
 
 
 def _dp_figures(dp: PrivacyRecord | None) -> list[Figure]:

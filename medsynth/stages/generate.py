@@ -9,10 +9,12 @@ one sample can be regenerated alone, and an interrupted run is continued by a re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +22,25 @@ import torch
 
 from medsynth import MedsynthError, __version__
 from medsynth.config.schema import to_mapping
-from medsynth.config.settings import EncoderSettings, GenerateSettings, PrivacySettings, RunSettings, sampler_target
+from medsynth.config.settings import (
+    EncoderSettings,
+    GenerateSettings,
+    PrivacySettings,
+    RunSettings,
+    require_label_source,
+    sampler_target,
+)
 from medsynth.data import LabelledArrays, Manifest, load_split, read_manifest
+from medsynth.data.manifest import require_records
 from medsynth.diffusion.generator import Generator
 from medsynth.evaluation.gate import PrivacyGate, build_privacy_gate
 from medsynth.evaluation.instruments import dataset_encoder
 from medsynth.evaluation.synthetic import read_synthetic
 from medsynth.evaluation.provenance import LINEAGE, checkpoint_facts
 from medsynth.progress import progress_bar
-from medsynth.stages.candidates import Candidate, Planner, gated_draws, sample_candidates, user_label_maps
+from medsynth.stages.candidates import Candidate, GateRefused, Planner, gated_draws, sample_candidates, user_label_maps
 from medsynth.stages.context import pick_device, stage_run
-from medsynth.stages.synthetic import SyntheticWriter, dp_columns
+from medsynth.stages.synthetic import SyntheticWriter, dp_columns, listed_samples, sample_bytes
 from medsynth.tracking import TrackerLike
 from medsynth.training.checkpoint import file_sha256
 from medsynth.training.privacy import PrivacyRecord, checkpoint_privacy
@@ -71,13 +81,16 @@ def generate(
     with stage_run(run, "generate", config, tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
         device = pick_device(run.device)
         manifest = read_manifest(run.paths.data)
-        source = load_split(manifest, settings.labels.split)
         checkpoint = settings.checkpoint or f"{run.paths.checkpoints}/last.pt"
         generator = _load_generator(checkpoint, manifest, run, device)
+        _require_records(manifest, settings, generator)
+        source = load_split(manifest, settings.labels.split)
         facts = checkpoint_facts(generator)
         registered_audit = _registered_audit(checkpoint, generator, facts, settings, run)
         sampler = sampler_target(settings.sampler, generator.scheduler._target_, key="generate.sampler")
         _check_grid(generator, checkpoint, source, manifest)
+        _check_disk(settings, generator, manifest, Path(run.paths.synthetic))
+        require_label_source(generator.conditioning, settings.labels)
         label_generator = None
         if generator.conditioning == "mask" and settings.labels.source == "generator":
             label_generator = _load_label_generator(str(settings.labels.generator), settings, manifest, run, device)
@@ -107,10 +120,15 @@ def generate(
 
         rejected = 0
         with progress_bar(total=settings.num_samples, initial=start, desc="generate", unit="sample",
-                          enabled=run.progress) as bar:
+                          enabled=run.progress) as bar, _says_where(writer):
             for first in range(start, settings.num_samples, settings.batch_size):
                 seeds = [settings.seed + i for i in range(first, min(first + settings.batch_size, settings.num_samples))]
-                accepted, batch_rejected = gated_draws(seeds, draw, gate, max_redraws=settings.privacy_gate.max_redraws)
+                try:
+                    accepted, batch_rejected = gated_draws(seeds, draw, gate, max_redraws=settings.privacy_gate.max_redraws,
+                                                           so_far=rejected)
+                except GateRefused as refused:
+                    writer.write_batch(refused.accepted)  # the batch's samples before the refused one are complete
+                    raise
                 rejected += batch_rejected
                 writer.write_batch(accepted)
                 bar.update(len(seeds))
@@ -127,6 +145,71 @@ def generate(
             tracker.log_artifact(run_id, sheet, artifact_path="synthetic")
         log.info("generate: %d samples -> %s", len(writer.rows), writer.manifest)
         return writer.manifest
+
+
+@contextlib.contextmanager
+def _says_where(writer: SyntheticWriter) -> Iterator[None]:
+    """An error while samples are drawn and written ends with where the complete samples are listed.
+
+    ``manifest.csv`` is rewritten atomically after every batch, so it lists exactly the complete
+    samples; a user error gets that appended to its one line, any other error is logged with it.
+    """
+    try:
+        yield
+    except MedsynthError as err:
+        where = f"{len(writer.rows)} complete sample(s) are listed in {writer.manifest}"
+        if str(writer.manifest) in str(err):
+            raise
+        raise err.with_note(where) from None
+    except Exception:
+        log.error("generate: stopped by an unexpected error; %d complete sample(s) are listed in %s",
+                  len(writer.rows), writer.manifest)
+        raise
+
+
+
+def _require_records(manifest: Manifest, settings: GenerateSettings, generator: Generator) -> None:
+    """Stop before any work when a split the run reads is empty (one line: how many, what for, what to change)."""
+    needs = {settings.labels.split: (1, "each sample's geometry and label map (generate.labels.split)")}
+    if settings.privacy_gate.enabled and generator.model.output != "label":
+        needs.setdefault("train", (1, "the privacy gate's references"))
+        needs["holdout"] = (1, "the privacy gate's thresholds (or generate without it: generate.privacy_gate.enabled=false)")
+    require_records(manifest, needs, stage="generate")
+
+
+def _check_disk(settings: GenerateSettings, generator: Generator, manifest: Manifest, out: Path) -> None:
+    """Refuse, before any work, a run whose outputs clearly do not fit on the disk of ``out``.
+
+    The need is at least (samples still to write) x (least bytes per sample in each format,
+    :func:`medsynth.stages.synthetic.sample_bytes`); samples an earlier run listed are counted as done.
+
+    Raises:
+        MedsynthError: One line with the need, the free space and what to change.
+    """
+    per_format = sample_bytes(settings.formats, image_size=generator.image_size, num_classes=manifest.num_classes,
+                              image=generator.model.output != "label",
+                              label=generator.model.output in ("label", "pair") or generator.conditioning == "mask")
+    todo = max(0, settings.num_samples - listed_samples(out))
+    need = todo * sum(per_format.values())
+    folder = out
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        each = ", ".join(f"{name} {_size(n)}" for name, n in per_format.items())
+        raise MedsynthError(
+            f"not enough disk space for generate: {todo} sample(s) need at least {_size(need)} ({each} each), but "
+            f"{folder} has {_size(free)} free: free space, or lower generate.num_samples, or drop formats from "
+            "generate.formats")
+
+
+def _size(n: float) -> str:
+    """``512 B``, ``3.2 MB``, ``1.5 GB``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
 
 
 def settings_fingerprint(settings: GenerateSettings, checkpoint_hash: str, extra: Mapping[str, Any]) -> str:

@@ -6,7 +6,8 @@ import logging
 import time
 
 from medsynth.config import PipelineSettings, to_mapping
-from medsynth.stages.context import log_config, make_tracker, stage_tags
+from medsynth.config.settings import require_label_source
+from medsynth.stages.context import claim_output, log_config, make_tracker, stage_tags
 from medsynth.stages.evaluate import evaluate
 from medsynth.stages.generate import generate
 from medsynth.stages.preprocess import preprocess
@@ -25,9 +26,24 @@ def run_pipeline(settings: PipelineSettings, *, tracker: TrackerLike | None = No
 
     Returns:
         The MLflow id of the pipeline run.
+
+    Raises:
+        MedsynthError: For an output folder that another run holds or that cannot be written
+            (before any work), and for what the stages raise.
+
+    The run holds ``paths.output`` for all four stages (:func:`~medsynth.stages.context.claim_output`),
+    so no other run writes there between them, and its own stages do not block each other.
     """
     run = settings.run
-    tracker = tracker or make_tracker(run)
+    if settings.generate.checkpoint == f"{run.paths.checkpoints}/last.pt":  # generating from the model trained here
+        require_label_source(settings.model.conditioning, settings.generate.labels)
+    with claim_output(run, "run"):
+        return _run_stages(settings, tracker=tracker or make_tracker(run))
+
+
+def _run_stages(settings: PipelineSettings, *, tracker: TrackerLike) -> str:
+    """The body of :func:`run_pipeline`, inside its claim on the output folder."""
+    run = settings.run
     start = time.perf_counter()
     with tracker.run(f"{settings.name}-pipeline", tags=stage_tags(run, "pipeline")) as run_id:
         log_config(tracker, run_id, to_mapping(settings), folder=run.paths.output)

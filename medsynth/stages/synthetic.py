@@ -28,7 +28,7 @@ import numpy as np
 from medsynth import MedsynthError
 from medsynth.config.settings import GenerateSettings
 from medsynth.evaluation.provenance import FILE_COLUMNS, hash_column, path_sha256
-from medsynth.io import colorize_labels, display_slice, picture_sheet, save_nifti, save_png, write_json, write_text
+from medsynth.io import colorize_labels, display_slice, load_nifti, picture_sheet, save_nifti, save_png, write_json, write_text
 from medsynth.stages.candidates import Accepted, Candidate
 
 log = logging.getLogger("medsynth")
@@ -96,8 +96,23 @@ class SyntheticWriter:
         self.rows = done_rows(self.out, fingerprint)
         if self.rows:
             log.info("generate: continuing after %d samples already in %s", len(self.rows), self.manifest)
+            if self.previews_wanted:
+                self.previews = self._kept_previews()
         write_json(self.out / "generate.json", {"fingerprint": fingerprint, "run_id": run_id})
+        write_manifest(self.manifest, self.rows)  # from here on, manifest.csv lists exactly the complete samples
         return len(self.rows)
+
+    def _kept_previews(self) -> list[list[np.ndarray]]:
+        """The previews of the samples an earlier run completed, for ``samples.png``, read back from their
+        NIfTI files (written losslessly); without NIfTI output, the sheet shows this run's samples only."""
+        previews: list[list[np.ndarray]] = []
+        for row in self.rows[:_MAX_PREVIEWS]:
+            if not (row.get("image") or row.get("label")) or "nifti" not in self.settings.formats:
+                break
+            image = load_nifti(self.out / row["image"])[0] if row.get("image") else None
+            label = load_nifti(self.out / row["label"], dtype=np.uint8)[0] if row.get("label") else None
+            previews.append(_preview(image, label))
+        return previews
 
     def write_batch(self, accepted: Sequence[Accepted]) -> None:
         """Write a batch of accepted samples, then the manifest listing them.
@@ -260,6 +275,46 @@ def write_dataset_json(out: Path, *, label_names: list[str], num_training: int, 
         "numTraining": num_training, "file_ending": ".nii.gz",
         "description": "medsynth synthetic dataset; synthetic/manifest.csv holds each sample's provenance",
     })
+
+
+def sample_bytes(formats: Sequence[str], *, image_size: Sequence[int], num_classes: int, image: bool,
+                 label: bool) -> dict[str, int]:
+    """The least disk space one sample takes in each format, for generate's free-space check.
+
+    Lower bounds, so that a refusal is never wrong: DICOM is written uncompressed (16-bit pixels, a
+    header per slice; a SEG holds at least one bit per voxel); gzip is assumed to shrink float32
+    NIfTI images at most 4 times and label maps at most 64 times; PNG previews at most 4 times.
+
+    Args:
+        formats: ``generate.formats``.
+        image_size: The generator's spatial size.
+        num_classes: Label values including background.
+        image: The sample has an image (not a label-map model).
+        label: The sample has a label map (given or generated).
+
+    Returns:
+        ``{format: bytes}`` for each format that writes something for this sample.
+    """
+    voxels = int(np.prod([int(s) for s in image_size]))
+    slices = int(image_size[-1]) if len(image_size) == 3 else 1
+    header = 352  # a NIfTI-1 header; DICOM headers are larger
+    out: dict[str, int] = {}
+    if "nifti" in formats:
+        out["nifti"] = (header + voxels if image else 0) + (header + voxels // 64 if label else 0)
+    if "dicom" in formats and image:
+        out["dicom"] = 2 * voxels + 1024 * slices + ((voxels * max(1, num_classes - 1)) // 8 + 1024 if label else 0)
+    if "png" in formats and len(image_size) == 2:
+        out["png"] = voxels // 4
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def listed_samples(out: Path) -> int:
+    """How many samples ``manifest.csv`` under ``out`` lists (0 without a readable one); read without hashing."""
+    try:
+        with (out / "manifest.csv").open(newline="") as fh:
+            return sum(1 for _ in csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return 0
 
 
 def dp_columns(record: Any) -> dict[str, Any]:
