@@ -136,3 +136,24 @@ def test_generate_refuses_a_run_that_cannot_fit_on_its_disk(tiny_config, phantom
     assert f"{small / 'synthetic'}" in message or str(small) in message
     assert "generate.num_samples" in message
     assert not any(small.rglob("*.nii.gz"))
+
+
+def test_validation_reads_an_evenly_spaced_subset_of_a_large_split(tiny_config, phantom) -> None:
+    from medsynth.data import load_split
+
+    manifest = run_stage("preprocess", tiny_config(*phantom_overrides(*phantom)))
+    every = load_split(manifest, "train")
+    some = load_split(manifest, "train", limit=3)
+    assert len(every) > 3 and len(some) == 3
+    assert some.ids[0] == every.ids[0] and some.ids[-1] == every.ids[-1]
+    assert load_split(manifest, "train", limit=10_000).ids == every.ids
+    with pytest.raises(MedsynthError, match="trainer.validation.max_records"):
+        tiny_config("trainer.validation.max_records=0")
+
+
+def test_validation_shows_its_progress(tiny_config, phantom, capfd: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(*phantom_overrides(*phantom), "progress=true", "trainer.checkpoint_every=2")
+    run_stage("preprocess", cfg)
+    capfd.readouterr()
+    run_stage("train", cfg)
+    assert "validation at step 2" in capfd.readouterr().err

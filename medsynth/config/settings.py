@@ -301,10 +301,13 @@ class SchedulerSettings:
 @dataclass(kw_only=True)
 class ValidationSettings:
     timestep_fractions: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    max_records: int | None = 256  # validation loss on at most this many records, evenly spaced (null: all)
 
     def __post_init__(self) -> None:
         check(bool(self.timestep_fractions) and all(0.0 <= f <= 1.0 for f in self.timestep_fractions),
               "trainer.validation.timestep_fractions", "fractions in [0, 1]", self.timestep_fractions)
+        check(self.max_records is None or self.max_records >= 1, "trainer.validation.max_records",
+              "an integer >= 1 or null (all records)", self.max_records)
 
 
 @dataclass(kw_only=True)

@@ -57,13 +57,16 @@ def attribute_codes(records: Sequence[Record], vocabulary: Mapping[str, Sequence
     return torch.tensor(rows, dtype=torch.long).reshape(len(records), len(vocabulary))
 
 
-def load_split(manifest: Manifest, split: str, *, vocabulary: Mapping[str, Sequence[str]] | None = None) -> LabelledArrays:
+def load_split(manifest: Manifest, split: str, *, vocabulary: Mapping[str, Sequence[str]] | None = None,
+               limit: int | None = None) -> LabelledArrays:
     """Load every record of one split into memory, checking each record's hash.
 
     Args:
         manifest: The dataset manifest.
         split: Split name.
         vocabulary: Attributes to encode as ``codes`` (name -> values), for conditioned models.
+        limit: Load at most this many records, evenly spaced over the split (the first always among
+            them); ``None``: all.
 
     Returns:
         The stacked arrays.
@@ -74,6 +77,8 @@ def load_split(manifest: Manifest, split: str, *, vocabulary: Mapping[str, Seque
     records = manifest.split(split)
     if not records:
         raise MedsynthError(f"the dataset at {manifest.root} has no '{split}' records; check data.splits")
+    if limit is not None and len(records) > limit:
+        records = [records[i] for i in np.unique(np.linspace(0, len(records) - 1, limit).round().astype(int))]
     pairs = [read_record(manifest.root, r) for r in records]
     images = torch.from_numpy(np.stack([p[0] for p in pairs]))
     labels = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))

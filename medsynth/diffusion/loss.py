@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from monai.networks.schedulers import RFlowScheduler, Scheduler
@@ -66,6 +68,7 @@ def denoising_errors(
     codes: torch.Tensor | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    on_batch: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """Per-example denoising error at fixed timesteps with fixed noise: a membership-inference score.
 
@@ -82,6 +85,7 @@ def denoising_errors(
         codes: ``(N, A)`` attribute codes for ``class`` / ``attributes`` models.
         seed: Seed of the noise draws.
         batch_size: Examples per forward pass.
+        on_batch: Called with the number of examples after each batch (a progress bar's ``update``).
 
     Returns:
         ``(N,)`` mean squared error of each example, averaged over ``timesteps``.
@@ -100,4 +104,6 @@ def denoising_errors(
             x_t = scheduler.add_noise(original_samples=x, noise=e, timesteps=t)
             error = (model(x_t, t, model.condition(label, code)) - prediction_target(scheduler, x, e, t)) ** 2
             total[start : start + batch_size] += error.flatten(1).mean(dim=1).cpu()
+        if on_batch is not None:
+            on_batch(label.shape[0])
     return total / len(timesteps)

@@ -22,6 +22,7 @@ from medsynth.diffusion import Denoiser
 from medsynth.diffusion.generator import Generator, build_denoiser, build_scheduler, generator_state
 from medsynth.evaluation.provenance import LINEAGE, file_sha256, preprocess_run_id
 from medsynth.io import save_png
+from medsynth.progress import progress_bar
 from medsynth.stages.context import claim_output, pick_device, stage_run
 from medsynth.tracking import NullTracker, TrackerLike
 from medsynth.training import TrainResult, save_step_checkpoint
@@ -121,7 +122,7 @@ def _train(
     plan, accountant = _private_setup(t, ddp=ddp, num_patients=len(groups), saved=saved, resume_path=resume_path)
     vocabulary = condition_vocabulary(model_settings, manifest.attribute_values())
     train_data = load_split(manifest, "train", vocabulary=vocabulary)
-    validation = load_split(manifest, "validation", vocabulary=vocabulary)
+    validation = load_split(manifest, "validation", vocabulary=vocabulary, limit=t.validation.max_records)
     lineage = _lineage(run, saved, tracker=tracker, run_id=run_id, num_records=len(train_data))
 
     # instantiate: the model (after its autoencoder, for latent diffusion), schedule, optimiser and EMA
@@ -178,7 +179,10 @@ def _train(
             tracker.log_metrics(run_id, {"privacy/epsilon": accountant.epsilon(plan.delta)}, step=step, buffered=True)
         if not ddp.is_main or not checkpoint:
             return
-        val_loss = validation_loss(state.ema.shadow, validation, scheduler, timesteps=timesteps, seed=run.seed)
+        with progress_bar(total=len(validation), desc=f"validation at step {step}", unit="record", leave=False,
+                          enabled=run.progress) as bar:
+            val_loss = validation_loss(state.ema.shadow, validation, scheduler, timesteps=timesteps, seed=run.seed,
+                                       on_batch=bar.update)
         tracker.log_metrics(run_id, {"val_loss": val_loss}, step=step)
         tracker.flush(run_id)  # the losses up to this checkpoint are in MLflow before it counts as saved
         state.step = step

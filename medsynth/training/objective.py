@@ -54,7 +54,8 @@ def validation_timesteps(fractions: Sequence[float], num_train_timesteps: int) -
     return sorted({int(f * (num_train_timesteps - 1)) for f in fractions})
 
 
-def validation_loss(model: Denoiser, data: LabelledArrays, scheduler: Scheduler, *, timesteps: Sequence[int], seed: int) -> float:
+def validation_loss(model: Denoiser, data: LabelledArrays, scheduler: Scheduler, *, timesteps: Sequence[int], seed: int,
+                    on_batch: Callable[[int], object] | None = None) -> float:
     """Mean denoising error of ``model`` on ``data`` at fixed timesteps and fixed noise: lower is better,
     and comparable across the checkpoints of a run.
 
@@ -64,9 +65,10 @@ def validation_loss(model: Denoiser, data: LabelledArrays, scheduler: Scheduler,
         scheduler: The training noise schedule.
         timesteps: Where on the schedule to measure.
         seed: Seed of the noise, the same at every checkpoint.
+        on_batch: Called with the number of records after each batch (progress).
 
     Returns:
         The mean error.
     """
     return float(denoising_errors(model, data.images, data.labels, scheduler, timesteps=list(timesteps), codes=data.codes,
-                                  seed=seed).mean())
+                                  seed=seed, on_batch=on_batch).mean())
