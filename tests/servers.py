@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -31,13 +36,70 @@ def serve_model(model: str, *, port: int, log_path: Path, env: dict[str, str] | 
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def wait_until_up(base: str, process: subprocess.Popen, log_path: Path, *, timeout: float = 120.0) -> None:
+    """Wait until ``GET base/ping`` answers 200.
+
+    Raises:
+        RuntimeError: With the end of the server's log, when it exits or does not answer in ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the model server did not come up (exit status {process.poll()}):\n"
+                               f"{log_path.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.25)
+
+
+def post(url: str, body: bytes | dict[str, Any], *, content_type: str = "application/json",
+         timeout: float = 60.0) -> tuple[int, bytes]:
+    """POST ``body`` (bytes, or a JSON value) to ``url``; the status and raw body, whatever the status."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def group_alive(process: subprocess.Popen) -> bool:
+    """Whether any process of ``process``'s group (the server and what it started) still runs."""
+    process.poll()  # reap the group leader if it has exited
+    try:
+        os.killpg(process.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_group_gone(process: subprocess.Popen, *, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for every process of ``process``'s group to end; whether they did."""
+    deadline = time.monotonic() + timeout
+    while group_alive(process):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def stop(process: subprocess.Popen, *, grace: float = 20.0) -> None:
     """Stop ``process`` and its process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
-    if process.poll() is not None:
+    if not group_alive(process):
         return
-    os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    if not wait_group_gone(process, timeout=grace):
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait_group_gone(process, timeout=grace)
+    process.wait()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ from medsynth.tracking.registry import log_generator, resolve_checkpoint
 from medsynth.tracking.serving import GeneratorInputError, parse_prompt
 from medsynth.training import load_checkpoint
 from tests.conftest import TINY, compose_config, phantom_overrides, run_stage, write_phantom
-from tests.servers import free_port, serve_model, stop
+from tests.servers import free_port, post, serve_model, stop, wait_until_up
 
 NAME = "medsynth-tiny-class"
 FAST = ["trainer.max_steps=2", "trainer.grid.num=1", "trainer.grid.steps=1", "trainer.validation.timestep_fractions=[0.5]",
@@ -119,12 +116,8 @@ def test_mask_generator_takes_a_label_map(trained: dict[str, Any]) -> None:
 
 
 def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    status, body = post(url, payload)
+    return status, json.loads(body)
 
 
 def test_mlflow_models_serve_answers_over_http(trained: dict[str, Any]) -> None:
@@ -134,17 +127,10 @@ def test_mlflow_models_serve_answers_over_http(trained: dict[str, Any]) -> None:
     server = serve_model(trained["model_uri"], port=port, log_path=log_path, env={"MLFLOW_TRACKING_URI": trained["uri"]})
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the model server did not come up (exit status {server.poll()}):\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+        try:
+            wait_until_up(base, server, log_path)
+        except RuntimeError as err:
+            pytest.fail(str(err))
 
         payload = {"dataframe_split": {"columns": ["seed", "prompt"], "data": [[11, "level=3"], [12, "level=1"]]}}
         status, body = _post(f"{base}/invocations", payload)

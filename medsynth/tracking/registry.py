@@ -4,7 +4,8 @@ turn a path, run id or registered model name back into a local checkpoint.
 A logged generator is an MLflow model folder (``MLmodel`` plus ``artifacts/checkpoint.pt``) under
 a run's artifacts; its code is :class:`medsynth.tracking.serving.GeneratorModel`, imported from the
 installed package ("models from code"), so ``mlflow models serve -m models:/<name>/<version>
---env-manager local`` serves it from the environment medsynth is installed in.
+--env-manager local`` serves it from the environment medsynth is installed in. Its ``model_config``
+holds the serving limits (docs/serving-limits.md).
 """
 
 from __future__ import annotations
@@ -88,13 +89,36 @@ def _requirements() -> list[str]:
     return pins
 
 
+def serving_config(serve_limits: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``model_config`` a generator is logged with: every serving limit, ``None`` for "the default".
+
+    Every key is written, so each limit can also be set when the model is loaded (MLflow only
+    overrides keys the logged config has); see docs/serving-limits.md.
+
+    Args:
+        serve_limits: Limits to store (keys among :data:`medsynth.tracking.serving.LIMIT_KEYS`).
+
+    Returns:
+        ``{key: value or None}`` for every limit.
+
+    Raises:
+        MedsynthError: For an unknown key or a value out of range.
+    """
+    from medsynth.tracking.serving import LIMIT_KEYS, serve_limits as check_limits
+
+    given = dict(serve_limits or {})
+    check_limits(given, environ={})
+    return {key: given.get(key) for key in LIMIT_KEYS}
+
+
 def _save_model(model_dir: Path, code: Path, checkpoint_file: Path, checkpoint: Mapping[str, Any],
-                source: Path) -> None:
-    """Write the pyfunc model folder: the model code, the checkpoint artifact, signature and metadata."""
+                source: Path, model_config: Mapping[str, Any]) -> None:
+    """Write the pyfunc model folder: the model code, the checkpoint artifact, signature, serving limits and metadata."""
     mlflow.pyfunc.save_model(
         str(model_dir),
         python_model=str(code),
         artifacts={"checkpoint": str(checkpoint_file)},
+        model_config=dict(model_config),
         signature=generator_signature(checkpoint),
         pip_requirements=_requirements(),
         metadata={
@@ -117,6 +141,7 @@ def log_generator(
     tracking_uri: str,
     registered_name: str | None = None,
     artifact_path: str = "generator",
+    serve_limits: Mapping[str, Any] | None = None,
 ) -> str:
     """Log a training checkpoint as a pyfunc generator under a run's artifacts; register it if named.
 
@@ -131,13 +156,18 @@ def log_generator(
         tracking_uri: The MLflow store holding the run (and the registry).
         registered_name: Register the model under this name (a new version each call).
         artifact_path: Folder of the model among the run's artifacts.
+        serve_limits: What one request to the served model may ask (``max_rows``, ``batch_size``,
+            ``max_steps``, ``time_limit``, ``max_body_bytes``), stored as the model's
+            ``model_config``; limits left out take their defaults. See docs/serving-limits.md.
 
     Returns:
         ``models:/<name>/<version>`` when registered, else ``runs:/<run_id>/<artifact_path>``.
 
     Raises:
-        MedsynthError: If the checkpoint cannot be loaded or the run is not in the store.
+        MedsynthError: If the checkpoint cannot be loaded, the run is not in the store or a
+            serving limit is unknown or out of range.
     """
+    model_config = serving_config(serve_limits)
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     missing = [k for k in _REQUIRED_KEYS if k not in checkpoint]
@@ -156,7 +186,7 @@ def log_generator(
         with warnings.catch_warnings():
             # the signature is explicit, and an input example would sample at logging time
             warnings.filterwarnings("ignore", message=".*input example was not provided")
-            _save_model(model_dir, code, staged, checkpoint, checkpoint_path)
+            _save_model(model_dir, code, staged, checkpoint, checkpoint_path, model_config)
         client.log_artifacts(run_id, str(model_dir), artifact_path=artifact_path)
     uri = f"runs:/{run_id}/{artifact_path}"
     if registered_name is None:
@@ -459,4 +489,4 @@ def audit_status(name: str, version: str, *, tracking_uri: str) -> AuditStatus:
 
 
 __all__ = ["AUDITED_ALIAS", "AUDIT_TAGS", "CHECKPOINT_ARTIFACT", "AuditStatus", "audit_status", "find_model_version",
-           "generator_signature", "log_generator", "mark_audit", "parse_model_uri", "resolve_checkpoint"]
+           "generator_signature", "log_generator", "mark_audit", "parse_model_uri", "resolve_checkpoint", "serving_config"]
