@@ -130,8 +130,18 @@ def body_mask(volume: np.ndarray, *, modality: str) -> np.ndarray:
     if modality.upper() == "CT":
         threshold = -500.0
     else:
-        finite = volume[np.isfinite(volume)]
-        threshold = float(threshold_otsu(finite)) if finite.size and finite.min() < finite.max() else float("inf")
+        # Otsu on a 256-bin histogram of the finite values, counted in place: no copy of the volume, so a
+        # large series costs its mask and nothing more (the bins span the range in float64, wider than the
+        # values' own precision)
+        finite = np.isfinite(volume)
+        everywhere = bool(finite.all())
+        low = float(volume.min(initial=np.inf, where=True if everywhere else finite))
+        high = float(volume.max(initial=-np.inf, where=True if everywhere else finite))
+        if low < high and np.isfinite(high - low):
+            counts, edges = np.histogram(volume if everywhere else volume[finite], bins=256, range=(low, high))
+            threshold = float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2)))
+        else:
+            threshold = float("inf")
     mask = volume > threshold
     mask = ndimage.binary_fill_holes(mask) if mask.any() else mask
     return mask.astype(np.uint8)

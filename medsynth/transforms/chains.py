@@ -103,7 +103,7 @@ def volume_preprocessing(
         scaling = ForegroundPercentileScaled(keys="image", lower=lower_percentile, upper=upper_percentile)
     steps: list = [
         Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys=KEYS, pixdim=tuple(spacing), mode=("bilinear", "nearest")),
+        Spacingd(keys=KEYS, pixdim=tuple(spacing), mode=("bilinear", "nearest"), dtype=torch.float32),  # float64 would double the peak
         scaling,
         CropForegroundd(keys=KEYS, source_key="label", margin=margin, allow_smaller=True),
     ]
