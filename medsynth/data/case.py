@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,10 +29,15 @@ from medsynth import ConfigError, MedsynthError
 from medsynth.data.discovery import CaseSpec
 from medsynth.data.manifest import Record, write_record
 from medsynth.io.dicom import load_dicom_seg, load_dicom_series
-from medsynth.io.nifti import load_nifti
+from medsynth.io.nifti import MAX_IMAGE_BYTES, image_size_problem, load_nifti, one_line
 from medsynth.transforms import volume_preprocessing
 
 INTENSITY_MODES = ("auto", "percentile", "window")
+_MAX_LABEL = 2**31 - 1
+RESAMPLE_WORKING_SET = 8
+"""float32 values preprocessing holds per voxel of the resampled grid (image, label, sampling grids and
+copies; 7.4 measured on the chain of :func:`medsynth.transforms.volume_preprocessing`): the resampled grid is
+held to ``max_image_bytes`` with this factor."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,8 @@ class VolumeSettings:
         window: ``(low, high)`` mapped to [0, 1] by the window mode (HU for CT).
         level_bands: Slice records get attribute ``level`` with this many bands (0 = none).
         label_names: Name per label value, background first.
+        max_image_bytes: Largest image a case may declare or become when resampled, in bytes of
+            float32 voxels; larger ones are quarantined before their voxels are read.
     """
 
     spatial_dims: int
@@ -65,6 +73,7 @@ class VolumeSettings:
     window: tuple[float, float] = (-1000.0, 1000.0)
     level_bands: int = 0
     label_names: tuple[str, ...] = ()
+    max_image_bytes: int = MAX_IMAGE_BYTES
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -81,6 +90,8 @@ class VolumeSettings:
             raise ConfigError(f"data.intensity.window must be [low, high] with low < high, got {list(self.window)}")
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
             raise ConfigError(f"data.intensity.lower/upper must satisfy 0 <= lower < upper <= 100, got {self.lower_percentile}, {self.upper_percentile}")
+        if not self.max_image_bytes > 0:
+            raise ConfigError(f"data.max_image_gb must be positive, got {self.max_image_bytes / 1e9:g} GB")
 
     def pad_size(self) -> list[int]:
         """The 3D pad/crop size: ``size`` for volumes; for slices, -1 along the slice axis."""
@@ -147,19 +158,22 @@ def body_mask(volume: np.ndarray, *, modality: str) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
-def _read_nifti(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+def _read_nifti(path: str | os.PathLike[str], *, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     try:
-        return load_nifti(path)
+        return load_nifti(path, max_bytes=max_bytes)
     except MedsynthError as err:  # its message holds the raw path: reports name the file their own way
         raise CaseError(str(err).replace(str(path), "<file>"), file=path) from None
 
 
-def load_nifti_image(path: str | os.PathLike[str], *, channel: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_nifti_image(
+    path: str | os.PathLike[str], *, channel: int | None = None, max_bytes: int = MAX_IMAGE_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
     """A 3D NIfTI image, or one volume of a 4D one.
 
     Args:
         path: The image file.
         channel: Volume of a 4D image to use; a 4D image with several volumes needs it.
+        max_bytes: Largest image accepted (see :func:`medsynth.io.nifti.load_nifti`).
 
     Returns:
         ``(image, affine)``.
@@ -167,7 +181,7 @@ def load_nifti_image(path: str | os.PathLike[str], *, channel: int | None = None
     Raises:
         CaseError: If the file cannot be read, or is not 3D (or 4D with a valid ``channel``).
     """
-    image, affine = _read_nifti(path)
+    image, affine = _read_nifti(path, max_bytes=max_bytes)
     if image.ndim == 4:
         volumes = image.shape[3]
         if channel is None and volumes > 1:
@@ -182,7 +196,8 @@ def load_nifti_image(path: str | os.PathLike[str], *, channel: int | None = None
 
 
 def load_pair(
-    image_path: str | os.PathLike[str], label_path: str | os.PathLike[str], *, channel: int | None = None
+    image_path: str | os.PathLike[str], label_path: str | os.PathLike[str], *, channel: int | None = None,
+    max_bytes: int = MAX_IMAGE_BYTES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a NIfTI image and its label map and check that they share one voxel grid.
 
@@ -190,6 +205,7 @@ def load_pair(
         image_path: The image file.
         label_path: The label map file.
         channel: Volume of a 4D image to use.
+        max_bytes: Largest image accepted (see :func:`medsynth.io.nifti.load_nifti`).
 
     Returns:
         ``(image, label, affine)``, the label map as ``int64``.
@@ -198,24 +214,33 @@ def load_pair(
         CaseError: If a file is missing or unreadable, the shapes or affines differ, or the label
             map holds other values than non-negative integers; it names the file at fault.
     """
-    image, affine = load_nifti_image(image_path, channel=channel)
-    label, label_affine = _read_nifti(label_path)
+    image, affine = load_nifti_image(image_path, channel=channel, max_bytes=max_bytes)
+    label, label_affine = _read_nifti(label_path, max_bytes=max_bytes)
     if label.shape != image.shape:
         raise CaseError(f"label map has shape {label.shape}, but the image has {image.shape}", file=label_path)
-    if not np.allclose(label_affine, affine, atol=1e-3):
+    if not (np.all(np.isfinite(label_affine)) and np.allclose(label_affine, affine, atol=1e-3)):
         raise CaseError("label map and image have different affines (voxel grids): "
                         f"label {np.round(label_affine, 4).tolist()}, image {np.round(affine, 4).tolist()}", file=label_path)
-    if np.any(label < 0) or not np.allclose(label, np.round(label)):
+    if not np.all(np.isfinite(label)) or np.any(label < 0) or not np.allclose(label, np.round(label)):
         raise CaseError("label map must hold non-negative integer values", file=label_path)
+    if label.max(initial=0) > _MAX_LABEL:
+        raise CaseError(f"label map holds value {float(label.max()):.6g}; label values above {_MAX_LABEL} are not supported",
+                        file=label_path)
     return image, label.astype(np.int64), affine
 
 
-def load_case(spec: CaseSpec, *, label_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_case(
+    spec: CaseSpec, *, label_count: int, max_bytes: int = MAX_IMAGE_BYTES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Load a case's image and label map on one grid.
+
+    Headers that declare more than ``max_bytes`` are refused before their voxels are read, and an
+    image with NaN or infinite values is refused (intensity scaling would spread them over the volume).
 
     Args:
         spec: The case.
         label_count: Number of label names; a label value at or above it is refused.
+        max_bytes: Largest image accepted, in bytes of float32 voxels.
 
     Returns:
         ``(image, label, affine)``.
@@ -225,28 +250,74 @@ def load_case(spec: CaseSpec, *, label_count: int) -> tuple[np.ndarray, np.ndarr
             or :class:`~medsynth.io.dicom.DicomSeriesError` names the file at fault).
     """
     if spec.kind == "dicom":
-        image, affine = load_dicom_series(spec.files)
+        image, affine = load_dicom_series(spec.files, max_bytes=max_bytes)
+        _check_finite(image, spec)
         if spec.label is None:
             label = body_mask(image, modality=spec.modality)
         else:
-            segments, _ = load_dicom_seg(spec.label, affine=affine, shape=image.shape)
+            segments, _ = load_dicom_seg(spec.label, affine=affine, shape=image.shape, max_bytes=max_bytes)
             lookup = np.zeros(int(segments.max()) + 1, dtype=np.int64)
             for number, value in spec.segment_names.items():
                 if number < lookup.size:
                     lookup[number] = value
             label = lookup[segments]
     elif spec.label is None:
-        image, affine = load_nifti_image(spec.files[0], channel=spec.channel)
+        image, affine = load_nifti_image(spec.files[0], channel=spec.channel, max_bytes=max_bytes)
+        _check_finite(image, spec)
         label = body_mask(image, modality=spec.modality)
     else:
-        image, label, affine = load_pair(spec.files[0], spec.label, channel=spec.channel)
-    label = np.asarray(label).astype(np.uint8 if label_count <= 256 else np.int32, copy=False)
-    if label.max(initial=0) >= label_count:
+        image, label, affine = load_pair(spec.files[0], spec.label, channel=spec.channel, max_bytes=max_bytes)
+        _check_finite(image, spec)
+    label = np.asarray(label)
+    if label.max(initial=0) >= label_count:  # checked before the cast, which would wrap large values
         raise CaseError(f"label map holds value {int(label.max())}, but data.label_names names only {label_count} "
                         f"value(s) (0..{label_count - 1})", file=spec.label)
+    label = label.astype(np.uint8 if label_count <= 256 else np.int32, copy=False)
     if not label.any():
         raise CaseError("the label map is empty (no foreground)", file=spec.label)
     return image, label, affine
+
+
+def _check_finite(image: np.ndarray, spec: CaseSpec) -> None:
+    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise CaseError(f"the image holds {bad} NaN or infinite voxel(s) of {image.size}; replace them (for example "
+                        "with the background value) before preprocessing", file=spec.files[0] if len(spec.files) == 1 else None)
+
+
+def check_grid(shape: Sequence[int], affine: np.ndarray, *, spacing: Sequence[float], max_bytes: int) -> None:
+    """Refuse a voxel grid that cannot be resampled: an affine that is not finite and invertible, or one
+    whose resampling to ``spacing`` would need more than ``max_bytes`` (huge declared voxel sizes): the
+    resampled grid counts :data:`RESAMPLE_WORKING_SET` float32 values per voxel, what preprocessing holds.
+
+    Args:
+        shape: Voxels per axis of the image.
+        affine: Its 4x4 voxel-to-world affine.
+        spacing: Target spacing (mm) along the world axes (after reorientation to RAS).
+        max_bytes: Largest working set accepted, in bytes.
+
+    Raises:
+        CaseError: Naming what is wrong.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    with np.errstate(all="ignore"):
+        det = float(np.linalg.det(matrix)) if np.all(np.isfinite(affine)) else float("nan")
+    if not np.isfinite(det) and np.all(np.isfinite(affine)):
+        raise CaseError("the image's voxel sizes are too large to resample to data.spacing")
+    if not np.isfinite(det) or abs(det) < 1e-12:
+        raise CaseError("the image's affine (voxel sizes, orientation) is not a finite, invertible voxel-to-world transform")
+    # the resampled grid keeps each voxel axis with the target spacing of the RAS axis it becomes after reorientation
+    with np.errstate(all="ignore"):
+        extent = np.array([(int(n) - 1) * float(np.linalg.norm(matrix[:, axis]))
+                           / float(spacing[int(np.argmax(np.abs(matrix[:, axis])))]) for axis, n in enumerate(shape[:3])])
+    if not np.all(np.isfinite(extent)) or extent.max() > 2.0**40:
+        raise CaseError("the image's voxel sizes are too large to resample to data.spacing")
+    counts = [math.ceil(float(e) - 1e-9) + 1 for e in extent]
+    problem = image_size_problem(counts, max_bytes=max_bytes, itemsize=4 * RESAMPLE_WORKING_SET,
+                                 what=f"resampled to data.spacing={list(spacing)} (preprocessing holds about "
+                                      f"{RESAMPLE_WORKING_SET} float32 values per voxel)")
+    if problem is not None:
+        raise CaseError(problem)
 
 
 def _single_slice_affine(affine: np.ndarray, settings: VolumeSettings) -> np.ndarray:
@@ -277,15 +348,19 @@ def process_case(spec: CaseSpec, settings: VolumeSettings, out_dir: str) -> dict
         "file": index of the file at fault (-1: the label file) or None}``; reasons are not yet scrubbed.
     """
     try:
-        image, label, affine = load_case(spec, label_count=len(settings.label_names))
+        image, label, affine = load_case(spec, label_count=len(settings.label_names), max_bytes=settings.max_image_bytes)
         if image.shape[2] == 1 and spec.kind == "dicom":
             affine = _single_slice_affine(affine, settings)
+        check_grid(image.shape, affine, spacing=settings.spacing, max_bytes=settings.max_image_bytes)
         volume, labels, vol_affine = preprocess_volume(
             image, label, affine, spacing=settings.spacing, size=settings.pad_size(), margin=settings.margin,
             intensity=settings.intensity_for(spec.modality), lower_percentile=settings.lower_percentile,
             upper_percentile=settings.upper_percentile, window=settings.window,
         )
         del image, label
+        if not np.all(np.isfinite(volume)):
+            raise MedsynthError("intensity scaling gave non-finite values: the image's intensity range is too narrow or "
+                                "too wide to scale (a damaged scaling slope?)")
         if settings.spatial_dims == 3:
             records = _volume_record(volume, labels, vol_affine, spec=spec, out_dir=out_dir)
         else:
@@ -306,7 +381,7 @@ def process_case(spec: CaseSpec, settings: VolumeSettings, out_dir: str) -> dict
             index = -1
         return {"records": [], "error": reason, "file": index}
     except Exception as err:  # a case must never stop the others; the reason says what happened
-        return {"records": [], "error": f"unexpected error while preprocessing ({type(err).__name__}: {err})", "file": None}
+        return {"records": [], "error": f"unexpected error while preprocessing ({one_line(err)})", "file": None}
 
 
 def _volume_record(volume: np.ndarray, labels: np.ndarray, vol_affine: np.ndarray, *, spec: CaseSpec, out_dir: str) -> list[Record]:

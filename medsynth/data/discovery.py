@@ -10,19 +10,24 @@ components pseudonymised, and attribute tables are refused when they repeat an i
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
+import functools
+import io
 import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from medsynth import ConfigError, MedsynthError
 from medsynth.data.deid import Scrubber, pseudonym
 from medsynth.data.parallel import process_pool, progress_bar
-from medsynth.io.dicom import DICOMDIR, OTHER, SEG, DicomHeader, dicom_files, read_header
+from medsynth.io.dicom import DICOMDIR, OTHER, SEG, DicomHeader, code_string, dicom_files, read_header
+from medsynth.io.nifti import MAX_IMAGE_BYTES
 
 log = logging.getLogger("medsynth")
 
@@ -102,6 +107,14 @@ def read_attributes(
 ) -> dict[str, dict[str, str]]:
     """Per-case attributes from a CSV with a header row.
 
+    The file must be UTF-8 (a byte-order mark is allowed, and UTF-16 with one is read too). A table
+    that cannot be used as a whole is refused with one line naming the file, the line and what was
+    expected: another encoding, NUL bytes, a cell over 128 KiB, a row with more non-empty cells than
+    the header, a repeated column or key. A row with fewer cells leaves the missing ones empty. A kept
+    column whose name a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab, carriage
+    return first) is refused, because column names start the ``attributes`` cells of
+    ``synthetic/manifest.csv``; values may hold anything, as they never start a cell there.
+
     Args:
         path: The CSV file.
         key: The column that identifies the case (its values are matched against PatientID,
@@ -112,29 +125,89 @@ def read_attributes(
         Attributes per key value (empty cells are left out).
 
     Raises:
-        ConfigError: If the file, the key column or a named column is missing, or a key repeats.
+        ConfigError: If the file, the key column or a named column is missing, or the table is
+            refused for one of the reasons above.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data.attributes.csv: file not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = list(reader.fieldnames or [])
-        if key not in header:
-            raise ConfigError(f"data.attributes.key: column {key!r} is not in {path} (columns: {header})")
-        keep = [c for c in header if c != key] if columns is None else list(columns)
-        unknown = [c for c in keep if c not in header]
-        if unknown:
-            raise ConfigError(f"data.attributes.columns: {unknown} not in {path} (columns: {header})")
-        table: dict[str, dict[str, str]] = {}
-        for n, row in enumerate(reader, start=2):
-            value = (row.get(key) or "").strip()
-            if not value:
-                continue
-            if value in table:
-                raise ConfigError(f"data.attributes.csv: {path} line {n} repeats a value of column {key!r}")
-            table[value] = {c: str(row[c]).strip() for c in keep if row.get(c) not in (None, "")}
+    rows = _csv_rows(path)
+    header = [name.strip() for name in next(rows, [])]
+    if not any(header):
+        raise ConfigError(f"data.attributes.csv: {path} has no header row (expected column names on line 1)")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"data.attributes.csv: {path} names column(s) {repeated} more than once")
+    if key not in header:
+        raise ConfigError(f"data.attributes.key: column {key!r} is not in {path} (columns: {_shown(header)})")
+    keep = [c for c in header if c != key and c] if columns is None else list(columns)
+    unknown = [c for c in keep if c not in header]
+    if unknown:
+        raise ConfigError(f"data.attributes.columns: {unknown} not in {path} (columns: {_shown(header)})")
+    unsafe = [c for c in keep if not c or c.startswith(_FORMULA_START) or any(ch in c for ch in "\r\n\t")]
+    if unsafe:
+        raise ConfigError(
+            f"data.attributes.csv: column name(s) {_shown(unsafe)} in {path} are empty, start like a spreadsheet formula "
+            "or hold a line break or tab; rename them, or leave them out with data.attributes.columns")
+    where = {name: i for i, name in enumerate(header)}
+    table: dict[str, dict[str, str]] = {}
+    for n, row in rows:
+        if len(row) > len(header) and any(cell.strip() for cell in row[len(header):]):
+            raise ConfigError(f"data.attributes.csv: {path} line {n} has {len(row)} cells but the header has "
+                              f"{len(header)} (a separator inside an unquoted value?)")
+        cells = row + [""] * (len(header) - len(row))
+        value = cells[where[key]].strip()
+        if not value:
+            continue
+        if value in table:
+            raise ConfigError(f"data.attributes.csv: {path} line {n} repeats a value of column {key!r}")
+        table[value] = {c: cells[where[c]].strip() for c in keep if cells[where[c]].strip()}
     return table
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+"""What makes a spreadsheet run a cell as a formula (CSV injection)."""
+_MAX_CSV_BYTES = 256 * 1024**2
+
+
+def _csv_rows(path: Path) -> Iterator[Any]:
+    """The CSV's header row, then ``(line number, row)`` pairs; refuses what cannot be read as a table."""
+    if path.stat().st_size > _MAX_CSV_BYTES:
+        raise ConfigError(f"data.attributes.csv: {path} is larger than {_MAX_CSV_BYTES // 1024**2} MiB; expected a "
+                          "table of per-case attributes")
+    text = _decode(path, path.read_bytes())
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ConfigError(f"data.attributes.csv: {path} holds NUL bytes (line {line}): a binary file, or UTF-16 "
+                          "without a byte-order mark? Save it as UTF-8 CSV")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        yield next(reader, [])
+        for row in reader:
+            if row:
+                yield reader.line_num, row
+    except csv.Error as err:
+        raise ConfigError(f"data.attributes.csv: {path} line {reader.line_num} cannot be read as CSV ({err}); an "
+                          "unbalanced quote?") from None
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 text (UTF-16 and UTF-8 with a byte-order mark too), or one line saying why not."""
+    encoding = "utf-16" if data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            f"data.attributes.csv: {path} is not {encoding.upper().replace('-SIG', '')} text (byte 0x{data[err.start]:02x} "
+            f"on line {line}); save it as UTF-8 CSV (for example 'CSV UTF-8' in a spreadsheet)") from None
+
+
+def _shown(names: Sequence[str], *, limit: int = 20, width: int = 40) -> str:
+    """Column names for a one-line message: each cut to ``width`` characters, at most ``limit`` of them."""
+    shown = [name if len(name) <= width else name[:width] + "..." for name in names[:limit]]
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{shown}{more}"
 
 
 def _check_attribute_values(table: Mapping[str, Mapping[str, str]], scrubber: Scrubber) -> None:
@@ -150,21 +223,34 @@ def _check_attribute_values(table: Mapping[str, Mapping[str, str]], scrubber: Sc
 # --- DICOM discovery --------------------------------------------------------------------
 
 
-def scan_headers(files: Sequence[Path], *, workers: int = 0, progress: bool = False) -> list[DicomHeader]:
-    """Read every file's header (no pixel data), in worker processes when ``workers > 1``."""
+def scan_headers(
+    files: Sequence[Path], *, workers: int = 0, progress: bool = False, max_bytes: int = MAX_IMAGE_BYTES
+) -> list[DicomHeader]:
+    """Read every file's header (no pixel data), in worker processes when ``workers > 1``.
+
+    Args:
+        files: The files.
+        workers: Processes to use.
+        progress: Show a progress bar.
+        max_bytes: Largest size a deflated data set may inflate to.
+
+    Returns:
+        One header per file, in order; a file that cannot be read has ``kind=None`` and an ``error``.
+    """
     paths = [str(f) for f in files]
+    read = functools.partial(read_header, max_bytes=max_bytes)
     bar = progress_bar(len(paths), "scan", enabled=progress)
     try:
         if workers > 1 and len(paths) > 64:
             with process_pool(workers) as pool:
                 headers = []
-                for header in pool.map(read_header, paths, chunksize=64):
+                for header in pool.map(read, paths, chunksize=64):
                     headers.append(header)
                     bar.update(1)
                 return headers
         headers = []
         for path in paths:
-            headers.append(read_header(path))
+            headers.append(read(path))
             bar.update(1)
         return headers
     finally:
@@ -184,6 +270,7 @@ def discover_dicom(
     hash_all_paths: bool = False,
     workers: int = 0,
     progress: bool = False,
+    max_bytes: int = MAX_IMAGE_BYTES,
 ) -> Discovery:
     """Find every DICOM series under ``root`` and decide what becomes a case.
 
@@ -209,6 +296,7 @@ def discover_dicom(
         hash_all_paths: Pseudonymise every path component in reports, not only suspicious ones.
         workers: Processes for the header scan.
         progress: Show a progress bar.
+        max_bytes: Largest size a deflated header may inflate to (see :func:`read_header`).
 
     Returns:
         The discovery.
@@ -224,7 +312,7 @@ def discover_dicom(
     root = Path(root)
     if not root.is_dir():
         raise MedsynthError(f"paths.input={root} is not a folder")
-    headers = scan_headers(dicom_files(root, exclude=exclude), workers=workers, progress=progress)
+    headers = scan_headers(dicom_files(root, exclude=exclude), workers=workers, progress=progress, max_bytes=max_bytes)
     scrubber = Scrubber(salt, (v for h in headers for v in h.identifiers), hash_all_paths=hash_all_paths)
     if attributes:
         _check_attribute_values(attributes, scrubber)
@@ -252,7 +340,7 @@ def discover_dicom(
             for uid in h.referenced_series or ("",):
                 segs.setdefault(uid, []).append(h)
         elif not h.has_pixels:
-            quarantine.append(quarantine_entry(show(h.path), series_key(h.series_uid), f"image without pixel data ({h.sop_class}): skipped"))
+            quarantine.append(quarantine_entry(show(h.path), series_key(h.series_uid), f"image without pixel data ({h.sop_class or 'unknown SOP class'}): skipped"))
         else:
             series.setdefault(h.series_uid, []).append(h)
 
@@ -294,7 +382,7 @@ def discover_dicom(
             display = folders[0] if len(folders) == 1 else f"{folders[0]} (+{len(folders) - 1} folder(s))"
         series_modality = members[0].modality
         if modality and series_modality.upper() != modality.upper():
-            quarantine.append(quarantine_entry(display, key, f"modality {series_modality or 'unknown'} is not data.modality={modality}"))
+            quarantine.append(quarantine_entry(display, key, f"modality {code_string(series_modality) or 'unknown'} is not data.modality={modality}"))
             continue
         label_file = None
         segment_names: dict[int, int] = {}

@@ -15,8 +15,11 @@ its series' grid with the same code that built that grid.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
+import re
+import zlib
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,9 +30,11 @@ import pydicom
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 
 from medsynth import MedsynthError
+from medsynth.io.nifti import MAX_IMAGE_BYTES, image_size_problem
 
 # pydicom warns with header values in the message (an invalid UID, a malformed name): keep it quiet.
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
@@ -77,10 +82,19 @@ IDENTIFYING_KEYWORDS = frozenset({
 _IDENTIFYING_VRS = frozenset({"PN", "DA", "DT", "TM"})
 _CONVERTED_VRS = frozenset({"PN", "DA", "DT", "TM", "UI", "SQ"})
 _PIXEL_GROUP = 0x7FE00000
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_BITS_ALLOCATED = (1, 8, 16, 32, 64)
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_META_SCAN = 1 << 16  # bytes searched for the file meta group
+_TOO_DEEP = "cannot read the DICOM header: sequences nested too deeply (damaged or hostile file)"
+_MAX_DEPTH = 64  # sequence nesting visited for identifiers (pydicom itself stops far deeper files)
 
 
 def transfer_syntax_name(uid: str) -> str:
-    """A person-readable name of a transfer syntax UID (the UID itself when unknown)."""
+    """A person-readable name of a transfer syntax UID (the UID itself when unknown; a value that is not a UID,
+    from a damaged header, is not shown)."""
+    if not UID(uid).is_valid:
+        return "unknown transfer syntax (not a valid UID)"
     name = UID(uid).name
     if name == uid:
         name = _EXTRA_SYNTAX_NAMES.get(uid, "unknown transfer syntax")
@@ -137,86 +151,272 @@ class DicomHeader:
     identifiers: tuple[str, ...] = ()
 
 
-def _read(path: str | os.PathLike[str], **kwargs: Any) -> Dataset:
-    """``dcmread`` without warnings; falls back to ``force`` only for files that are clearly DICOM."""
+def _deflate_problem(path: str, max_bytes: int) -> str | None:
+    """Why a deflated data set must not be read: it inflates beyond ``max_bytes`` (a zip bomb), or it
+    cannot be checked. pydicom inflates such a file whole, so the size is measured first, in pieces."""
+    with open(path, "rb") as fh:
+        head = fh.read(_META_SCAN)
+        if _DEFLATED.encode() not in head:
+            return None
+        start = 132 if head[128:132] == b"DICM" else 0
+        if head[start:start + 6] != b"\x02\x00\x00\x00UL":
+            return "a deflated data set without a file meta group length cannot be checked against the size limit"
+        fh.seek(start + 12 + int.from_bytes(head[start + 8:start + 12], "little"))
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        try:
+            while chunk := fh.read(1 << 20):
+                while chunk:
+                    total += len(inflater.decompress(chunk, 1 << 24))
+                    if total > max_bytes:
+                        return (f"the deflated data set inflates to more than {max_bytes / 1e9:.3g} GB, the limit on one "
+                                "image (data.max_image_gb)")
+                    chunk = inflater.unconsumed_tail
+        except zlib.error:
+            return None  # not a deflate stream after all: pydicom reports what it finds
+    return None
+
+
+class _BoundedReader(io.BufferedReader):
+    """A file opened for reading whose ``read(n)`` never asks for more than what is left in the file.
+
+    Python allocates the ``n`` bytes a read asks for before reading, so without the bound a damaged
+    length field (4 GiB) read by pydicom would allocate 4 GiB for a file of a few kilobytes.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self._size - self.tell()))
+        return super().read(size)
+
+
+def _read(path: str | os.PathLike[str], *, max_bytes: int = MAX_IMAGE_BYTES, header_only: bool = False) -> Dataset:
+    """``dcmread`` without warnings; falls back to ``force`` only for files that are clearly DICOM.
+
+    A full read parses the file from memory and a header read goes through :class:`_BoundedReader`
+    (deferring values over 1 KiB), so a damaged length field can never make pydicom allocate more
+    than the file holds.
+
+    Raises:
+        DicomSeriesError: If the file is over the size limit or is a deflate bomb.
+        InvalidDicomError: If the file is not DICOM; other pydicom errors for damaged files.
+    """
+    path = str(path)
+    if not header_only and os.path.getsize(path) > max_bytes:
+        raise DicomSeriesError(f"the file is larger than {max_bytes / 1e9:.3g} GB, the limit on one image "
+                               "(data.max_image_gb)", path)
+    problem = _deflate_problem(path, max_bytes)
+    if problem is not None:
+        raise DicomSeriesError(problem, path)
+    data = None if header_only else Path(path).read_bytes()
+
+    def read(**kwargs: Any) -> Dataset:
+        if data is not None:
+            return pydicom.dcmread(io.BytesIO(data), **kwargs)
+        with _BoundedReader(path) as fh:
+            return pydicom.dcmread(fh, defer_size=1024, **kwargs)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return pydicom.dcmread(path, **kwargs)
+            return read()
         except InvalidDicomError:
-            ds = pydicom.dcmread(path, force=True, **kwargs)
+            ds = read(force=True)
             if "SOPClassUID" not in ds or "SeriesInstanceUID" not in ds:
                 raise
             return ds
+
+
+def _read_object(path: str, *, max_bytes: int, what: str = "the file") -> Dataset:
+    """:func:`_read` for loading pixels: every failure becomes a :class:`DicomSeriesError`."""
+    try:
+        return _read(path, max_bytes=max_bytes)
+    except DicomSeriesError:
+        raise
+    except InvalidDicomError:
+        raise DicomSeriesError("not a DICOM file", path) from None
+    except RecursionError:
+        raise DicomSeriesError(_TOO_DEEP, path) from None
+    except MemoryError:
+        raise
+    except Exception as err:  # pydicom raises many types for damaged files
+        raise DicomSeriesError(f"cannot read {what} (damaged or truncated): {type(err).__name__}", path) from None
+
+
+# --- reading values that may be missing, malformed or damaged ----------------------------------
+
+
+def _get(ds: Dataset | None, keyword: str) -> Any:
+    """The value of ``keyword``, or ``None`` when it is absent, empty or cannot be decoded (damaged)."""
+    if ds is None:
+        return None
+    try:
+        value = ds.get(keyword)
+    except Exception:  # pydicom decodes a value on first access; a damaged one raises any type
+        return None
+    if value is None or (isinstance(value, (str, bytes)) and not value):
+        return None
+    return value
+
+
+def _text(ds: Dataset | None, keyword: str) -> str:
+    """A value as stripped text (``""`` when absent or undecodable)."""
+    value = _get(ds, keyword)
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("ascii", "replace").strip("\x00 ")
+    return str(value).strip()
+
+
+def _integer(ds: Dataset | None, keyword: str, file: str | None, *, default: int | None = None,
+             low: int = 0, high: int = 2**31 - 1) -> int:
+    """An integer attribute within ``[low, high]``; ``default`` when absent (required when ``None``)."""
+    value = _get(ds, keyword)
+    if value is None:
+        if default is None:
+            raise DicomSeriesError(f"{keyword} is missing or unreadable", file)
+        return default
+    return _whole(value, keyword, file, low=low, high=high)
+
+
+def _whole(value: Any, name: str, file: str | None, *, low: int, high: int) -> int:
+    try:
+        number = int(float(value)) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise DicomSeriesError(f"{name} is not an integer", file) from None
+    if not low <= number <= high:
+        raise DicomSeriesError(f"{name} is {number}; expected {low} to {high}", file)
+    return number
+
+
+def _real(value: Any, name: str, file: str | None, *, default: float) -> float:
+    """A finite number (``default`` when absent); anything else is refused."""
+    if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise DicomSeriesError(f"{name} is not a number", file) from None
+    if not np.isfinite(number):
+        raise DicomSeriesError(f"{name} is not a finite number", file)
+    return number
+
+
+def _items(ds: Dataset | None, keyword: str, file: str | None) -> list[Dataset]:
+    """The items of a sequence (empty when absent); a value that is not a sequence of items is refused."""
+    if ds is None or keyword not in ds:
+        return []
+    try:
+        value = ds[keyword].value
+    except Exception:
+        raise DicomSeriesError(f"{keyword} is damaged", file) from None
+    if not value:
+        return []
+    if not isinstance(value, DicomSequence) or not all(isinstance(item, Dataset) for item in value):
+        raise DicomSeriesError(f"{keyword} is not a sequence of items (wrong VR?)", file)
+    return list(value)
 
 
 def identifying_values(ds: Dataset) -> set[str]:
     """Every value of ``ds`` (sequences included) that could identify a patient or a study.
 
     Values of the confidentiality profile's attributes, of every person name, date, date-time
-    and time, and of every UID that is not a registry UID (SOP classes, transfer syntaxes).
+    and time, and of every UID that is not a registry UID (SOP classes, transfer syntaxes). An
+    element that cannot be decoded (a damaged file) is skipped; the others still count.
     """
     found: set[str] = set()
 
-    def visit(dataset: Dataset) -> None:
+    def visit(dataset: Dataset, depth: int) -> None:
+        if depth > _MAX_DEPTH:
+            return
         for tag in list(dataset.keys()):
             if tag >= _PIXEL_GROUP or tag.is_private:
                 continue  # pixel data (deferred: touching it would read it) and private tags are never written out
-            vr = getattr(dataset.get_item(tag), "VR", None)
-            if vr is None:
-                try:
-                    vr = dictionary_VR(tag)
-                except KeyError:
-                    vr = "UN"
-            if vr not in _CONVERTED_VRS and keyword_for_tag(tag) not in IDENTIFYING_KEYWORDS:
-                continue  # converting every element is the slow part of a header scan
-            element = dataset[tag]
-            if element.VR == "SQ":
-                for item in element.value or ():
-                    visit(item)
+            try:
+                collect(dataset, tag, depth)
+            except Exception:  # a damaged element: its value is unreadable, so it cannot be written out either
                 continue
-            identifying = element.keyword in IDENTIFYING_KEYWORDS or element.VR in _IDENTIFYING_VRS
-            if element.VR == "UI":
-                identifying = True
-            if not identifying or element.value is None:
-                continue
-            values = element.value if isinstance(element.value, (list, tuple, pydicom.multival.MultiValue)) else [element.value]
-            for value in values:
-                text = str(value).strip()
-                if not text:
-                    continue
-                if element.VR == "UI" and UID(text).name != text:
-                    continue  # a registry UID (SOP class, transfer syntax, coding scheme) identifies no one
-                found.add(text)
-                if element.VR == "PN":
-                    found.update(part for part in text.replace("=", "^").split("^") if part.strip())
 
-    visit(ds)
+    def collect(dataset: Dataset, tag: Any, depth: int) -> None:
+        vr = getattr(dataset.get_item(tag), "VR", None)
+        if vr is None:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = "UN"
+        if vr not in _CONVERTED_VRS and keyword_for_tag(tag) not in IDENTIFYING_KEYWORDS:
+            return  # converting every element is the slow part of a header scan
+        element = dataset[tag]
+        if element.VR == "SQ":
+            for item in element.value or ():
+                if isinstance(item, Dataset):
+                    visit(item, depth + 1)
+            return
+        identifying = element.keyword in IDENTIFYING_KEYWORDS or element.VR in _IDENTIFYING_VRS or element.VR == "UI"
+        if not identifying or element.value is None:
+            return
+        values = element.value if isinstance(element.value, (list, tuple, pydicom.multival.MultiValue)) else [element.value]
+        for value in values:
+            text = str(value).strip()
+            if not text:
+                continue
+            if element.VR == "UI" and UID(text).name != text:
+                continue  # a registry UID (SOP class, transfer syntax, coding scheme) identifies no one
+            found.add(text)
+            if element.VR == "PN":
+                found.update(part for part in text.replace("=", "^").split("^") if part.strip())
+
+    visit(ds, 0)
     if hasattr(ds, "file_meta"):
-        visit(ds.file_meta)
+        visit(ds.file_meta, 0)
     return found
 
 
-def read_header(path: str | os.PathLike[str]) -> DicomHeader:
-    """Read one file's header (pixel data is not loaded) and classify it.
+def read_header(path: str | os.PathLike[str], *, max_bytes: int = MAX_IMAGE_BYTES) -> DicomHeader:
+    """Read one file's header (pixel data is not loaded) and classify it; never raises for a bad file.
 
     Args:
-        path: Any file; files that are not DICOM come back with ``kind=None`` and an ``error``.
+        path: Any file; files that are not DICOM or are damaged come back with ``kind=None`` and an
+            ``error``.
+        max_bytes: Largest size a deflated data set may inflate to.
 
     Returns:
         The header summary.
     """
     path = str(path)
     try:
-        ds = _read(path, defer_size=1024)
+        ds = _read(path, max_bytes=max_bytes, header_only=True)
+    except DicomSeriesError as err:
+        return DicomHeader(path, None, err.reason)
     except InvalidDicomError:
         return DicomHeader(path, None, "not a DICOM file")
+    except RecursionError:
+        return DicomHeader(path, None, _TOO_DEEP)
+    except MemoryError:
+        raise
     except Exception as err:  # pydicom raises many types for damaged files
         return DicomHeader(path, None, f"cannot read the DICOM header (damaged or truncated file): {type(err).__name__}")
+    try:
+        return _summary(path, ds)
+    except DicomSeriesError as err:
+        return DicomHeader(path, None, f"damaged header: {err.reason}")
+    except MemoryError:
+        raise
+    except Exception as err:  # one file must not stop the scan of the others; the reason says it is unexpected
+        return DicomHeader(path, None, f"unexpected error while reading the header ({type(err).__name__})")
+
+
+def _summary(path: str, ds: Dataset) -> DicomHeader:
+    """Classify a read header and collect what grouping and de-identification need."""
     meta = getattr(ds, "file_meta", None)
-    sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    sop = _text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID")
+    syntax = _text(meta, "TransferSyntaxUID")
+    has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
     if sop == MEDIA_DIRECTORY_SOP_CLASS or "DirectoryRecordSequence" in ds:
         kind = DICOMDIR
     elif sop == SEG_SOP_CLASS:
@@ -229,25 +429,35 @@ def read_header(path: str | os.PathLike[str]) -> DicomHeader:
     numbers: tuple[int, ...] = ()
     labels: tuple[str, ...] = ()
     if kind == SEG:
-        referenced = tuple(str(item.get("SeriesInstanceUID", "")) for item in ds.get("ReferencedSeriesSequence", []) or [])
-        segments = sorted(ds.get("SegmentSequence", []) or [], key=lambda s: int(s.SegmentNumber))
-        numbers = tuple(int(s.SegmentNumber) for s in segments)
-        labels = tuple(str(s.get("SegmentLabel", "") or f"segment_{int(s.SegmentNumber)}") for s in segments)
-    try:
-        identifiers = identifying_values(ds)
-    except Exception:  # a damaged element deep in a sequence: the values we could read still count
-        identifiers = set()
-    for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID"):
-        value = str(ds.get(keyword, "") or "")
-        if value:
-            identifiers.add(value)
+        referenced = tuple(_text(item, "SeriesInstanceUID") for item in _items(ds, "ReferencedSeriesSequence", path))
+        segments = sorted(((_integer(s, "SegmentNumber", path, low=1, high=65535), s)
+                           for s in _items(ds, "SegmentSequence", path)), key=lambda pair: pair[0])
+        numbers = tuple(number for number, _ in segments)
+        labels = tuple(_text(s, "SegmentLabel") or f"segment_{number}" for number, s in segments)
+    identifiers = identifying_values(ds)
+    ids = {keyword: _text(ds, keyword) for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")}
+    identifiers.update(value for value in ids.values() if value)
     return DicomHeader(
-        path=path, kind=kind, sop_class=UID(sop).name if sop else "", modality=str(ds.get("Modality", "") or ""),
-        transfer_syntax=syntax, patient_id=str(ds.get("PatientID", "") or ""),
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""), series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        has_pixels=has_pixels, referenced_series=referenced, segment_numbers=numbers, segment_labels=labels,
-        identifiers=tuple(sorted(identifiers)),
+        path=path, kind=kind, sop_class=_sop_class_name(sop), modality=_text(ds, "Modality"),
+        transfer_syntax=syntax, patient_id=ids["PatientID"], study_uid=ids["StudyInstanceUID"],
+        series_uid=ids["SeriesInstanceUID"], has_pixels=has_pixels, referenced_series=referenced,
+        segment_numbers=numbers, segment_labels=labels, identifiers=tuple(sorted(identifiers)),
     )
+
+
+def code_string(value: str) -> str:
+    """``value`` when it looks like a DICOM code string (``CT``, ``MONOCHROME2``: at most 16 upper-case letters,
+    digits, ``_`` and spaces), else ``""``; a damaged header may put anything there, so only a code is shown."""
+    return value if re.fullmatch(r"[A-Z0-9_ ]{1,16}", value) else ""
+
+
+def _sop_class_name(uid: str) -> str:
+    """The registry name of a SOP class UID; ``""`` for a UID the standard does not name, which is shown
+    nowhere (a damaged or private value may hold anything, identifiers included)."""
+    if not uid or not UID(uid).is_valid:
+        return ""
+    name = UID(uid).name
+    return "" if name == uid else name
 
 
 # --- one series as a volume -------------------------------------------------------------
@@ -268,58 +478,96 @@ class _Plane:
     thickness: float | None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """The pixel matrix a header declares, checked before any pixel is decoded."""
+
+    rows: int
+    columns: int
+    frames: int
+
+
+def _pixel_layout(ds: Dataset, file: str, *, max_bytes: int) -> _Layout:
+    """Rows, Columns, NumberOfFrames and the sample format, validated and held to the size limit.
+
+    Raises:
+        DicomSeriesError: If there is no pixel data, the image is in colour, a value is missing or
+            outside what DICOM allows, or the declared size is over ``max_bytes``.
+    """
+    if not any(k in ds for k in _PIXEL_KEYWORDS):
+        raise DicomSeriesError("the image holds no pixel data", file)
+    if _integer(ds, "SamplesPerPixel", file, default=1, low=1, high=4) != 1:
+        raise DicomSeriesError(
+            f"colour images ({code_string(_text(ds, 'PhotometricInterpretation')) or '?'}) are not supported; expected "
+            "greyscale", file)
+    rows = _integer(ds, "Rows", file, low=1, high=65535)
+    columns = _integer(ds, "Columns", file, low=1, high=65535)
+    frames = _integer(ds, "NumberOfFrames", file, default=1, low=1)
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        bits = 32 if "FloatPixelData" in ds else 64
+    else:
+        bits = _integer(ds, "BitsAllocated", file, low=1, high=64)
+        if bits not in _BITS_ALLOCATED:
+            raise DicomSeriesError(f"BitsAllocated is {bits}; expected one of {', '.join(map(str, _BITS_ALLOCATED))}", file)
+        _integer(ds, "BitsStored", file, default=bits, low=1, high=bits)
+        _integer(ds, "PixelRepresentation", file, default=0, low=0, high=1)
+    problem = image_size_problem((frames, rows, columns), max_bytes=max_bytes, itemsize=max(1, bits // 8))
+    if problem is not None:
+        raise DicomSeriesError(problem, file)
+    return _Layout(rows, columns, frames)
+
+
 def _floats(value: Any, n: int) -> np.ndarray | None:
     try:
         array = np.asarray([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return array if array.shape == (n,) and np.all(np.isfinite(array)) else None
 
 
-def _first(ds: Dataset | None, sequence: str) -> Dataset | None:
-    if ds is None or sequence not in ds or not ds[sequence].value:
-        return None
-    return ds[sequence].value[0]
+def _first(ds: Dataset | None, sequence: str, file: str) -> Dataset | None:
+    items = _items(ds, sequence, file)
+    return items[0] if items else None
 
 
-def _group_value(groups: Sequence[Dataset | None], sequence: str, keyword: str) -> Any:
+def _group_value(groups: Sequence[Dataset | None], sequence: str, keyword: str, file: str) -> Any:
     """A value from the first functional group (per-frame first, then shared) that has it."""
     for group in groups:
-        item = _first(group, sequence)
-        if item is not None and keyword in item and item[keyword].value not in (None, ""):
-            return item[keyword].value
+        value = _get(_first(group, sequence, file), keyword)
+        if value is not None:
+            return value
     return None
 
 
-def _planes_of_multiframe(ds: Dataset, file: str) -> list[_Plane]:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    shared = _first(ds, "SharedFunctionalGroupsSequence")
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
+def _planes_of_multiframe(ds: Dataset, file: str, layout: _Layout) -> list[_Plane]:
+    frames = layout.frames
+    shared = _first(ds, "SharedFunctionalGroupsSequence", file)
+    per_frame = _items(ds, "PerFrameFunctionalGroupsSequence", file)
     if len(per_frame) not in (0, frames):
         raise DicomSeriesError(f"the multi-frame object has {frames} frames but {len(per_frame)} per-frame descriptions", file)
     planes = []
     for f in range(frames):
         groups = [per_frame[f] if per_frame else None, shared]
-        position = _group_value(groups, "PlanePositionSequence", "ImagePositionPatient")
-        orientation = _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient")
-        spacing = _group_value(groups, "PixelMeasuresSequence", "PixelSpacing")
-        thickness = _group_value(groups, "PixelMeasuresSequence", "SpacingBetweenSlices") or _group_value(
-            groups, "PixelMeasuresSequence", "SliceThickness")
-        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope")
-        intercept = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+        position = _group_value(groups, "PlanePositionSequence", "ImagePositionPatient", file)
+        orientation = _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient", file)
+        spacing = _group_value(groups, "PixelMeasuresSequence", "PixelSpacing", file)
+        thickness = _group_value(groups, "PixelMeasuresSequence", "SpacingBetweenSlices", file) or _group_value(
+            groups, "PixelMeasuresSequence", "SliceThickness", file)
+        slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope", file)
+        intercept = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept", file)
         if position is None and frames == 1:
-            position = ds.get("ImagePositionPatient")
+            position = _get(ds, "ImagePositionPatient")
         if orientation is None:
-            orientation = ds.get("ImageOrientationPatient")
+            orientation = _get(ds, "ImageOrientationPatient")
         if spacing is None:
-            spacing = ds.get("PixelSpacing")
-        planes.append(_plane(f, file, ds, position, orientation, spacing, slope, intercept, thickness))
+            spacing = _get(ds, "PixelSpacing")
+        planes.append(_plane(f, file, ds, layout, position, orientation, spacing, slope, intercept, thickness))
     return planes
 
 
-def _plane(index: int, file: str, ds: Dataset, position: Any, orientation: Any, spacing: Any,
+def _plane(index: int, file: str, ds: Dataset, layout: _Layout, position: Any, orientation: Any, spacing: Any,
            slope: Any = None, intercept: Any = None, thickness: Any = None) -> _Plane:
-    pos, ori, pix = _floats(position or (), 3), _floats(orientation or (), 6), _floats(spacing or (), 2)
+    pos, ori, pix = (_floats(value if value is not None else (), n) for value, n in ((position, 3), (orientation, 6), (spacing, 2)))
     missing = [name for name, v in (("ImagePositionPatient", pos), ("ImageOrientationPatient", ori), ("PixelSpacing", pix)) if v is None]
     if missing:
         raise DicomSeriesError(
@@ -327,33 +575,32 @@ def _plane(index: int, file: str, ds: Dataset, position: Any, orientation: Any, 
             "secondary capture cannot be placed in a volume", file)
     if np.any(pix <= 0):
         raise DicomSeriesError("PixelSpacing must be positive", file)
-    slope = ds.get("RescaleSlope", 1.0) if slope is None else slope
-    intercept = ds.get("RescaleIntercept", 0.0) if intercept is None else intercept
+    slope = _get(ds, "RescaleSlope") if slope is None else slope
+    intercept = _get(ds, "RescaleIntercept") if intercept is None else intercept
     if thickness is None:
-        thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+        thickness = _get(ds, "SpacingBetweenSlices") or _get(ds, "SliceThickness")
     try:
-        thick = float(thickness) if thickness not in (None, "") else None
-    except (TypeError, ValueError):
+        thick = float(thickness) if thickness is not None else None
+    except (TypeError, ValueError, OverflowError):
         thick = None
     return _Plane(
         index=index, file=file, position=pos, orientation=ori, spacing=(float(pix[0]), float(pix[1])),
-        slope=float(slope if slope not in (None, "") else 1.0), intercept=float(intercept if intercept not in (None, "") else 0.0),
-        shape=(int(ds.Rows), int(ds.Columns)), thickness=thick if thick and thick > 0 else None,
+        slope=_real(slope, "RescaleSlope", file, default=1.0), intercept=_real(intercept, "RescaleIntercept", file, default=0.0),
+        shape=(layout.rows, layout.columns), thickness=thick if thick and np.isfinite(thick) and thick > 0 else None,
     )
 
 
-def _pixels(ds: Dataset, file: str) -> np.ndarray:
-    """Decoded stored values; a refusal names the transfer syntax when decoding is the problem."""
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DicomSeriesError("the image holds no pixel data", file)
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
-        raise DicomSeriesError(f"colour images ({ds.get('PhotometricInterpretation', '?')}) are not supported; expected greyscale", file)
-    syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+def _pixels(ds: Dataset, file: str, layout: _Layout) -> np.ndarray:
+    """Decoded stored values as ``(frames, rows, columns)``; a refusal names the transfer syntax when
+    decoding is the problem."""
+    syntax = _text(getattr(ds, "file_meta", None), "TransferSyntaxUID")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError, KeyError, TypeError, OSError, EOFError) as err:
+            array = np.asarray(ds.pixel_array)
+    except MemoryError:
+        raise
+    except Exception as err:  # pydicom's decoders raise many types for damaged data
         known = UID(syntax).is_transfer_syntax if syntax else True
         if syntax and (not known or UID(syntax).is_compressed) and _is_decoder_problem(err):
             raise DicomSeriesError(
@@ -361,6 +608,10 @@ def _pixels(ds: Dataset, file: str) -> np.ndarray:
                 "plugins (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls); convert the files, for "
                 "example with dcmtk's dcmdjpeg, or install a decoder", file) from None
         raise DicomSeriesError(f"the pixel data is damaged or truncated ({type(err).__name__})", file) from None
+    shape = (layout.frames, layout.rows, layout.columns)
+    if array.size != layout.frames * layout.rows * layout.columns or array.dtype.kind not in "biuf":
+        raise DicomSeriesError("the decoded pixel data does not match Rows, Columns and NumberOfFrames", file)
+    return array.reshape(shape)
 
 
 def _is_decoder_problem(err: Exception) -> bool:
@@ -369,33 +620,37 @@ def _is_decoder_problem(err: Exception) -> bool:
         word in text for word in ("decod", "plugin", "transfer syntax", "not supported", "no pixel data handler", "unable to"))
 
 
-def _read_planes(files: Sequence[str]) -> tuple[list[_Plane], list[np.ndarray]]:
-    """Read every file, returning its planes and their stored values (rows, columns)."""
+def _read_planes(files: Sequence[str], *, max_bytes: int) -> tuple[list[_Plane], list[np.ndarray]]:
+    """Read every file, returning its planes and their stored values (rows, columns).
+
+    Each header's declared size is checked before its pixels are decoded, and so is the series'
+    running total, so no file and no series can make the reader allocate past ``max_bytes``.
+    """
     planes: list[_Plane] = []
     arrays: list[np.ndarray] = []
+    voxels = 0
     for i, file in enumerate(files):
-        try:
-            ds = _read(file)
-        except InvalidDicomError:
-            raise DicomSeriesError("not a DICOM file", file) from None
-        except Exception as err:
-            raise DicomSeriesError(f"cannot read the file (damaged or truncated): {type(err).__name__}", file) from None
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        ds = _read_object(file, max_bytes=max_bytes)
+        layout = _pixel_layout(ds, file, max_bytes=max_bytes)
+        voxels += layout.frames * layout.rows * layout.columns
+        problem = image_size_problem((voxels,), max_bytes=max_bytes, what="declared size of the series")
+        if problem is not None:
+            raise DicomSeriesError(problem)
         enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-        if frames > 1 or enhanced:
+        if layout.frames > 1 or enhanced:
             if len(files) > 1:
                 raise DicomSeriesError(
                     f"the series mixes {len(files)} files with a multi-frame object; expected one multi-frame object "
                     "or single-frame files only", file)
-            new = _planes_of_multiframe(ds, file)
-            data = _pixels(ds, file)
-            data = data.reshape(len(new), *data.shape[-2:])
+            new = _planes_of_multiframe(ds, file, layout)
+            data = _pixels(ds, file, layout)
             planes.extend(new)
             arrays.extend(data[f] for f in range(len(new)))
         else:
-            plane = _plane(i, file, ds, ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient"), ds.get("PixelSpacing"))
+            plane = _plane(i, file, ds, layout, _get(ds, "ImagePositionPatient"), _get(ds, "ImageOrientationPatient"),
+                           _get(ds, "PixelSpacing"))
             planes.append(plane)
-            arrays.append(_pixels(ds, file))
+            arrays.append(_pixels(ds, file, layout)[0])
     return planes, arrays
 
 
@@ -493,6 +748,7 @@ def load_dicom_series(
     *,
     spacing_tolerance: float = 0.01,
     max_tilt_degrees: float = 0.1,
+    max_bytes: int = MAX_IMAGE_BYTES,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read one series (single-frame files or one multi-frame object) as a volume.
 
@@ -505,6 +761,8 @@ def load_dicom_series(
         files: The series' files, in any order.
         spacing_tolerance: Largest deviation of a slice gap from the median gap, as a fraction of it.
         max_tilt_degrees: Largest angle between the slice-to-slice direction and the slice normal.
+        max_bytes: Largest volume accepted, in bytes of float32 voxels; headers declaring more
+            (each file, and the series in total) are refused before any pixel is decoded.
 
     Returns:
         ``(volume, affine)``: float32 ``(columns, rows, slices)`` with RescaleSlope/Intercept
@@ -517,25 +775,29 @@ def load_dicom_series(
     paths = [str(f) for f in files]
     if not paths:
         raise DicomSeriesError("no files given for the series")
-    planes, arrays = _read_planes(paths)
+    planes, arrays = _read_planes(paths, max_bytes=max_bytes)
     order, _, step = _check_and_sort(planes, arrays, spacing_tolerance=spacing_tolerance, max_tilt_degrees=max_tilt_degrees)
     rows, columns = planes[0].shape
     volume = np.empty((len(order), columns, rows), dtype=np.float32)
-    for k, i in enumerate(order):
-        plane = planes[i]
-        slab = volume[k]
-        np.copyto(slab, arrays[i].T, casting="unsafe")
-        if plane.slope != 1.0:
-            slab *= np.float32(plane.slope)
-        if plane.intercept != 0.0:
-            slab += np.float32(plane.intercept)
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf and are refused below
+        for k, i in enumerate(order):
+            plane = planes[i]
+            slab = volume[k]
+            np.copyto(slab, arrays[i].T, casting="unsafe")
+            if plane.slope != 1.0:
+                slab *= np.float32(plane.slope)
+            if plane.intercept != 0.0:
+                slab += np.float32(plane.intercept)
     first = planes[order[0]]
     affine = series_affine(first.position, first.orientation, first.spacing, step)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DicomSeriesError("the slice geometry (positions, PixelSpacing, thickness) gives no finite, invertible "
+                               "voxel-to-world transform")
     return np.moveaxis(volume, 0, -1), affine
 
 
 def load_dicom_seg(
-    file: str | os.PathLike[str], *, affine: np.ndarray, shape: Sequence[int]
+    file: str | os.PathLike[str], *, affine: np.ndarray, shape: Sequence[int], max_bytes: int = MAX_IMAGE_BYTES
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Read a DICOM SEG object onto the voxel grid of the series it segments.
 
@@ -543,6 +805,7 @@ def load_dicom_seg(
         file: The SEG file.
         affine: The series' 4x4 RAS+ affine (from :func:`load_dicom_series`).
         shape: The series' volume shape ``(columns, rows, slices)``.
+        max_bytes: Largest SEG accepted, in bytes of float32 voxels (checked before decoding).
 
     Returns:
         ``(segments, names)``: ``uint16`` map holding the segment number of each voxel (0 = none;
@@ -552,41 +815,43 @@ def load_dicom_seg(
         DicomSeriesError: If the SEG cannot be read or its frames do not lie on the series' grid.
     """
     file = str(file)
-    try:
-        ds = _read(file)
-    except Exception as err:
-        raise DicomSeriesError(f"cannot read the SEG object ({type(err).__name__})", file) from None
-    names = {int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment_{int(s.SegmentNumber)}")) for s in ds.get("SegmentSequence", [])}
-    frames = _pixels(ds, file)
-    count = int(ds.get("NumberOfFrames", 1) or 1)
-    frames = frames.reshape(count, *frames.shape[-2:])
-    if str(ds.get("SegmentationType", "BINARY")).upper() == "FRACTIONAL":
-        frames = frames >= 0.5 * float(ds.get("MaximumFractionalValue", 255) or 255)
-    shared = _first(ds, "SharedFunctionalGroupsSequence")
-    per_frame = list(ds.get("PerFrameFunctionalGroupsSequence", []) or [])
-    if len(per_frame) != count:
+    ds = _read_object(file, max_bytes=max_bytes, what="the SEG object")
+    names = {}
+    for segment in _items(ds, "SegmentSequence", file):
+        number = _integer(segment, "SegmentNumber", file, low=1, high=65535)
+        names[number] = _text(segment, "SegmentLabel") or f"segment_{number}"
+    layout = _pixel_layout(ds, file, max_bytes=max_bytes)
+    frames = _pixels(ds, file, layout)
+    if _text(ds, "SegmentationType").upper() == "FRACTIONAL":
+        frames = frames >= 0.5 * _real(_get(ds, "MaximumFractionalValue"), "MaximumFractionalValue", file, default=255.0)
+    shared = _first(ds, "SharedFunctionalGroupsSequence", file)
+    per_frame = _items(ds, "PerFrameFunctionalGroupsSequence", file)
+    if len(per_frame) != layout.frames:
         raise DicomSeriesError("the SEG object lacks per-frame positions", file)
-    inverse = np.linalg.inv(affine)
     out = np.zeros(tuple(int(s) for s in shape), dtype=np.uint16)
+    if frames.shape[1:] != (out.shape[1], out.shape[0]):
+        raise DicomSeriesError("the SEG frames have another size than the series' slices", file)
+    inverse = np.linalg.inv(affine)
     ras = np.diag([-1.0, -1.0, 1.0])
     series_rows = affine[:3, 0] / np.linalg.norm(affine[:3, 0])
     for f, group in enumerate(per_frame):
         groups = [group, shared]
-        number = _group_value(groups, "SegmentIdentificationSequence", "ReferencedSegmentNumber")
-        position = _floats(_group_value(groups, "PlanePositionSequence", "ImagePositionPatient") or (), 3)
-        orientation = _floats(_group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient") or (), 6)
+        number = _group_value(groups, "SegmentIdentificationSequence", "ReferencedSegmentNumber", file)
+        position = _floats(_group_value(groups, "PlanePositionSequence", "ImagePositionPatient", file) or (), 3)
+        orientation = _floats(_group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient", file) or (), 6)
         if number is None or position is None or orientation is None:
             raise DicomSeriesError(f"SEG frame {f + 1} lacks its segment number or plane geometry", file)
+        number = _whole(number, "ReferencedSegmentNumber", file, low=1, high=65535)
         if np.abs(ras @ orientation[:3] - series_rows).max() > 1e-3:
             raise DicomSeriesError("the SEG frames are oriented differently from the series they reference", file)
         voxel = inverse @ np.append(ras @ position, 1.0)
-        k = int(np.rint(voxel[2]))
-        if np.abs(voxel[:2]).max() > 1e-2 or abs(voxel[2] - k) > 1e-2 or not 0 <= k < out.shape[2]:
+        if not np.all(np.isfinite(voxel)) or np.abs(voxel[:2]).max() > 1e-2 or abs(voxel[2] - np.rint(voxel[2])) > 1e-2:
             raise DicomSeriesError(f"SEG frame {f + 1} does not lie on a slice of the series it references", file)
-        if frames.shape[1:] != (out.shape[1], out.shape[0]):
-            raise DicomSeriesError("the SEG frames have another size than the series' slices", file)
+        k = int(np.rint(voxel[2]))
+        if not 0 <= k < out.shape[2]:
+            raise DicomSeriesError(f"SEG frame {f + 1} does not lie on a slice of the series it references", file)
         mask = np.asarray(frames[f]).T > 0
-        out[..., k][mask] = np.maximum(out[..., k][mask], int(number))
+        out[..., k][mask] = np.maximum(out[..., k][mask], number)
     return out, names
 
 
