@@ -157,3 +157,13 @@ def test_validation_shows_its_progress(tiny_config, phantom, capfd: pytest.Captu
     capfd.readouterr()
     run_stage("train", cfg)
     assert "validation at step 2" in capfd.readouterr().err
+
+
+def test_the_image_size_limit_is_a_setting(tiny_config, phantom) -> None:
+    with pytest.raises(MedsynthError, match=r"data.max_image_gb"):
+        run_stage("preprocess", tiny_config(*phantom_overrides(*phantom), "data.max_image_gb=0.0001"))
+    quarantine = json.loads(Path(tiny_config().run.paths.data, "quarantine.json").read_text())
+    assert quarantine["count"] >= 1 and "data.max_image_gb" in quarantine["items"][0]["reason"]
+    assert run_stage("preprocess", tiny_config(*phantom_overrides(*phantom), "data.max_image_gb=1")).records
+    with pytest.raises(MedsynthError, match="data.max_image_gb"):
+        tiny_config("data.max_image_gb=0")

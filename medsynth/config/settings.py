@@ -197,6 +197,7 @@ class DataSettings:
     splits: SplitSettings = field(default_factory=SplitSettings)
     workers: int = 0
     subjects: int = 12
+    max_image_gb: float = 4.0  # largest image a case may declare, or need while it is resampled, in GB of float32
 
     def __post_init__(self) -> None:
         check(self.subjects >= 3, "data.subjects", "an integer >= 3 (data=demo_cohort fills train, validation and holdout)",
@@ -211,6 +212,7 @@ class DataSettings:
         check(0.0 <= self.min_foreground <= 1.0, "data.min_foreground", "a fraction in [0, 1]", self.min_foreground)
         check(self.level_bands >= 0, "data.level_bands", "an integer >= 0", self.level_bands)
         check(self.margin >= 0, "data.margin", "an integer >= 0", self.margin)
+        check(self.max_image_gb > 0, "data.max_image_gb", "a positive number of GB", self.max_image_gb)
         check(self.workers >= 0, "data.workers", "an integer >= 0", self.workers)
         check(self.label_names is None or len(self.label_names) >= 2, "data.label_names",
               "at least background and one label", self.label_names)

@@ -89,7 +89,13 @@ def volume_settings(settings: DataSettings) -> VolumeSettings:
         min_foreground=float(settings.min_foreground), margin=settings.margin, intensity=i.mode,
         lower_percentile=float(i.lower), upper_percentile=float(i.upper),
         window=(float(i.window[0]), float(i.window[1])), level_bands=settings.level_bands,
+        max_image_bytes=image_bytes(settings),
     )
+
+
+def image_bytes(settings: DataSettings) -> int:
+    """``data.max_image_gb`` in bytes."""
+    return int(settings.max_image_gb * 1e9)
 
 
 def _input_pair(settings: DataSettings, run: RunSettings) -> tuple[Path, Path]:
@@ -138,6 +144,7 @@ def _discover(settings: DataSettings, run: RunSettings) -> Discovery:
             root, salt=salt, labels=settings.labels, label_names=label_names, modality=modality, attributes=attributes,
             attribute_match=settings.attributes.match, exclude=[run.paths.output],
             hash_all_paths=settings.deid.hash_all_paths, workers=settings.workers, progress=run.progress,
+            max_bytes=image_bytes(settings),
         )
     if settings.source in ("nnunet", "mni152_cohort"):
         channel = settings.channel if settings.channel is not None else 0
