@@ -344,7 +344,7 @@ def test_sampling_turns_go_in_order_of_arrival() -> None:
 
 def test_time_limit_stops_a_slow_request(registered: dict[str, Any]) -> None:
     """A request past its time budget stops at its next sampling step, with a reason naming the limit."""
-    model = GeneratorModel().load(registered["checkpoint"], device="cpu", limits=ServeLimits(time_limit=0.3, batch_size=4))
+    model = GeneratorModel().load(registered["checkpoint"], device="cpu", limits=ServeLimits(time_limit=2.0, batch_size=4))
     steps_run = []
     make_sampler = model.generator.sampler
 
@@ -354,24 +354,25 @@ def test_time_limit_stops_a_slow_request(registered: dict[str, Any]) -> None:
 
         def slow_step(*args: Any, **kwargs: Any) -> Any:
             steps_run.append(time.monotonic())
-            time.sleep(0.02)
+            time.sleep(0.1)
             return step(*args, **kwargs)
 
         sampler.step = slow_step
         return sampler
 
     model.generator.sampler = slow_sampler
-    # 8 rows in 2 batches of 4, 50 steps each: 100 steps of >= 20 ms, far past 0.3 s
+    # 8 rows in 2 batches of 4, 50 steps each: 100 steps of >= 0.1 s, far past 2 s (a budget that also leaves a
+    # loaded machine time to prepare the request before its first step)
     rows = pd.DataFrame({"seed": range(8), "steps": [50] * 8})
     started = time.monotonic()
-    with pytest.raises(RequestStopped, match=r"the request ran past the serving time limit of 0.3 s "
+    with pytest.raises(RequestStopped, match=r"the request ran past the serving time limit of 2 s "
                                              r"\(MEDSYNTH_SERVE_TIME_LIMIT\) with 0 of 8 samples drawn; "
                                              r"send fewer rows or steps per request") as caught:
         model.predict(None, rows)
     elapsed = time.monotonic() - started
     assert caught.value.get_http_status_code() == 503
     assert 0 < len(steps_run) < 50, len(steps_run)  # stopped within the first batch
-    assert elapsed < 0.3 + 1.0 and steps_run[-1] - started < 0.3 + 0.2
+    assert elapsed < 2.0 + 1.5 and steps_run[-1] - started < 2.0 + 0.3
     # the same model answers a request that fits its budget
     steps_run.clear()
     out = model.predict(None, pd.DataFrame({"seed": [1, 2], "steps": [3, 3]}))
