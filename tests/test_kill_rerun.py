@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 
+from medsynth.io.atomic import is_temporary
 from tests.conftest import TINY, phantom_overrides, write_phantom
 
 STAGES = ("preprocess", "train", "generate", "evaluate")
@@ -45,7 +46,6 @@ SETTINGS = [
     "generate.num_samples=8", "generate.batch_size=2",
 ]
 RUN_TIMEOUT = 300.0
-TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(?:\.[^.]+)*$")
 
 
 # ------------------------------------------------------------------------------ one stage process
@@ -98,7 +98,7 @@ class Point:
         if self.seconds is not None:
             return time.monotonic() - started >= self.seconds
         if self.files is not None:
-            return sum(1 for p in out.glob(self.files) if not TEMPORARY.match(p.name)) >= self.count
+            return sum(1 for p in out.glob(self.files) if not is_temporary(p)) >= self.count
         assert self.line is not None
         try:
             text = log.read_text(errors="replace")
@@ -226,7 +226,7 @@ def copy_outputs(source: Path, target: Path) -> None:
 
 def temporaries(folder: Path) -> list[Path]:
     """Temporary files of interrupted writes under ``folder``."""
-    return [p for p in folder.rglob("*") if p.is_file() and TEMPORARY.match(p.name)]
+    return [p for p in folder.rglob("*") if p.is_file() and is_temporary(p)]
 
 
 # -------------------------------------------------------------- files that look whole and are not
@@ -285,7 +285,7 @@ def looks_whole_but_is_not(out: Path) -> list[str]:
     """Files under ``out`` with final names that do not read back whole, and manifest entries with no file."""
     bad = []
     for path in sorted(out.rglob("*")) if out.is_dir() else []:
-        if not path.is_file() or TEMPORARY.match(path.name) or path.suffix == ".log" or path.name == ".medsynth.lock":
+        if not path.is_file() or is_temporary(path) or path.suffix == ".log" or path.name == ".medsynth.lock":
             continue
         try:
             _readable(path)
