@@ -88,6 +88,24 @@ def wait_group_gone(process: subprocess.Popen, *, timeout: float) -> bool:
     return True
 
 
+def dump_server_stacks(process: subprocess.Popen, log_path: Path, *, wait: float = 1.0) -> str:
+    """Ask the server's ``uvicorn`` processes for their thread stacks (SIGUSR1); the log's end after ``wait`` s.
+
+    medsynth's serving hooks register a :mod:`faulthandler` dump on SIGUSR1; the group's leader
+    (the ``mlflow`` command, which would die of the signal) is left out.
+    """
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == process.pid:
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == process.pid:
+                os.kill(int(entry.name), signal.SIGUSR1)
+        except (ProcessLookupError, PermissionError):
+            continue
+    time.sleep(wait)
+    return log_path.read_text(errors="replace")[-6000:]
+
+
 def stop(process: subprocess.Popen, *, grace: float = 20.0) -> None:
     """Stop ``process`` and its process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
     if not group_alive(process):

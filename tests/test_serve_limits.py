@@ -7,9 +7,11 @@ tiny generator on 127.0.0.1 (docs/serving-limits.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -38,7 +40,8 @@ from medsynth.tracking.serving import (
 )
 from medsynth.training import load_checkpoint
 from tests.conftest import TINY, compose_config, phantom_overrides, run_stage, write_phantom
-from tests.servers import free_port, group_alive, post, serve_model, stop, wait_group_gone, wait_until_up
+from tests.servers import (dump_server_stacks, free_port, group_alive, post, serve_model, stop, wait_group_gone,
+                           wait_until_up)
 
 NAME = "medsynth-limits"
 TIMESTEPS = 100
@@ -373,7 +376,8 @@ def test_time_limit_stops_a_slow_request(registered: dict[str, Any]) -> None:
     assert caught.value.get_http_status_code() == 503
     assert 0 < len(steps_run) < 50, len(steps_run)  # stopped within the first batch
     assert elapsed < 2.0 + 1.5 and steps_run[-1] - started < 2.0 + 0.3
-    # the same model answers a request that fits its budget
+    # the same model answers a request that fits its budget (a generous one: a loaded machine is slow)
+    model.limits = dataclasses.replace(model.limits, time_limit=60.0)
     steps_run.clear()
     out = model.predict(None, pd.DataFrame({"seed": [1, 2], "steps": [3, 3]}))
     assert len(out) == 2 and len(steps_run) == 3
@@ -442,7 +446,9 @@ def test_concurrent_clients_get_answers_and_bad_requests_get_400(server: dict[st
     def good_client(index: int) -> None:
         seed = 1000 * index
         try:
-            while time.monotonic() < stop_at:
+            for turn in range(10_000):  # at least 2 each, however slow the machine
+                if turn >= 2 and time.monotonic() >= stop_at:
+                    break
                 rows = [{"seed": seed, "prompt": "level=2", "steps": 3}, {"seed": seed + 1, "steps": 3}]
                 good.append(post(server["url"], {"dataframe_records": rows}))
                 seed += 2
@@ -536,9 +542,57 @@ def test_request_past_its_time_limit_is_stopped(server: dict[str, Any]) -> None:
     assert status == 200 and len(json.loads(body)["predictions"]) == 1
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent, cause not found yet: in 1 of 7 runs (a full suite on a quiet "
-                   "machine) the server neither answered nor logged its shutdown within 10 s of SIGTERM; the request "
-                   "ran to its time limit instead, as if the signal had not reached the server's handlers")
+NESTED_SIGNALS = """
+import os, signal, sys
+from medsynth.tracking import serving
+
+calls = 0
+def uvicorn_handler(number, frame):
+    global calls
+    calls += 1
+
+signal.signal(signal.SIGTERM, uvicorn_handler)
+serving._install_stop_handler()
+signals_left = 3
+def inside_set(frame, event, arg):
+    global signals_left
+    if event == "line" and signals_left:
+        signals_left -= 1
+        os.kill(os.getpid(), signal.SIGTERM)  # handled before set() returns: the handler is re-entered there
+    return inside_set
+sys.settrace(lambda frame, event, arg: inside_set if frame.f_code.co_name == "set" else None)
+os.kill(os.getpid(), signal.SIGTERM)
+for _ in range(1000):
+    pass
+sys.settrace(None)
+print("stopping", serving._SERVER_STOPPING.is_set(), "calls", calls)
+"""
+
+
+def test_stop_handler_survives_a_signal_arriving_inside_it() -> None:
+    """A SIGTERM landing while the stop handler marks the server stopping does not wedge the main thread.
+
+    uvicorn gets two SIGTERMs when `mlflow models serve`'s process group is signalled (one directly,
+    one as the parent-death signal of the ``mlflow`` process), and Python runs a handler in the main
+    thread between bytecodes, so the second can run inside the first. A lock taken in the handler
+    (``threading.Event.set`` takes one) is then waited for by its own nested call, for ever: the
+    server neither answers nor shuts down. Here a signal is sent at each line the flag's ``set``
+    runs (a tracer), deterministically.
+    """
+    done = subprocess.run([sys.executable, "-c", NESTED_SIGNALS], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    words = done.stdout.split()
+    assert words[:3] == ["stopping", "True", "calls"] and int(words[3]) >= 2, done.stdout  # uvicorn's handler still runs
+
+
+def test_sigusr1_writes_every_thread_stack_to_the_log(server: dict[str, Any]) -> None:
+    """SIGUSR1 to uvicorn dumps its threads' stacks (the event loop's among them) to the log; serving goes on."""
+    log = dump_server_stacks(server["process"], Path(server["log"]))
+    assert "Current thread" in log and "uvicorn/server.py" in log, log[-3000:]
+    status, body = post(server["url"], {"dataframe_records": [{"seed": 5, "steps": 2}]})
+    assert status == 200 and len(json.loads(body)["predictions"]) == 1
+
+
 def test_sigterm_stops_the_server_mid_request(server: dict[str, Any]) -> None:
     """SIGTERM while a request samples: that request is answered 503 "shutting down" and the server exits in seconds.
 
@@ -554,7 +608,10 @@ def test_sigterm_stops_the_server_mid_request(server: dict[str, Any]) -> None:
     os.killpg(process.pid, signal.SIGTERM)
     client.join(timeout=10)
     answered = time.monotonic() - signalled
-    assert answer and answered < 2.0, answered
+    if not answer:
+        pytest.fail(f"no answer 10 s after SIGTERM; the server's log, with its stacks:\n"
+                    f"{dump_server_stacks(process, Path(server['log']))}")
+    assert answered < 2.0, answered
     status, body = answer[0]
     assert status == 503, body[:500]
     message = json.loads(body)["message"]

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextvars
 import dataclasses
+import faulthandler
 import functools
 import json
 import logging
@@ -183,7 +184,27 @@ class _Stop(Exception):
         self.why = why
 
 
-_SERVER_STOPPING = threading.Event()
+class _StopFlag:
+    """A flag a signal handler may set: one attribute store, no lock.
+
+    A :class:`threading.Event` takes a lock in ``set()``. A second signal arriving while the first
+    handler holds that lock runs the handler again, nested, in the same thread, which then waits
+    for the lock forever: the event loop's thread deadlocks. (``mlflow models serve`` delivers
+    SIGTERM twice to uvicorn when its process group is signalled: once directly and once as the
+    parent-death signal of the ``mlflow`` process.)
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+_SERVER_STOPPING = _StopFlag()
 """Set when the serving process is told to stop (SIGTERM, SIGINT); every request then stops at its next step."""
 
 
@@ -827,6 +848,7 @@ def install_serving_hooks(model: GeneratorModel) -> bool:
     if _HOOKS_INSTALLED:
         return True
     _install_stop_handler()
+    _install_stack_dump()
     from mlflow.pyfunc import scoring_server
 
     original = getattr(scoring_server, "_async_catch_mlflow_exception", None)
@@ -863,6 +885,17 @@ def _install_stop_handler() -> None:
 
         on_signal._medsynth_stop = True  # type: ignore[attr-defined]
         signal.signal(signum, on_signal)
+
+
+def _install_stack_dump() -> None:
+    """Make SIGUSR1 write every thread's Python stack to the server's log (stderr).
+
+    :mod:`faulthandler` writes from the signal handler itself, in whichever thread receives the
+    signal, so the dump comes even when the event loop's thread is stuck: ``kill -USR1 PID`` of the
+    ``uvicorn`` process shows where a server that stopped answering waits.
+    """
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
 
 def guard_endpoint(endpoint: Callable[..., Awaitable[Any]], model: GeneratorModel) -> Callable[..., Awaitable[Any]]:
