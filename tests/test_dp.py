@@ -332,7 +332,29 @@ def test_one_patient_demo_is_refused(tiny_config: Callable[..., PipelineSettings
     write_patients(Path(settings.paths.data), patients=1)
     with pytest.raises(ConfigError) as err:
         run_stage("train", settings)
-    assert "1" in _one_line(err) and "meaningless" in str(err.value)
+    assert "the dataset has 1:" in _one_line(err) and "noise-like" in str(err.value)
+
+
+def test_the_default_demo_plans_dp_on_its_cohort() -> None:
+    """``trainer.privacy=dp trainer.privacy.target_epsilon=8`` on the default demo: its cohort's training
+    patients meet the preset's guard and the noise is calibrated; the global guard of 20 refuses them."""
+    from medsynth.config import compose
+    from medsynth.data.splits import patient_splits
+    from medsynth.training.privacy import private_plan
+
+    settings = compose(["trainer.privacy=dp", "trainer.privacy.target_epsilon=8"])
+    assignment = patient_splits([f"subject{i:02d}" for i in range(settings.data.subjects)],
+                                fractions=settings.data.splits.fractions)
+    train = sum(split == "train" for split in assignment.values())
+    privacy = settings.trainer.privacy
+    assert privacy.enabled and privacy.min_patients <= train < 20
+    plan = private_plan(privacy, train_patients=train, max_steps=settings.trainer.max_steps)
+    assert plan.sample_rate == privacy.expected_batch_patients / train and math.isfinite(plan.noise_multiplier)
+    assert math.isclose(PatientAccountant(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                                          steps=settings.trainer.max_steps).epsilon(plan.delta), 8.0, rel_tol=0.02)
+    guarded = compose(["trainer.privacy=dp", "trainer.privacy.min_patients=20"]).trainer.privacy
+    with pytest.raises(ConfigError, match="min_patients=20 training patients, the dataset has"):
+        private_plan(guarded, train_patients=train, max_steps=settings.trainer.max_steps)
 
 
 def test_read_privacy_accepts_its_own_record() -> None:

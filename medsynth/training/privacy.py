@@ -248,9 +248,9 @@ def private_plan(settings: DifferentialPrivacySettings, *, train_patients: int, 
     """
     if train_patients < settings.min_patients:
         raise ConfigError(f"trainer.privacy.enabled=true needs at least trainer.privacy.min_patients="
-                          f"{settings.min_patients} training patients, the dataset has {train_patients}: patient-level "
-                          "differential privacy is meaningless on so few patients (the demo cohort: data.subjects=30 "
-                          "leaves 21 for training)")
+                          f"{settings.min_patients} training patients, the dataset has {train_patients}: on so few patients "
+                          "the noise that hides each one drowns what they share, and the samples stay noise-like (lower "
+                          "trainer.privacy.min_patients to train anyway; the demo cohort: data.subjects=30 leaves 21)")
     rate = settings.expected_batch_patients / train_patients
     if rate > 1.0:
         raise ConfigError(f"trainer.privacy.expected_batch_patients must be at most the {train_patients} training "
