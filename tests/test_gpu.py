@@ -1,0 +1,49 @@
+"""The paths that differ on a GPU, run on the best device there is (CUDA when available, else the CPU).
+
+On a CPU-only machine they check the same code on the CPU; ``benchmarks/gpu_suite.py`` runs this
+module on the GPU it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from medsynth.config import PipelineSettings
+from medsynth.diffusion.generator import Generator
+from medsynth.training import load_checkpoint
+from tests.conftest import run_stage
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_bf16_channels_last_training_checkpoint_samples_on_the_cpu(tiny_config: Callable[..., PipelineSettings]) -> None:
+    """Train in bf16 with channels_last on the device; the checkpoint is fp32 data that samples on the CPU."""
+    cfg = tiny_config(f"device={DEVICE}", "trainer.precision=bf16", "trainer.channels_last=true", "trainer.max_steps=4")
+    run_stage("preprocess", cfg)
+    checkpoint = run_stage("train", cfg)
+    state = load_checkpoint(checkpoint)
+    assert state["step"] == 4
+    weights = [v for v in state["ema"]["shadow"].values() if v.is_floating_point()]
+    assert weights and all(w.dtype == torch.float32 and w.device.type == "cpu" and torch.isfinite(w).all()
+                           for w in weights)
+    generator = Generator.from_checkpoint(checkpoint, device="cpu")
+    labels = torch.zeros(2, 1, *generator.image_size, dtype=torch.long)
+    samples = generator.sample([0, 1], labels=labels, steps=2)
+    assert samples.images.shape == (2, 1, *generator.image_size) and torch.isfinite(samples.images).all()
+
+
+def test_bf16_autocast_sampling_stays_near_fp32(tiny_config: Callable[..., PipelineSettings]) -> None:
+    """One seed sampled on the device in fp32 and under bf16 autocast: the same image up to bf16 rounding."""
+    cfg = tiny_config(f"device={DEVICE}", "trainer.max_steps=3")
+    run_stage("preprocess", cfg)
+    generator = Generator.from_checkpoint(run_stage("train", cfg), device=DEVICE)
+    labels = torch.ones(1, 1, *generator.image_size, dtype=torch.long)
+    fp32 = generator.sample([7], labels=labels, steps=3).images
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        bf16 = generator.sample([7], labels=labels, steps=3).images
+    assert bf16.dtype == torch.float32 or bf16.dtype == torch.bfloat16
+    difference = (fp32 - bf16.float()).abs()
+    assert difference.mean() < 0.02 and difference.max() < 0.2, (difference.mean(), difference.max())
+    assert not torch.equal(fp32, bf16.float())  # autocast took effect: bf16 rounding shows
