@@ -11,6 +11,8 @@ time or memory is reported as such and the suite goes on):
   FLOPs utilisation against the GPU's dense bf16 peak; then the same with ``trainer.compile=true``.
 - **train 3D**: the same script on ``brain3d_ddpm_gpu`` and ``brain3d_latent_gpu``: step time
   (batch / examples per second) and peak memory of medsynth's loop.
+- **latent cache**: ``latent_cache.py`` on ``brain3d_latent_gpu``: step time with the training set
+  encoded once against encoding every batch, and the one-off encoding time.
 - **sample**: one sample of a 128^3 latent volume (``brain3d_latent_gpu``, the network at its
   initial weights: the cost of sampling does not depend on them) in fp32 and under bf16 autocast,
   then 256^3 if it fits: seconds per sample and peak memory.
@@ -133,6 +135,22 @@ def read_sample(output: str) -> dict[str, str]:
     return {k: (f"{v:.2f}" if "s/sample" in k else f"{v:.0f}") for k, v in json.loads(line[len("SAMPLE "):]).items()}
 
 
+def read_cache(output: str) -> dict[str, str]:
+    """The figures ``latent_cache.py`` prints."""
+    figures = {}
+    for arm, key in (("encode every batch", "uncached step ms"), ("cached", "cached step ms")):
+        found = re.search(rf"^{arm}\s*: .*; step ([\d.]+) ms", output, re.M)
+        if found:
+            figures[key] = found.group(1)
+    ratio = re.search(r"^step time cached / encode every batch: ([\d.]+)", output, re.M)
+    if ratio:
+        figures["ratio cached / uncached"] = ratio.group(1)
+    once = re.search(r"^encoding once: ([\d.]+) s", output, re.M)
+    if once:
+        figures["encoding once s"] = once.group(1)
+    return figures
+
+
 def read_tests(output: str) -> dict[str, str]:
     found = re.search(r"(\d+ passed[^\n=]*)", output)
     return {"pytest": found.group(1).strip()} if found else {}
@@ -148,11 +166,15 @@ def sections(*, dry_run: bool, device: str, peak: float | None) -> list[Section]
                                                             device=device, peak=peak), 0.15),
         Section("train 2D brain2d_joint_gpu, compiled",
                 train_command("brain2d_joint_gpu", [*tiny2d, "trainer.compile=true"], steps=steps, repeats=repeats,
-                              device=device, peak=peak), 0.25),  # compiling takes a minute or more
+                              device=device, peak=peak), 0.2),  # compiling takes a minute or more
         Section("train 3D brain3d_ddpm_gpu", train_command("brain3d_ddpm_gpu", tiny3d, steps=max(2, steps // 4),
-                                                           repeats=min(repeats, 2), device=device, peak=peak), 0.15),
+                                                           repeats=min(repeats, 2), device=device, peak=peak), 0.12),
         Section("train 3D brain3d_latent_gpu", train_command("brain3d_latent_gpu", tiny_latent, steps=max(2, steps // 4),
-                                                             repeats=min(repeats, 2), device=device, peak=peak), 0.15),
+                                                             repeats=min(repeats, 2), device=device, peak=peak), 0.12),
+        Section("latent cache brain3d_latent_gpu",
+                [sys.executable, str(HERE / "latent_cache.py"), "--preset", "brain3d_latent_gpu", "--device", device,
+                 "--steps", str(max(2, steps // 4)), "--repeats", str(min(repeats, 2)), "--examples", "4" if dry_run else "8",
+                 *(f"--set={o}" for o in tiny_latent)], 0.11),
         Section("sample latent 128^3 (brain3d_latent_gpu)",
                 sample_command("brain3d_latent_gpu", tiny_latent, steps=sample_steps, device=device), 0.1),
         Section("sample latent 256^3 (brain3d_latent_gpu)",
@@ -162,7 +184,7 @@ def sections(*, dry_run: bool, device: str, peak: float | None) -> list[Section]
     ]
 
 
-READERS = {"train": read_train, "sample": read_sample, "tests/": read_tests}
+READERS = {"train": read_train, "latent cache": read_cache, "sample": read_sample, "tests/": read_tests}
 
 
 def run(section: Section, *, timeout: float) -> None:

@@ -14,8 +14,10 @@ batch of random images, label maps and attribute codes, the same noise schedule 
   MSE to the target, backward, step, in fp32;
 - medsynth's loop is ``medsynth.training.train`` with the pipeline's loss: per-step seeded noise and
   condition dropout, gradient clipping, LR schedule, EMA, and the preset's trainer options
-  (precision, channels_last, activation checkpointing, torch.compile). ``--plain`` drops those
-  options (fp32, no checkpointing), which is the like-for-like comparison of loop overhead.
+  (precision, channels_last, activation checkpointing, torch.compile, and for latent models the
+  latent cache: the examples are encoded once, before the timed steps). ``--plain`` drops those
+  options (fp32, no checkpointing, encoding every batch), which is the like-for-like comparison of
+  loop overhead.
 
 Runs alternate (bare, ours, ours, bare, ...) after one warm-up each and the ratio of medians is
 reported, so drift of a shared machine affects both alike. Peak memory is the CUDA allocator's
@@ -36,11 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from medsynth.config import PipelineSettings, compose
-from medsynth.data import LabelledArrays, infinite_batches, step_generator
-from medsynth.diffusion import Denoiser, diffusion_loss, prediction_target
+from medsynth.data import LabelledArrays, infinite_batches
+from medsynth.diffusion import Denoiser, prediction_target
 from medsynth.diffusion.generator import build_denoiser, build_scheduler
 from medsynth.training import EMA, train, warmup_cosine
 from medsynth.training.activation import enable_activation_checkpointing
+from medsynth.training.latent_cache import cached_latent_batches, encode_training_set
+from medsynth.training.objective import denoising_objective
 
 NUM_CLASSES = 4
 VOCABULARY = {"class": ["1", "2", "3"], "age": ["40-50", "50-60", "60-70"], "sex": ["F", "M"]}
@@ -121,13 +125,13 @@ def medsynth_loop(cfg: PipelineSettings, data: LabelledArrays, steps: int, *, ba
     scheduler = build_scheduler(cfg.scheduler)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_cosine, warmup_steps=5, max_steps=steps))
-    batches = infinite_batches(data, batch_size=batch, seed=0)
+    # a latent model trains from latents encoded once (trainer.latent_cache), as the train stage does
+    cached = model.autoencoder is not None and t.latent_cache and not plain
+    batches = (cached_latent_batches(encode_training_set(model, data, flip_dims=[], device=device), data,
+                                     batch_size=batch, seed=0, flip_dims=[]) if cached
+               else infinite_batches(data, batch_size=batch, seed=0))
     trained = torch.compile(model, **t.compile_options) if t.compile and not plain else model
-
-    def loss_fn(m: torch.nn.Module, b: tuple[torch.Tensor, ...], draw: int) -> torch.Tensor:
-        images, labels = (x.to(device).contiguous(memory_format=layout) for x in b[:2])
-        condition = model.drop_condition(model.condition(labels, b[2].to(device)), generator=step_generator(0, draw, 4))
-        return diffusion_loss(m, model.to_sample(images, labels), condition, scheduler, generator=step_generator(0, draw, 3))
+    loss_fn = denoising_objective(model, scheduler, seed=0, device=device, memory_format=layout, encoded=cached)
 
     precision = "fp32" if plain else t.precision
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None

@@ -20,12 +20,13 @@ def test_gpu_suite_dry_run_finishes_every_section(tmp_path: Path) -> None:
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row[0].lstrip("| ") for row in rows] == [
         "train 2D brain2d_joint_gpu", "train 2D brain2d_joint_gpu, compiled", "train 3D brain3d_ddpm_gpu",
-        "train 3D brain3d_latent_gpu", "sample latent 128^3 (brain3d_latent_gpu)",
+        "train 3D brain3d_latent_gpu", "latent cache brain3d_latent_gpu", "sample latent 128^3 (brain3d_latent_gpu)",
         "sample latent 256^3 (brain3d_latent_gpu)", "tests/test_gpu.py"]
     assert all(row[1] == "ok" for row in rows), done.stdout
     figures = {row[0].lstrip("| "): row[3] for row in rows}
     for name in list(figures)[:4]:
         assert "ratio medsynth / bare" in figures[name] and "medsynth peak MiB" in figures[name], figures[name]
+    assert "ratio cached / uncached" in figures["latent cache brain3d_latent_gpu"]
     assert "fp32 s/sample" in figures["sample latent 128^3 (brain3d_latent_gpu)"]
     assert "bf16 s/sample" in figures["sample latent 128^3 (brain3d_latent_gpu)"]
     assert figures["tests/test_gpu.py"].startswith("pytest 2 passed")

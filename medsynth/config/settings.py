@@ -426,6 +426,7 @@ class TrainerSettings:
     gradient_checkpointing: bool = False
     compile: bool = False
     compile_options: dict[str, Any] = field(default_factory=dict)
+    latent_cache: bool = True
     autoencoder: AutoencoderTrainingSettings = field(default_factory=AutoencoderTrainingSettings)
     privacy: DifferentialPrivacySettings | Literal["dp", "off"] = field(default_factory=DifferentialPrivacySettings)
 

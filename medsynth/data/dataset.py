@@ -91,6 +91,50 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
 
 
+def batch_draws(
+    n: int,
+    *,
+    batch_size: int,
+    seed: int,
+    flip_dims: Sequence[int] = (),
+    start_step: int = 0,
+) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Which examples each step takes and which of them it flips, forever: ``(indices, flips)``.
+
+    The draw of step ``k`` depends only on ``seed`` and ``k``: each epoch's order comes from a
+    generator seeded by the epoch, each step's flips from one seeded by the step, so a run resumed
+    at ``start_step`` sees exactly the batches the uninterrupted run would have seen.
+
+    Args:
+        n: Examples in the split (at least 1).
+        batch_size: Examples per step (at least 1); capped at ``n``.
+        seed: Seed of the stream.
+        flip_dims: Spatial axes (0-based); each example is flipped along each with probability 0.5.
+        start_step: Index of the first step to yield.
+
+    Returns:
+        An endless iterator of ``(indices, flips)``: ``flips[i]`` is a boolean ``(batch,)`` mask
+        for ``flip_dims[i]``.
+    """
+    if n == 0 or batch_size < 1:
+        raise ValueError(f"need a non-empty dataset and batch_size >= 1, got {n} examples and batch_size {batch_size}")
+    batch_size = min(batch_size, n)
+    per_epoch = n // batch_size
+    step = start_step
+    while True:
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
+        idx = order[position * batch_size : (position + 1) * batch_size]
+        draws = step_generator(seed, step, stream=2)
+        yield idx, [torch.rand(len(idx), generator=draws) < 0.5 for _ in flip_dims]
+        step += 1
+
+
+def flip_where(x: torch.Tensor, flip: torch.Tensor, axis: int) -> torch.Tensor:
+    """``x`` (``(N, C, *spatial)``) with the examples where ``flip`` is true flipped along spatial ``axis``."""
+    return torch.where(_expand(flip, x), x.flip(axis + 2), x)
+
+
 def infinite_batches(
     data: LabelledArrays,
     *,
@@ -101,9 +145,9 @@ def infinite_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield shuffled ``(images, labels, codes)`` batches forever, a new order every epoch.
 
-    The batch of step ``k`` depends only on ``seed`` and ``k``: each epoch's order is drawn from
-    a generator seeded by the epoch, each batch's flips from one seeded by the step. A run resumed
-    at ``start_step`` therefore sees exactly the batches the uninterrupted run would have seen.
+    Which examples a step takes and which it flips is :func:`batch_draws`, so the batch of step
+    ``k`` depends only on ``seed`` and ``k``, and a resumed run sees the batches of the
+    uninterrupted one.
 
     Args:
         data: The split to draw from.
@@ -116,25 +160,12 @@ def infinite_batches(
     Returns:
         An endless iterator of batches.
     """
-    n = len(data)
-    if n == 0 or batch_size < 1:
-        raise ValueError(f"need a non-empty dataset and batch_size >= 1, got {n} examples and batch_size {batch_size}")
-    batch_size = min(batch_size, n)
-    per_epoch = n // batch_size
-    step = start_step
-    while True:
-        epoch, position = divmod(step, per_epoch)
-        order = torch.randperm(n, generator=step_generator(seed, epoch, stream=1))
-        idx = order[position * batch_size : (position + 1) * batch_size]
+    for idx, flips in batch_draws(len(data), batch_size=batch_size, seed=seed, flip_dims=flip_dims,
+                                  start_step=start_step):
         images, labels, codes = data.images[idx], data.labels[idx], data.codes[idx]
-        flips = step_generator(seed, step, stream=2)
-        for axis in flip_dims:
-            flip = torch.rand(len(idx), generator=flips) < 0.5
-            dim = axis + 2
-            images = torch.where(_expand(flip, images), images.flip(dim), images)
-            labels = torch.where(_expand(flip, labels), labels.flip(dim), labels)
+        for axis, flip in zip(flip_dims, flips):
+            images, labels = flip_where(images, flip, axis), flip_where(labels, flip, axis)
         yield images, labels, codes
-        step += 1
 
 
 def _expand(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

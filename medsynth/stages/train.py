@@ -29,6 +29,7 @@ from medsynth.training import TrainResult, save_step_checkpoint
 from medsynth.training import train as fit
 from medsynth.training.activation import enable_activation_checkpointing
 from medsynth.training.autoencoder import fit_autoencoder
+from medsynth.training.latent_cache import cached_latent_batches, latent_cache
 from medsynth.training.build import condition_vocabulary
 from medsynth.training.distributed import Distributed, setup_distributed, teardown_distributed
 from medsynth.training.dp_sgd import PatientBatch, patient_batches, private_gradient
@@ -202,8 +203,15 @@ def _train(
     batches, gradient_fn = _private_fit(
         model, scheduler, train_data, groups, plan, accountant, t, secret_seed=dp_secret_seed(run.paths.output),
         device=device, start_step=start_step) if plan is not None else (None, None)
+    cached = plan is None and model.autoencoder is not None and t.latent_cache and start_step < t.max_steps
+    if cached:  # the frozen autoencoder's latents, once, instead of encoding every batch
+        latents = latent_cache(model, train_data, flip_dims=list(t.flip_dims), device=device, folder=folder,
+                               save=ddp.is_main, progress=run.progress and ddp.is_main)
+        batches = cached_latent_batches(latents, train_data, batch_size=t.batch_size, seed=seed,
+                                        flip_dims=list(t.flip_dims), start_step=start_step * t.accumulate)
     result = fit(
-        trained, loss_fn=denoising_objective(model, scheduler, seed=seed, device=device, memory_format=layout),
+        trained, loss_fn=denoising_objective(model, scheduler, seed=seed, device=device, memory_format=layout,
+                                             encoded=cached),
         batches=batches or infinite_batches(train_data, batch_size=t.batch_size, seed=seed, flip_dims=list(t.flip_dims),
                                             start_step=start_step * t.accumulate),
         gradient_fn=gradient_fn, optimizer=state.optimizer, max_steps=t.max_steps, lr_scheduler=state.lr_scheduler, ema=state.ema,

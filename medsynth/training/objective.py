@@ -19,6 +19,7 @@ def denoising_objective(
     seed: int,
     device: torch.device,
     memory_format: torch.memory_format = torch.contiguous_format,
+    encoded: bool = False,
 ) -> Callable[[nn.Module, tuple[torch.Tensor, ...], int], torch.Tensor]:
     """The loss of one ``(images, labels, codes)`` batch, as :func:`medsynth.training.train` calls it.
 
@@ -32,6 +33,8 @@ def denoising_objective(
         seed: This rank's seed.
         device: Where the batches go.
         memory_format: The layout of the model (``channels_last`` for NHWC training).
+        encoded: The batches hold the diffusion variable already (cached latents,
+            :mod:`medsynth.training.latent_cache`), not images to encode.
 
     Returns:
         ``loss_fn(module, batch, draw)``.
@@ -43,7 +46,8 @@ def denoising_objective(
         condition = model.drop_condition(model.condition(labels, batch[2].to(device)),
                                          generator=step_generator(seed, draw, stream=4))
         # the diffusion loss at a random timestep with noise fixed by the draw
-        return diffusion_loss(module, model.to_sample(images, labels), condition, scheduler,
+        x0 = images if encoded else model.to_sample(images, labels)
+        return diffusion_loss(module, x0, condition, scheduler,
                               generator=step_generator(seed, draw, stream=3))
 
     return loss_fn
