@@ -150,6 +150,20 @@ def test_membership_errors_runs_every_attack_on_a_conditioned_generator() -> Non
         membership_errors(generator, data, records(5), timesteps=[2], seed=0, attacks=["secmi"])
 
 
+def test_membership_errors_show_progress(capsys: pytest.CaptureFixture[str]) -> None:
+    """The attacks run over every training and holdout record (minutes on a large set): their progress is shown."""
+    torch.manual_seed(0)
+    network = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8),
+                                 attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8)
+    generator = Generator(Denoiser(network, conditioning="none", num_classes=2).eval(),
+                          SchedulerSettings(num_train_timesteps=20), ["background", "lesion"], (8, 8))
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    data = LabelledArrays(x, (x > 0.5).long(), [str(i) for i in range(5)], [])
+    membership_errors(generator, data, records(5), timesteps=[2], seed=0, progress=True, desc="attacks (train)")
+    err = capsys.readouterr().err
+    assert "attacks (train)" in err and "10/10" in err, err
+
+
 def test_membership_figures_report_each_attack_and_the_strongest_under_the_plain_names() -> None:
     members = {"loss": np.linspace(0.5, 1.5, 40), "pia": np.linspace(0.0, 1.0, 40)}
     nonmembers = {"loss": np.linspace(0.6, 1.6, 40), "pia": np.linspace(2.0, 3.0, 40)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from medsynth.diffusion import Denoiser, denoising_errors
 from medsynth.diffusion.generator import Generator, build_scheduler
 from medsynth.metrics.realism import orthogonal_slices
 from medsynth.metrics.segmentation import mean_dice
+from medsynth.progress import progress_bar
 from medsynth.training import file_sha256, load_checkpoint, save_checkpoint
 from medsynth.training.encoder import FeatureEncoder, encode, train_encoder
 from medsynth.training.segmenter import segment, train_segmenter
@@ -265,6 +266,8 @@ def membership_errors(
     timesteps: Sequence[int],
     seed: int,
     attacks: Sequence[str] = MEMBERSHIP_ATTACKS,
+    progress: bool = False,
+    desc: str = "membership attacks",
 ) -> dict[str, np.ndarray]:
     """Each membership attack's score of each record (lower = more likely trained on).
 
@@ -276,6 +279,8 @@ def membership_errors(
         seed: Seed of the ``loss`` attack's fixed noise draws (the same for every set, so sets are
             comparable); PIA draws no noise.
         attacks: Names from :data:`MEMBERSHIP_ATTACKS`.
+        progress: Show a progress bar (records times attacks).
+        desc: The progress bar's label.
 
     Returns:
         ``{attack: (N,) errors}`` in the order of ``attacks``: the ``loss`` attack's mean squared
@@ -291,13 +296,15 @@ def membership_errors(
     codes = attribute_codes(records, generator.model.vocabulary)
     scheduler = build_scheduler(generator.scheduler)
     out: dict[str, np.ndarray] = {}
+    bar = progress_bar(total=len(attacks) * len(data.images), desc=desc, unit="record", enabled=progress)
     for attack in attacks:
         if attack == "loss":
             out[attack] = denoising_errors(generator.model, data.images, data.labels, scheduler,
-                                           timesteps=list(timesteps), codes=codes, seed=seed).numpy()
+                                           timesteps=list(timesteps), codes=codes, seed=seed, on_batch=bar.update).numpy()
         else:
             out[attack] = pia_errors(generator.model, data.images, data.labels, scheduler,
-                                     timesteps=timesteps, codes=codes).numpy()
+                                     timesteps=timesteps, codes=codes, on_batch=bar.update).numpy()
+    bar.close()
     return out
 
 
@@ -312,6 +319,7 @@ def pia_errors(
     codes: torch.Tensor | None = None,
     batch_size: int = 64,
     norm: int = PIA_NORM,
+    on_batch: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """PIA, the proximal-initialisation membership attack (Kong et al. 2023, arXiv 2305.18355).
 
@@ -331,6 +339,7 @@ def pia_errors(
         timesteps: Timesteps ``t`` the error is averaged over.
         codes: ``(N, A)`` attribute codes for ``class`` / ``attributes`` models.
         batch_size: Records per forward pass.
+        on_batch: Called with the number of records after each batch (a progress bar's ``update``).
         norm: Order ``p`` of the error's ℓp norm (taken as a mean over elements, so sizes compare).
 
     Returns:
@@ -352,6 +361,8 @@ def pia_errors(
             a, b = diffusion_coefficients(scheduler, int(step))
             error = _model_noise(model, scheduler, a * x0 + b * eps0, int(step), condition) - eps0
             total[start : start + batch_size] += error.abs().pow(norm).flatten(1).mean(dim=1).pow(1.0 / norm).cpu()
+        if on_batch is not None:
+            on_batch(len(x0))
     return total / len(timesteps)
 
 

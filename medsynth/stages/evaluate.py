@@ -131,7 +131,8 @@ def evaluate(
                                           progress=run.progress)
             audit.step(f"running the membership attacks on {len(train)} training and {len(holdout)} holdout records")
             errors = {name: membership_errors(generator, data, manifest.split(name), timesteps=settings.membership.timesteps,
-                                              attacks=settings.membership.attacks, seed=settings.seed)
+                                              attacks=settings.membership.attacks, seed=settings.seed,
+                                              progress=run.progress, desc=f"membership attacks ({name})")
                       for name, data in (("train", train), ("holdout", holdout))}
             audit.step("computing the realism figures")
             audit.figures += realism_figures(
