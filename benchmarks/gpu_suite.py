@@ -13,9 +13,9 @@ time or memory is reported as such and the suite goes on):
   (batch / examples per second) and peak memory of medsynth's loop.
 - **latent cache**: ``latent_cache.py`` on ``brain3d_latent_gpu``: step time with the training set
   encoded once against encoding every batch, and the one-off encoding time.
-- **sample**: one sample of a 128^3 latent volume (``brain3d_latent_gpu``, the network at its
-  initial weights: the cost of sampling does not depend on them) in fp32 and under bf16 autocast,
-  then 256^3 if it fits: seconds per sample and peak memory.
+- **sample**: ``sample_cost.py``: one sample of a 128^3 latent volume (``brain3d_latent_gpu``, the
+  network at its initial weights: the cost of sampling does not depend on them) in fp32 and under
+  bf16 autocast, then 256^3 if it fits: seconds per sample and per step, peak memory.
 - **tests**: ``tests/test_gpu.py``, which runs on the best device there is.
 
 ``--dry-run`` runs every section on the CPU at tiny sizes (16-pixel images, 2 steps), to show the
@@ -90,49 +90,16 @@ def read_train(output: str) -> dict[str, str]:
     return figures
 
 
-def sample_child(preset: str, overrides: list[str], *, steps: int, device: str) -> dict[str, float]:
-    """Seconds per sample and peak memory of one sample in fp32, then under bf16 autocast (this process)."""
-    import torch
-
-    from medsynth.config.settings import SamplingSettings
-    from medsynth.diffusion.generator import Generator
-    from train_throughput import NUM_CLASSES, build_model, preset_config
-
-    cfg = preset_config(preset, overrides)
-    target = torch.device(device)
-    size = tuple(cfg.data.size)
-    generator = Generator(model=build_model(cfg, target).eval(), scheduler=cfg.scheduler,
-                          label_names=[f"class{i}" for i in range(NUM_CLASSES)], image_size=size,
-                          sampling=SamplingSettings(steps=steps))
-    labels = torch.randint(0, NUM_CLASSES, (1, 1, *size), generator=torch.Generator().manual_seed(0))
-    out: dict[str, float] = {}
-    for precision in ("fp32", "bf16"):
-        autocast = torch.autocast(target.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        with torch.no_grad(), autocast:
-            generator.sample([0], labels=labels, steps=1)  # warm-up: the first call at a shape is slow
-            if target.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-            generator.sample([1], labels=labels)
-            if target.type == "cuda":
-                torch.cuda.synchronize()
-        out[f"{precision} s/sample"] = time.perf_counter() - started
-        if target.type == "cuda":
-            out[f"{precision} peak MiB"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
 def sample_command(preset: str, overrides: list[str], *, steps: int, device: str) -> list[str]:
-    job = json.dumps({"preset": preset, "overrides": overrides, "steps": steps, "device": device})
-    return [sys.executable, str(Path(__file__).resolve()), "--sample-child", job]
+    return [sys.executable, str(HERE / "sample_cost.py"), "--preset", preset, "--steps", str(steps), "--device", device,
+            "--json", *(f"--set={o}" for o in overrides)]
 
 
 def read_sample(output: str) -> dict[str, str]:
     line = next((x for x in reversed(output.splitlines()) if x.startswith("SAMPLE ")), None)
     if line is None:
         return {}
-    return {k: (f"{v:.2f}" if "s/sample" in k else f"{v:.0f}") for k, v in json.loads(line[len("SAMPLE "):]).items()}
+    return {k: (f"{v:.0f}" if "MiB" in k else f"{v:.3g}") for k, v in json.loads(line[len("SAMPLE "):]).items()}
 
 
 def read_cache(output: str) -> dict[str, str]:
@@ -218,14 +185,7 @@ def main() -> int:
                         help="seconds for the whole suite (default 480; 1500 for --dry-run: a CPU compiles slowly)")
     parser.add_argument("--log", type=Path, default=ROOT / "outputs" / "gpu_suite.log",
                         help="every section's full output")
-    parser.add_argument("--sample-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.sample_child:
-        job = json.loads(args.sample_child)
-        print("SAMPLE " + json.dumps(sample_child(job["preset"], job["overrides"], steps=job["steps"],
-                                                  device=job["device"])))
-        return 0
-
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():
