@@ -29,5 +29,5 @@ def test_gpu_suite_dry_run_finishes_every_section(tmp_path: Path) -> None:
     assert "ratio cached / uncached" in figures["latent cache brain3d_latent_gpu"]
     assert "fp32 s/sample" in figures["sample latent 128^3 (brain3d_latent_gpu)"]
     assert "bf16 s/sample" in figures["sample latent 128^3 (brain3d_latent_gpu)"]
-    assert figures["tests/test_gpu.py"].startswith("pytest 2 passed")
+    assert figures["tests/test_gpu.py"].startswith("pytest 3 passed")
     assert "GPU suite on cpu (dry run" in done.stdout

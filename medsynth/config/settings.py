@@ -537,6 +537,8 @@ class GenerateSettings:
     prompt: str | None = None
     class_distribution: dict[str, float] | None = None
     sampler: Sampler = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
     labels: LabelSourceSettings = field(default_factory=LabelSourceSettings)
     dicom: DicomOutputSettings = field(default_factory=DicomOutputSettings)
     privacy_gate: PrivacyGateSettings = field(default_factory=PrivacyGateSettings)

@@ -356,6 +356,7 @@ class Generator:
         eta: float | None = None,
         guidance_scale: float | None = None,
         sampler: str | Scheduler | None = None,
+        precision: str = "fp32",
     ) -> Samples:
         """One sample per seed.
 
@@ -370,6 +371,8 @@ class Generator:
             guidance_scale: Classifier-free guidance of ``class`` / ``attributes`` models (default:
                 the checkpoint's); other models ignore it.
             sampler: A sampler name or a MONAI scheduler instance (default: the checkpoint's).
+            precision: ``fp32``, or ``bf16`` to run the network (and a latent decoder) under bf16
+                autocast; the samples come back in float32 either way.
 
         Returns:
             Images and label maps on the CPU.
@@ -383,17 +386,25 @@ class Generator:
                 raise MedsynthError(f"a {self.conditioning!r} model needs one label map per seed ({n})")
         if self.guided and codes is None:
             codes = self.codes(attributes if attributes is not None else [{}] * n)
+        if precision not in ("fp32", "bf16"):
+            raise MedsynthError(f"precision must be fp32 or bf16, got {precision!r}")
         scheduler = sampler if isinstance(sampler, Scheduler) else self.sampler(sampler)
         device = self.device
         condition = self.model.condition(labels.to(device) if labels is not None else None,
                                          codes.to(device) if codes is not None else None)
-        x = sample(self.model, scheduler, condition, seeds=list(seeds), shape=self.model.sample_shape(self.image_size),
-                   steps=steps or self.sampling.steps, eta=self.sampling.eta if eta is None else eta, device=device,
-                   guidance_scale=(self.sampling.guidance_scale if guidance_scale is None else guidance_scale)
-                   if self.guided else 1.0)
-        images, generated = self.model.split(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            x = sample(self.model, scheduler, condition, seeds=list(seeds), shape=self.model.sample_shape(self.image_size),
+                       steps=steps or self.sampling.steps, eta=self.sampling.eta if eta is None else eta, device=device,
+                       guidance_scale=(self.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+                       if self.guided else 1.0)
+            images, generated = self.model.split(x)
         shown = generated if generated is not None else labels
-        return Samples(images.cpu() if images is not None else None, shown.cpu() if shown is not None else None)
+        return Samples(images.float().cpu() if images is not None else None, shown.cpu() if shown is not None else None)
+
+    def compile(self, **options: Any) -> Generator:
+        """Compile the denoising network with ``torch.compile`` for the many identical calls of sampling."""
+        self.model.network = torch.compile(self.model.network, **options)
+        return self
 
     def describe(self) -> dict[str, Any]:
         """Plain facts for manifests and model metadata."""

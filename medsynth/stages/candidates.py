@@ -155,7 +155,7 @@ def sample_candidates(
     seeds = [c.seed for c in candidates]
     attributes = [c.attributes for c in candidates]
     options = {"steps": settings.steps, "eta": settings.eta, "guidance_scale": settings.guidance_scale,
-               "sampler": settings.sampler}
+               "sampler": settings.sampler, "precision": settings.precision}
     if label_generator is not None:
         maps = label_generator.sample(seeds, attributes=attributes, **options).labels
         assert maps is not None

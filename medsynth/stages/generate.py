@@ -94,6 +94,10 @@ def generate(
         label_generator = None
         if generator.conditioning == "mask" and settings.labels.source == "generator":
             label_generator = _load_label_generator(str(settings.labels.generator), settings, manifest, run, device)
+        if settings.compile:  # after everything that reads the models' weights
+            for model in (generator, label_generator):
+                if model is not None:
+                    model.compile()
         planner = _planner(settings, source, manifest, generator)
         gate = _privacy_gate(settings, encoder, privacy, run, manifest, generator, device,
                              train_split=source if settings.labels.split == "train" else None)
