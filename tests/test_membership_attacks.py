@@ -22,6 +22,7 @@ from medsynth.diffusion.generator import Generator
 from medsynth.evaluation.audit import membership_figures
 from medsynth.evaluation.instruments import (
     MEMBERSHIP_ATTACKS,
+    attack_sample,
     diffusion_coefficients,
     membership_errors,
     noise_estimate,
@@ -180,3 +181,18 @@ def test_membership_figures_report_each_attack_and_the_strongest_under_the_plain
     assert alone["privacy/membership_auc"] == alone["privacy/membership_auc_loss"]
     with pytest.raises(ValueError, match="same attacks"):
         membership_figures(members, {"loss": nonmembers["loss"]})
+
+
+def test_attack_sample_draws_the_same_rows_with_their_records() -> None:
+    """At most ``max_records`` rows, in order, the same for a seed, each with its own record; small sets stay whole."""
+    x = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 1, 2, 2).clone()
+    data = LabelledArrays(x, torch.zeros(10, 1, 2, 2, dtype=torch.long), [f"r{i}" for i in range(10)], [np.eye(4)] * 10)
+    sample, chosen = attack_sample(data, records(10), max_records=4, seed=3)
+    again, _ = attack_sample(data, records(10), max_records=4, seed=3)
+    assert len(sample) == 4 and sample.ids == again.ids and sample.ids == sorted(sample.ids, key=lambda i: int(i[1:]))
+    assert [f"r{r.id}" for r in chosen] == sample.ids
+    assert [int(v) for v in sample.images[:, 0, 0, 0]] == [int(i[1:]) for i in sample.ids]
+    assert attack_sample(data, records(10), max_records=4, seed=4)[0].ids != sample.ids
+    whole, kept = attack_sample(data, records(10), max_records=None, seed=3)
+    assert whole is data and len(kept) == 10
+    assert attack_sample(data, records(10), max_records=10, seed=3)[0] is data

@@ -621,10 +621,13 @@ class SegmenterSettings:
 class MembershipSettings:
     timesteps: list[int] = field(default_factory=lambda: [50, 200, 500])
     attacks: list[str] = field(default_factory=lambda: ["loss", "pia"])
+    max_records: int | None = 128
 
     def __post_init__(self) -> None:
         check(bool(self.timesteps) and all(t >= 0 for t in self.timesteps), "evaluate.membership.timesteps",
               "a list of timesteps >= 0", self.timesteps)
+        check(self.max_records is None or self.max_records >= 2, "evaluate.membership.max_records",
+              "an integer >= 2 or null", self.max_records)
         check(bool(self.attacks) and set(self.attacks) <= {"loss", "pia"} and len(set(self.attacks)) == len(self.attacks),
               "evaluate.membership.attacks", "a non-empty list of loss, pia without repeats", self.attacks)
 

@@ -258,6 +258,23 @@ def holdout_dice(segmenter: nn.Module, holdout: LabelledArrays, *, num_classes: 
 # --------------------------------------------------------------------------- the membership attacks
 
 
+def attack_sample(data: LabelledArrays, records: Sequence[Record], *, max_records: int | None,
+                  seed: int) -> tuple[LabelledArrays, list[Record]]:
+    """At most ``max_records`` of a split's rows and records for the membership attacks, drawn by ``seed``.
+
+    The attacks' AUC is read from members against non-members; scoring a few hundred of each
+    estimates it about as well as scoring thousands, at a fraction of the model passes. The rows
+    keep their order, so the same seed draws the same rows in every run.
+    """
+    if max_records is None or len(data) <= max_records:
+        return data, list(records)
+    rows = np.sort(np.random.default_rng(seed).choice(len(data), size=max_records, replace=False))
+    index = torch.as_tensor(rows)
+    return (LabelledArrays(data.images[index], data.labels[index], [data.ids[i] for i in rows],
+                           [data.affines[i] for i in rows] if data.affines else [], data.codes[index]),
+            [records[i] for i in rows])
+
+
 def membership_errors(
     generator: Generator,
     data: LabelledArrays,

@@ -33,7 +33,8 @@ from medsynth.evaluation import AuditSet, privacy_figures, realism_figures, rend
 from medsynth.evaluation.audit import not_computable
 from medsynth.evaluation.figures import Figure, Verdict, judge
 from medsynth.evaluation.rules import PrivacyRules, calibrate_rules
-from medsynth.evaluation.instruments import dataset_encoder, features, holdout_dice, membership_errors, train_segmenters
+from medsynth.evaluation.instruments import (attack_sample, dataset_encoder, features, holdout_dice, membership_errors,
+                                            train_segmenters)
 from medsynth.evaluation.pictures import picture_sheets
 from medsynth.evaluation.provenance import (
     LINEAGE,
@@ -129,11 +130,14 @@ def evaluate(
             segmenters = train_segmenters(settings.segmenter, real=train, synthetic=synthetic.arrays(),
                                           num_classes=num_classes, spatial_dims=dims, seed=settings.seed, device=device,
                                           progress=run.progress)
-            audit.step(f"running the membership attacks on {len(train)} training and {len(holdout)} holdout records")
-            errors = {name: membership_errors(generator, data, manifest.split(name), timesteps=settings.membership.timesteps,
+            attacked = {name: attack_sample(data, manifest.split(name), max_records=settings.membership.max_records,
+                                            seed=settings.seed) for name, data in (("train", train), ("holdout", holdout))}
+            audit.step(f"running the membership attacks on {len(attacked['train'][0])} of {len(train)} training and "
+                       f"{len(attacked['holdout'][0])} of {len(holdout)} holdout records")
+            errors = {name: membership_errors(generator, data, records, timesteps=settings.membership.timesteps,
                                               attacks=settings.membership.attacks, seed=settings.seed,
                                               progress=run.progress, desc=f"membership attacks ({name})")
-                      for name, data in (("train", train), ("holdout", holdout))}
+                      for name, (data, records) in attacked.items()}
             audit.step("computing the realism figures")
             audit.figures += realism_figures(
                 *sets.values(), label_names=names, spatial_dims=dims, max_ssim_pairs=settings.max_ssim_pairs,
