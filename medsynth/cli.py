@@ -36,9 +36,19 @@ common overrides:
   mlflow.tracking_uri=URI     MLflow store (default: sqlite:///mlflow.db in the working directory)
   trainer.max_steps=N  generate.num_samples=N  generate.steps=N  device=cpu|cuda
 
-Hydra flags work too: `medsynth train --cfg job` prints the composed config, `-m` runs a sweep.
+presets (experiment=NAME): {{presets}}
+
+Hydra flags work too: `medsynth <stage> --help` lists every config group and its options,
+`medsynth train --cfg job` prints the composed config, `-m` runs a sweep.
 Config folder: {{config}}
+Docs: README.md and docs/ in the source repository (how-it-works.md: every stage and setting;
+audit.md: what PASS and FAIL rest on; own-data.md: running on your scans)
 """
+
+
+def _presets() -> str:
+    """The names of ``conf/experiment``'s presets, comma-separated."""
+    return ", ".join(sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml")))
 
 
 def _call(stage: str, settings: PipelineSettings) -> Any:
@@ -222,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE.format(config=config_dir()))
+        print(USAGE.format(config=config_dir(), presets=_presets()))
         return 0 if args else 2
     stage, overrides = args[0], args[1:]
     if stage == "verify":

@@ -36,6 +36,9 @@ def test_help_lists_stages(tmp_path: Path) -> None:
     assert result.returncode == 0
     for stage in ("preprocess", "train", "generate", "evaluate", "run"):
         assert stage in result.stdout
+    presets = next(line for line in result.stdout.splitlines() if line.startswith("presets (experiment=NAME): "))
+    assert presets.split(": ", 1)[1].split(", ") == sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert "Docs: README.md and docs/" in result.stdout
 
 
 def test_unknown_stage(tmp_path: Path) -> None:
