@@ -30,7 +30,8 @@ from medsynth.data.discovery import CaseSpec
 from medsynth.data.manifest import Record, write_record
 from medsynth.io.dicom import load_dicom_seg, load_dicom_series
 from medsynth.io.nifti import MAX_IMAGE_BYTES, image_size_problem, load_nifti, one_line
-from medsynth.transforms import volume_preprocessing
+from medsynth.transforms import intensity_scaling, volume_preprocessing
+from medsynth.transforms.grid import preprocess_separable
 
 INTENSITY_MODES = ("auto", "percentile", "window")
 _MAX_LABEL = 2**31 - 1
@@ -135,7 +136,6 @@ def body_mask(volume: np.ndarray, *, modality: str) -> np.ndarray:
     Returns:
         ``uint8`` mask, 1 inside the body.
     """
-    from scipy import ndimage
     from skimage.filters import threshold_otsu
 
     if modality.upper() == "CT":
@@ -154,8 +154,40 @@ def body_mask(volume: np.ndarray, *, modality: str) -> np.ndarray:
         else:
             threshold = float("inf")
     mask = volume > threshold
-    mask = ndimage.binary_fill_holes(mask) if mask.any() else mask
+    _fill_holes(mask)
     return mask.astype(np.uint8)
+
+
+def _fill_holes(mask: np.ndarray) -> None:
+    """Fill the holes of a 3D boolean mask in place: the result of ``scipy.ndimage.binary_fill_holes``, faster.
+
+    A hole is a connected piece of background (6-connectivity, as scipy's default) that does not touch
+    the array's border. The background is labelled in one pass and the pieces that touch no face are
+    filled, instead of scipy's repeated dilations. The work follows the axes in memory order (the
+    result does not depend on axis order) and stays inside the mask's bounding box (the background
+    outside it reaches the border anyway).
+    """
+    from scipy import ndimage
+
+    order = np.argsort([-abs(s) for s in mask.strides], kind="stable")
+    view = mask.transpose(order)
+    box = []
+    for axis in range(view.ndim):
+        hit = np.flatnonzero(view.any(axis=tuple(a for a in range(view.ndim) if a != axis)))
+        if hit.size == 0:
+            return
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    region = view[tuple(box)]
+    pieces, count = ndimage.label(~region)
+    if count == 0:
+        return
+    is_hole = np.ones(count + 1, dtype=bool)
+    is_hole[0] = False
+    for axis in range(pieces.ndim):
+        for end in (0, -1):
+            is_hole[np.take(pieces, end, axis=axis)] = False
+    if is_hole.any():
+        region |= is_hole[pieces]
 
 
 def _read_nifti(path: str | os.PathLike[str], *, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -426,6 +458,13 @@ def preprocess_volume(
         ``(volume, labels, affine)``: ``(1, X', Y', Z')`` float32 in [0, 1], ``(1, X', Y', Z')``
         uint8, and the RAS affine of the result.
     """
+    fast = preprocess_separable(
+        image, label, affine, spacing=spacing, size=size, margin=margin,
+        scaling=intensity_scaling(intensity, window=window, lower_percentile=lower_percentile,
+                                  upper_percentile=upper_percentile),
+    )
+    if fast is not None:
+        return fast
     chain = volume_preprocessing(
         spacing=spacing, lower_percentile=lower_percentile, upper_percentile=upper_percentile,
         spatial_size=size, margin=margin, intensity=intensity, window=window,
@@ -441,10 +480,9 @@ def preprocess_volume(
 
 def kept_slices(labels: np.ndarray, *, slice_axis: int, min_foreground: float) -> list[int]:
     """Indices of the slices of a ``(1, X, Y, Z)`` label map whose labelled fraction reaches ``min_foreground``."""
-    return [
-        k for k in range(labels.shape[1 + slice_axis])
-        if (np.take(labels, k, axis=1 + slice_axis) > 0).mean() >= min_foreground
-    ]
+    others = tuple(axis for axis in range(labels.ndim) if axis != 1 + slice_axis)
+    fractions = np.count_nonzero(labels, axis=others) / max(1, labels.size // labels.shape[1 + slice_axis])
+    return [int(k) for k in np.flatnonzero(fractions >= min_foreground)]
 
 
 def slice_records(

@@ -56,6 +56,32 @@ class ForegroundPercentileScaled(MapTransform):
         return d
 
 
+def intensity_scaling(
+    intensity: str, *, window: Sequence[float] | None = None, lower_percentile: float = 0.5, upper_percentile: float = 99.5
+) -> MapTransform:
+    """The intensity step of :func:`volume_preprocessing`, on ``{"image", "label"}`` channel-first arrays.
+
+    Args:
+        intensity: ``percentile`` (foreground percentiles to [0, 1]) or ``window`` (``window`` clipped
+            and mapped to [0, 1]).
+        window: ``(low, high)`` for the ``window`` mode.
+        lower_percentile: Foreground percentile mapped to 0.
+        upper_percentile: Foreground percentile mapped to 1.
+
+    Raises:
+        ValueError: On an unknown mode or a window that is not ``low < high``.
+    """
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity mode must be one of {INTENSITY_MODES}, got {intensity!r}")
+    if intensity == "window":
+        if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
+            raise ValueError(f"the window intensity mode needs window=(low, high) with low < high, got {window}")
+        return ScaleIntensityRanged(
+            keys="image", a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0, clip=True
+        )
+    return ForegroundPercentileScaled(keys="image", lower=lower_percentile, upper=upper_percentile)
+
+
 def volume_preprocessing(
     *,
     spacing: Sequence[float],
@@ -91,16 +117,8 @@ def volume_preprocessing(
     Raises:
         ValueError: On an unknown intensity mode or a window that is not ``low < high``.
     """
-    if intensity not in INTENSITY_MODES:
-        raise ValueError(f"intensity mode must be one of {INTENSITY_MODES}, got {intensity!r}")
-    if intensity == "window":
-        if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
-            raise ValueError(f"the window intensity mode needs window=(low, high) with low < high, got {window}")
-        scaling = ScaleIntensityRanged(
-            keys="image", a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0, clip=True
-        )
-    else:
-        scaling = ForegroundPercentileScaled(keys="image", lower=lower_percentile, upper=upper_percentile)
+    scaling = intensity_scaling(intensity, window=window, lower_percentile=lower_percentile,
+                                upper_percentile=upper_percentile)
     steps: list = [
         Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=KEYS, pixdim=tuple(spacing), mode=("bilinear", "nearest"), dtype=torch.float32),  # float64 would double the peak
