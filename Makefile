@@ -9,7 +9,7 @@ STAMP := $(VENV)/.medsynth-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),,torch==2.13.0)
 
-.PHONY: install tools demo test test-fast wheel-check benchmark clean
+.PHONY: install tools demo test test-fast docs docs-serve wheel-check benchmark clean
 
 # dciodvfy (Debian's dicom3tools) validates the DICOM objects medsynth writes; the tests use it.
 tools:
@@ -23,13 +23,23 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/pip install "$(TORCH_SPEC)")
-	$(BIN)/pip install -e ".[test]"
+	$(BIN)/pip install -e ".[test,docs]"
 	touch $(STAMP)
 
 demo: install
 	$(BIN)/medsynth run $(ARGS)
 
-test: install tools
+# The documentation site (mkdocs.yml) into site/; --strict turns any warning (a broken link or anchor,
+# a docstring the API reference cannot read) into a failure. The CLI reference is generated from conf/.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+docs: install
+	$(MKDOCS) build --strict --site-dir site
+
+docs-serve: install
+	$(MKDOCS) serve
+
+test: install tools docs
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: install tools
@@ -40,4 +50,4 @@ wheel-check:
 	PYTHON=$(PYTHON) bash .ci/wheel_check.sh
 
 clean:
-	rm -rf outputs mlflow.db mlruns mlartifacts .pytest_cache build dist
+	rm -rf outputs mlflow.db mlruns mlartifacts .pytest_cache build dist site

@@ -274,10 +274,10 @@ def privacy_figures(
         holdout: Real holdout set (the non-members).
         synthetic: The synthetic set.
         num_classes: Label values including background.
-        member_errors, nonmember_errors: The membership attacks' scores of training and holdout
-            images (lower = more likely a member): ``{attack: errors}``, or one array for the
-            ``loss`` (denoising-error) attack alone; ``None`` skips membership inference
-            (:func:`membership_figures`).
+        member_errors: The membership attacks' scores of training images (lower = more likely a
+            member): ``{attack: errors}``, or one array for the ``loss`` (denoising-error) attack
+            alone; ``None`` skips membership inference (:func:`membership_figures`).
+        nonmember_errors: The same scores of holdout images.
         rules: The per-sample rules calibrated on ``train`` and ``holdout`` (:func:`calibrate_rules`
             with the sets' features); default: calibrated here from the sets' images and features
             with the default ``conf/privacy`` settings and ``memorisation_threshold``.
