@@ -155,7 +155,11 @@ def claimed(stage: str, settings: PipelineSettings | None) -> Iterator[None]:
         yield
         return
     from medsynth.stages.context import claim_output
+    from medsynth.stages.preprocess import holds_output
 
+    if stage == "preprocess" and not holds_output(settings.data):  # one shard: the stage holds its shard's lock
+        yield
+        return
     with user_errors(stage), claim_output(settings.run, stage):
         yield
 

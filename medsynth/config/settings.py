@@ -172,6 +172,71 @@ class SplitSettings:
         check(self.gap >= 0, "data.splits.gap", "an integer >= 0", self.gap)
 
 
+SHARD_FORMS = ("K/N with 1 <= K <= N (preprocess shard K of N), merge/N or merge (write the manifest from the N "
+               "shards' results), or null (the whole input)")
+"""What ``data.shard`` accepts, for its error message."""
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_MERGE = re.compile(r"^\s*merge\s*(?:/\s*(\d+)\s*)?$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A value of ``data.shard``: one shard of the input, or the merge of all shards' results.
+
+    Attributes:
+        index: The shard, 1 to ``count``; ``None`` for the merge.
+        count: How many shards the input is cut into; ``None`` for a merge that takes the count from
+            the shards' results.
+    """
+
+    index: int | None
+    count: int | None
+
+    @property
+    def merge(self) -> bool:
+        """Whether this is the merge step."""
+        return self.index is None
+
+    @property
+    def label(self) -> str:
+        """The value as a user writes it: ``2/8``, ``merge/8`` or ``merge``."""
+        if self.index is not None:
+            return f"{self.index}/{self.count}"
+        return f"merge/{self.count}" if self.count is not None else "merge"
+
+    @property
+    def name(self) -> str:
+        """The shard's name in file names: ``2-of-8``."""
+        return f"{self.index}-of-{self.count}"
+
+
+def parse_shard(value: str | None) -> Shard | None:
+    """``data.shard`` as a :class:`Shard` (``None``: no sharding, the whole input in one run).
+
+    Args:
+        value: ``K/N`` (1 <= K <= N), ``merge``, ``merge/N`` (N >= 1) or ``None``.
+
+    Returns:
+        The shard, or ``None``.
+
+    Raises:
+        ConfigError: Naming ``data.shard`` and the forms it accepts.
+    """
+    if value is None:
+        return None
+    text = str(value)
+    if (found := _SHARD.match(text)) is not None:
+        index, count = int(found[1]), int(found[2])
+        check(1 <= index <= count, "data.shard", SHARD_FORMS, value)
+        return Shard(index, count)
+    if (found := _MERGE.match(text)) is not None:
+        count = int(found[1]) if found[1] is not None else None
+        check(count is None or count >= 1, "data.shard", SHARD_FORMS, value)
+        return Shard(None, count)
+    check(False, "data.shard", SHARD_FORMS, value)
+    return None
+
+
 @dataclass(kw_only=True)
 class DataSettings:
     """What to read and how to cut it into records (``conf/data``)."""
@@ -198,8 +263,10 @@ class DataSettings:
     workers: int = 0
     subjects: int = 12
     max_image_gb: float = 4.0  # largest image a case may declare, or need while it is resampled, in GB of float32
+    shard: str | None = None  # K/N: preprocess only shard K of N (a SLURM array task); merge or merge/N: the merge
 
     def __post_init__(self) -> None:
+        parse_shard(self.shard)
         check(self.subjects >= 3, "data.subjects", "an integer >= 3 (data=demo_cohort fills train, validation and holdout)",
               self.subjects)
         if self.source == "nifti":

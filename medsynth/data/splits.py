@@ -202,3 +202,22 @@ def _positive(fractions: Mapping[str, float]) -> list[str]:
 def _hash_order(patients: Sequence[str] | Mapping[str, str]) -> list[str]:
     """Distinct patient ids ordered by a hash of the id: stable across runs, independent of input order."""
     return sorted(set(patients), key=lambda p: hashlib.sha256(f"split:{p}".encode()).hexdigest())
+
+
+def shard_of(patient: str, count: int) -> int:
+    """The shard (1 to ``count``) that preprocesses ``patient``'s cases when the input is cut into ``count`` shards.
+
+    A hash of the (pseudonymous) patient id modulo ``count``: every series of a patient lands in the
+    same shard, and a patient's shard depends on nothing but its id and ``count`` (not on the input's
+    order, nor on what the other shards hold), so independent processes agree on it.
+
+    Args:
+        patient: Pseudonymous patient id.
+        count: Number of shards (>= 1).
+
+    Returns:
+        The shard's number, 1-based.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    return int(hashlib.sha256(f"shard:{patient}".encode()).hexdigest(), 16) % count + 1

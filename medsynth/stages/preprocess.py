@@ -4,18 +4,33 @@
 Every source takes the same path: discover its cases (:mod:`medsynth.data.discovery`; the demo and
 ``data=nifti`` are one case), then :func:`medsynth.data.build.build_dataset` preprocesses them,
 assigns splits and writes the manifest and the quarantine.
+
+``data.shard=K/N`` cuts that in two for large inputs: N processes (a SLURM array) each preprocess the
+patients of one shard (:func:`medsynth.data.build.build_shard`), then ``data.shard=merge`` assigns the
+splits and writes the manifest (:func:`medsynth.data.build.merge_shards`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from medsynth import ConfigError, MedsynthError
 from medsynth.config.schema import to_mapping
-from medsynth.config.settings import DataSettings, RunSettings
+from medsynth.config.settings import DataSettings, RunSettings, Shard, parse_shard
 from medsynth.data import Manifest
-from medsynth.data.build import build_dataset
+from medsynth.data.build import (
+    ShardResult,
+    build_dataset,
+    build_shard,
+    merge_shards,
+    shard_count,
+    shard_folder,
+    shard_folders,
+)
 from medsynth.data.case import VolumeSettings
 from medsynth.data.deid import load_salt
 from medsynth.data.demo import write_mni152_cohort, write_mni152_demo
@@ -28,7 +43,14 @@ from medsynth.data.discovery import (
     read_attributes,
 )
 from medsynth.evaluation.provenance import LINEAGE, file_sha256, write_data_lineage
-from medsynth.stages.context import stage_run
+from medsynth.io.lock import LOCK_NAME, output_lock, read_holder
+from medsynth.stages.context import (
+    check_folders,
+    log_config,
+    make_tracker,
+    stage_run,
+    stage_tags,
+)
 from medsynth.tracking import TrackerLike
 
 log = logging.getLogger("medsynth")
@@ -42,8 +64,13 @@ def preprocess(
     run: RunSettings,
     tracker: TrackerLike | None = None,
     parent_run_id: str | None = None,
-) -> Manifest:
+) -> Manifest | ShardResult:
     """Preprocess the configured scans into ``run.paths.data``.
+
+    With ``data.shard=K/N`` only the cases of the patients in shard K are preprocessed and no manifest
+    is written, only the shard's result (``data/shards/K-of-N/result.json``); ``data.shard=merge``
+    (or ``merge/N``) then writes the manifest from all N results, the same one a single run writes
+    (docs/data-ingest.md, "Sharded preprocessing").
 
     Args:
         settings: What to read and how to cut it into records (``conf/data``).
@@ -52,32 +79,133 @@ def preprocess(
         parent_run_id: Pipeline run to nest under.
 
     Returns:
-        The written manifest.
+        The written manifest; for one shard, what the shard did (:class:`~medsynth.data.build.ShardResult`).
 
     Raises:
         ConfigError: On a setting that does not fit the input.
-        MedsynthError: If the input cannot be read or no case makes it into the dataset.
+        MedsynthError: If the input cannot be read, no case makes it into the dataset, the same shard is
+            being preprocessed by another run, or a merge finds a shard missing or not fitting.
     """
     if settings.source not in SOURCES:
         raise ConfigError(f"data.source must be one of {SOURCES}, got {settings.source!r}")
+    shard = parse_shard(settings.shard)
     config = {"data": to_mapping(settings)}
-    with stage_run(run, "preprocess", config, tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
-        manifest = build_dataset(
-            _discover(settings, run), out_dir=Path(run.paths.data), settings=volume_settings(settings),
-            fractions=dict(settings.splits.fractions), block=settings.splits.block, gap=settings.splits.gap,
-            workers=settings.workers, progress=run.progress,
-        )
+    if shard is not None and not shard.merge:
+        if parent_run_id is not None:
+            raise ConfigError(f"data.shard={shard.label} preprocesses one shard and writes no manifest, so the stages "
+                              "after it would have no dataset: run the shards with `medsynth preprocess`, then "
+                              "merge them (data.shard=merge) before training")
+        return _preprocess_shard(settings, run, shard, config, tracker=tracker)
+    with stage_run(run, "preprocess", config, tracker=tracker, parent_run_id=parent_run_id) as (active, run_id):
+        data = Path(run.paths.data)
+        if shard is not None:
+            active.set_tags(run_id, {SHARD_TAG: shard.label})
+        _require_no_running_shard(data, "a merge" if shard is not None else "preprocessing the whole input",
+                                  stage="preprocess" if shard is None else f"preprocess data.shard={shard.label}")
+        count = None
+        if shard is not None:
+            count = shard.count if shard.count is not None else shard_count(data)
+            if shard.count is None:
+                active.set_tags(run_id, {SHARD_TAG: f"merge/{count}"})
+        discovery = _discover(settings, run)
+        fractions, splits = dict(settings.splits.fractions), settings.splits
+        if count is None:
+            manifest = build_dataset(discovery, out_dir=data, settings=volume_settings(settings), fractions=fractions,
+                                     block=splits.block, gap=splits.gap, workers=settings.workers, progress=run.progress)
+        else:
+            manifest = merge_shards(discovery, out_dir=data, settings=volume_settings(settings), count=count,
+                                    fractions=fractions, block=splits.block, gap=splits.gap)
         counts = manifest.counts()
         log.info("preprocess: %s records %s -> %s", len(manifest.records), counts, manifest.root / "manifest.json")
-        tracker.log_metrics(run_id, {f"records_{split}": n for split, n in counts.items()})
-        tracker.log_artifact(run_id, manifest.root / "manifest.json", artifact_path="data")
+        active.log_metrics(run_id, {f"records_{split}": n for split, n in counts.items()})
+        active.log_artifact(run_id, manifest.root / "manifest.json", artifact_path="data")
         data_hash = file_sha256(manifest.root / "manifest.json")
-        tracker.set_tags(run_id, {f"{LINEAGE}data_manifest_sha256": data_hash})
+        active.set_tags(run_id, {f"{LINEAGE}data_manifest_sha256": data_hash})
         write_data_lineage(manifest.root, preprocess_run_id=run_id, data_manifest_sha256=data_hash)
         quarantine = manifest.root / "quarantine.json"
         if quarantine.is_file():
-            tracker.log_artifact(run_id, quarantine, artifact_path="data")
+            active.log_artifact(run_id, quarantine, artifact_path="data")
         return manifest
+
+
+SHARD_TAG = "medsynth.shard"
+"""The MLflow tag naming a shard's run (``2/8``) or a merge's (``merge/8``)."""
+
+
+def holds_output(settings: DataSettings) -> bool:
+    """Whether a preprocess run with ``settings`` holds ``paths.output``'s lock: every run but one shard
+    (``data.shard=K/N``), which holds its shard's lock instead, so that the N shards of an array job run
+    at once on one output folder while two runs of the same shard exclude each other.
+
+    Args:
+        settings: The data settings.
+
+    Returns:
+        ``False`` for one shard, ``True`` otherwise (the whole input, or the merge).
+
+    Raises:
+        ConfigError: For a bad ``data.shard``.
+    """
+    shard = parse_shard(settings.shard)
+    return shard is None or shard.merge
+
+
+def _preprocess_shard(settings: DataSettings, run: RunSettings, shard: Shard, config: Mapping[str, Any], *,
+                      tracker: TrackerLike | None) -> ShardResult:
+    """One shard (``data.shard=K/N``) as its own MLflow run.
+
+    It holds its shard's lock (``data/shards/K-of-N/.medsynth.lock``), not ``paths.output``'s, so the
+    N shards of an array job run at once on one output folder while two runs of the same shard
+    exclude each other.
+    """
+    assert shard.index is not None and shard.count is not None
+    check_folders(run, "preprocess")
+    folder = shard_folder(run.paths.data, shard.index, shard.count)
+    with _shard_lock(folder, shard):
+        tracker = tracker or make_tracker(run)
+        tags = {**stage_tags(run, "preprocess"), SHARD_TAG: shard.label}
+        with tracker.run(f"preprocess-{shard.name}", tags=tags) as run_id:
+            if run_id:
+                log.info("preprocess: shard %s, MLflow run %s", shard.label, run_id)
+                log_config(tracker, run_id, {**to_mapping(run), **config}, folder=folder)
+            result = build_shard(_discover(settings, run), out_dir=Path(run.paths.data), settings=volume_settings(settings),
+                                 index=shard.index, count=shard.count, workers=settings.workers, progress=run.progress)
+            tracker.log_metrics(run_id, {"shard_cases": result.cases, "shard_records": result.records,
+                                         "shard_quarantined": result.quarantined, "shard_reused": result.reused})
+            tracker.log_artifact(run_id, result.path, artifact_path=f"data/shards/{shard.name}")
+            return result
+
+
+@contextlib.contextmanager
+def _shard_lock(folder: Path, shard: Shard) -> Iterator[None]:
+    """Hold a shard's lock for the block; refuse, in one line, when another run is preprocessing that shard."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(output_lock(folder, stage=f"preprocess data.shard={shard.label}", key="data.shard"))
+        except MedsynthError as err:
+            holder = read_holder(folder)
+            if holder is None or "in use by another run" not in str(err):
+                raise
+            raise MedsynthError(f"data.shard={shard.label}: shard {shard.index} of {shard.count} is being preprocessed by "
+                                f"another run ({holder.describe()}); wait for it to end (lock file "
+                                f"{folder / LOCK_NAME})") from None
+        yield
+
+
+def _require_no_running_shard(data: Path, what: str, *, stage: str) -> None:
+    """Refuse ``what`` (a merge, or a run over the whole input) while a shard is preprocessing into ``data``:
+    its records are not finished, and the run's cleanup would delete them. Each shard's lock is taken and
+    released (a crashed shard's lock is taken over with a warning)."""
+    for (index, count), folder in shard_folders(data).items():
+        try:
+            with output_lock(folder, stage=stage, key="data.shard"):
+                pass
+        except MedsynthError as err:
+            holder = read_holder(folder)
+            if holder is None or "in use by another run" not in str(err):
+                raise
+            raise MedsynthError(f"shard {index}/{count} is still being preprocessed into {data} ({holder.describe()}): "
+                                f"wait for it to end before {what}") from None
 
 
 def volume_settings(settings: DataSettings) -> VolumeSettings:
