@@ -156,6 +156,21 @@ def test_planted_values_cover_the_profile() -> None:
 # --- salt and pseudonyms ------------------------------------------------------------------
 
 
+def test_processes_that_create_the_salt_at_once_read_one_whole_secret(tmp_path: Path) -> None:
+    """Array tasks that start together on a fresh output folder: each reads the same 32 bytes, none an
+    empty or partial file, and no temporary file is left behind."""
+    import concurrent.futures
+    import multiprocessing
+
+    from medsynth.data.deid import secret_file
+
+    path = tmp_path / "secret" / "salt"
+    with concurrent.futures.ProcessPoolExecutor(6, mp_context=multiprocessing.get_context("fork")) as pool:
+        secrets = list(pool.map(secret_file, [path] * 24))
+    assert len(set(secrets)) == 1 and len(secrets[0]) == 32
+    assert [p.name for p in path.parent.iterdir()] == ["salt"]
+
+
 def test_salt_file_is_created_once_private(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv(SALT_ENV, raising=False)
     path = tmp_path / "secret" / "salt"

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import re
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
@@ -69,13 +70,21 @@ def secret_file(path: str | os.PathLike[str], *, size: int = 32) -> bytes:
     path = Path(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        # written whole under a temporary name, then linked into place: a process that starts meanwhile
+        # (an array task) finds either no file or the whole secret, never an empty one
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it meanwhile
-            pass
-        else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(os.urandom(size))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(temporary, 0o600)
+            try:
+                os.link(temporary, path)
+            except FileExistsError:  # another process created it meanwhile: theirs is the secret
+                pass
+        finally:
+            os.unlink(temporary)
     return path.read_bytes()
 
 
