@@ -278,3 +278,24 @@ def test_shards_on_the_command_line_run_at_once(workspace) -> None:
     _preprocess(export, out, "data.shard=3/3")
     _preprocess(export, out, "data.shard=merge/3")
     assert _dataset(out) == single
+
+
+def test_a_tracker_whose_experiment_appears_meanwhile_uses_it(tmp_path, monkeypatch) -> None:
+    """Two array tasks open a store at once: both find no experiment, one creates it, and the other's create
+    fails; that one then uses the experiment the first created."""
+    from mlflow import MlflowClient
+
+    from medsynth.tracking.tracker import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(uri, experiment="shared")
+    real_lookup = MlflowClient.get_experiment_by_name
+    calls = {"n": 0}
+
+    def stale_first_lookup(self, name):  # the second task looked before the first task created it
+        calls["n"] += 1
+        return None if calls["n"] == 1 else real_lookup(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", stale_first_lookup)
+    second = Tracker(uri, experiment="shared")
+    assert second.experiment_id == first.experiment_id and calls["n"] == 2

@@ -71,7 +71,14 @@ class Tracker:
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 location = artifact_location or _default_artifact_location(tracking_uri)
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                except Exception:
+                    # another process (an array task) created it meanwhile: use theirs
+                    found = self.client.get_experiment_by_name(experiment)
+                    if found is None:
+                        raise
+                    self.experiment_id = found.experiment_id
             else:
                 self.experiment_id = found.experiment_id
         except Exception as err:  # mlflow raises many types for a bad store
