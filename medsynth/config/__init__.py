@@ -138,7 +138,7 @@ def resolve(cfg: Any) -> dict[str, Any]:
 _NOT_IN_STRUCT = re.compile(r"^Could not override '([^']+)'")
 
 
-def hydra_error_message(err: Exception) -> str:
+def hydra_error_message(err: BaseException) -> str:
     """Hydra's or OmegaConf's error about a config as one line that names the key and what it accepts.
 
     ``Could not override 'x.y'`` (a key the config lacks) becomes ``unknown config key x.y; x

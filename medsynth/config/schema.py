@@ -10,7 +10,6 @@ dataclass's ``__post_init__`` and use :func:`check`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -34,9 +33,14 @@ def check(condition: bool, key: str, accepts: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {accepts}, got {value!r}")
 
 
-@functools.cache
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    """The resolved type hints of a settings class (cached: resolving them is slow)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def from_mapping(cls: type[T], data: Mapping[str, Any] | None, *, key: str = "") -> T:
@@ -108,7 +112,7 @@ def _group(hint: Any) -> type | None:
     if dataclasses.is_dataclass(hint):
         return hint  # type: ignore[return-value]
     if typing.get_origin(hint) in (Union, types.UnionType):
-        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+        return next((a for a in typing.get_args(hint) if isinstance(a, type) and dataclasses.is_dataclass(a)), None)
     return None
 
 

@@ -116,7 +116,7 @@ def assign_splits(records: Sequence[Record], *, spatial_dims: int, fractions: Ma
     by_case: dict[str, list[Record]] = {}
     for r in records:
         by_case.setdefault(r.id.rsplit("_s", 1)[0], []).append(r)
-    out = []
+    out: list[Record] = []
     for case_records in by_case.values():
         case_records.sort(key=lambda r: r.slice_index or 0)
         try:

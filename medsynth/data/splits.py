@@ -163,6 +163,7 @@ def balance_records(assignment: Mapping[str, str], *, sizes: Mapping[str, int], 
         return sum(abs(changed.get(s, records[s]) / total - fractions[s]) for s in names)
 
     for _ in range(len(order) + 1):  # every round strictly lowers the gap
+        change: tuple[str, str, str | None] | None
         best, change = gap({}) - 1e-12, None
         for i, p in enumerate(order):
             a = split[p]
@@ -177,18 +178,18 @@ def balance_records(assignment: Mapping[str, str], *, sizes: Mapping[str, int], 
                     best, change = value, (p, b, q)
         if change is None:
             break
-        p, b, q = change
+        p, b, swap = change
         a = split[p]
         records[a] -= sizes[p]
         records[b] += sizes[p]
         split[p] = b
-        if q is None:
+        if swap is None:
             members[a] -= 1
             members[b] += 1
         else:
-            records[b] -= sizes[q]
-            records[a] += sizes[q]
-            split[q] = a
+            records[b] -= sizes[swap]
+            records[a] += sizes[swap]
+            split[swap] = a
     return split
 
 

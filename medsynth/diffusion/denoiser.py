@@ -96,6 +96,10 @@ class Denoiser(nn.Module):
         decode_tile: Latent-grid tile size for decoding volumes that do not fit in one pass.
     """
 
+    network: nn.Module
+    autoencoder: Any  # MONAI's AutoencoderKL (encode, decode, encoder.channels), or None
+    latent_scale: torch.Tensor
+
     def __init__(
         self,
         network: nn.Module,
@@ -179,17 +183,19 @@ class Denoiser(nn.Module):
 
     # --- conditions ------------------------------------------------------------------------------
 
-    def condition(self, label: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor | None:
+    def condition(self, label: torch.Tensor | None, codes: torch.Tensor | None = None) -> torch.Tensor | None:
         """What the network is told besides the noisy sample.
 
         Args:
-            label: ``(N, 1, *spatial)`` label maps.
+            label: ``(N, 1, *spatial)`` label maps (``mask`` needs them).
             codes: ``(N, A)`` attribute codes in this model's vocabulary order.
 
         Returns:
             The label maps for ``mask``, the codes for ``class`` / ``attributes``, else ``None``.
         """
         if self.conditioning == "mask":
+            if label is None:
+                raise ValueError("mask conditioning needs label maps")
             return label
         if self.conditioning in GUIDED_MODES:
             if codes is None or codes.shape[1] != len(self.vocabulary):
@@ -249,8 +255,10 @@ class Denoiser(nn.Module):
         Returns:
             ``(N, C, *spatial)`` prediction.
         """
-        if self.conditioning in ("mask", *GUIDED_MODES) and condition is None:
-            raise ValueError(f"{self.conditioning} conditioning needs a condition")
+        if condition is None:
+            if self.conditioning in ("mask", *GUIDED_MODES):
+                raise ValueError(f"{self.conditioning} conditioning needs a condition")
+            return self.network(x, timesteps)
         if self.conditioning == "mask":
             one_hot = self._one_hot(condition, x.dtype)
             if one_hot.shape[2:] != x.shape[2:]:

@@ -23,7 +23,7 @@ import inspect
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from monai.networks.schedulers import Scheduler
@@ -134,7 +134,7 @@ def build_network(options: Mapping[str, Any], *, key: str = "model.network", **e
     allowed = AUTOENCODERS if "autoencoder" in key else NETWORKS
     cls = _allowed_class(str(options.get("_target_")), allowed, key=f"{key}._target_")
     kwargs = _plain_kwargs(options, key=key)
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = inspect.signature(cls).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     for name in kwargs:
         if name in extra:
@@ -192,7 +192,7 @@ def build_sampler(sampler: str, scheduler: SchedulerSettings, *, key: str = "gen
 
     target = sampler_target(sampler, scheduler._target_, key=key)
     cls = _allowed_class(target, list(SAMPLERS.values()), key=key)
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = inspect.signature(cls).parameters
     return cls(**{k: v for k, v in scheduler.options().items() if k in accepted})
 
 
@@ -403,7 +403,7 @@ class Generator:
 
     def compile(self, **options: Any) -> Generator:
         """Compile the denoising network with ``torch.compile`` for the many identical calls of sampling."""
-        self.model.network = torch.compile(self.model.network, **options)
+        self.model.network = cast(nn.Module, torch.compile(self.model.network, **options))
         return self
 
     def describe(self) -> dict[str, Any]:

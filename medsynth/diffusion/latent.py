@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import torch
 from monai.inferers import sliding_window_inference
-from torch import nn
+
+if TYPE_CHECKING:
+    from monai.networks.nets import AutoencoderKL
 
 
 @torch.no_grad()
-def latent_scale_factor(autoencoder: nn.Module, images: torch.Tensor, *, batch_size: int = 4) -> float:
+def latent_scale_factor(autoencoder: AutoencoderKL, images: torch.Tensor, *, batch_size: int = 4) -> float:
     """``1 / std`` of the autoencoder's latent means over ``images``: the factor that gives the
     diffusion model latents of unit variance, as its noise schedule assumes.
 
@@ -31,7 +34,7 @@ def latent_scale_factor(autoencoder: nn.Module, images: torch.Tensor, *, batch_s
 
 @torch.no_grad()
 def decode_latents(
-    autoencoder: nn.Module,
+    autoencoder: AutoencoderKL,
     z: torch.Tensor,
     *,
     tile: Sequence[int] | None = None,
@@ -54,5 +57,5 @@ def decode_latents(
     """
     if tile is None or all(t >= s for t, s in zip(tile, z.shape[2:])):
         return autoencoder.decode(z)
-    return sliding_window_inference(z, roi_size=list(tile), sw_batch_size=1, predictor=autoencoder.decode,
-                                    overlap=overlap, mode="gaussian")
+    return cast(torch.Tensor, sliding_window_inference(z, roi_size=list(tile), sw_batch_size=1, predictor=autoencoder.decode,
+                                                       overlap=overlap, mode="gaussian"))

@@ -12,7 +12,7 @@ from medsynth.diffusion.denoiser import Denoiser
 
 
 def diffusion_loss(
-    model: Denoiser,
+    model: torch.nn.Module,
     x0: torch.Tensor,
     label: torch.Tensor | None,
     scheduler: Scheduler,
@@ -22,7 +22,7 @@ def diffusion_loss(
     """Mean squared error between the model's prediction and the scheduler's target.
 
     Args:
-        model: The conditioned denoiser.
+        model: The conditioned denoiser (a :class:`Denoiser`, or one wrapped for DDP or ``torch.compile``).
         x0: ``(N, C, *spatial)`` clean samples in model range [-1, 1] (:meth:`Denoiser.to_sample`).
         label: The network's condition (:meth:`Denoiser.condition`): label maps, codes, or ``None``.
         scheduler: A MONAI DDPM, DDIM or RFlow scheduler; it fixes the noising and the target.

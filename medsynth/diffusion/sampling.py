@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.schedulers import DDIMScheduler, RFlowScheduler, Scheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler, Scheduler
 
 from medsynth.diffusion.denoiser import Denoiser
 
@@ -55,9 +55,15 @@ def sample(
         ``(N, *shape)`` samples of the diffusion variable; :meth:`Denoiser.split` turns them into
         images and label maps.
     """
+    if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler, RFlowScheduler)):
+        raise TypeError(f"sampling needs a DDPM, DDIM or RFlow scheduler, got {type(scheduler).__name__}")
     if condition is not None and len(seeds) != condition.shape[0]:
         raise ValueError(f"need one seed per condition, got {len(seeds)} seeds for {condition.shape[0]} conditions")
-    null = model.null_condition(condition) if guidance_scale != 1.0 else None
+    null = None
+    if guidance_scale != 1.0:
+        if condition is None:
+            raise ValueError("classifier-free guidance needs a condition")
+        null = model.null_condition(condition)
     if steps < 1:
         raise ValueError(f"generate.steps must be >= 1, got {steps}")
     if device is None:
@@ -71,7 +77,7 @@ def sample(
     for i, t in enumerate(timesteps):
         # the network's prediction at this step
         t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        if null is None:
+        if null is None or condition is None:
             output = model(x, t_batch, condition)
         else:
             # guidance: unconditional and conditional predictions in one pass, then extrapolate

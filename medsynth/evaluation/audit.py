@@ -101,7 +101,7 @@ def not_computable(least: int = MIN_SET_SIZE, **sizes: int) -> str:
     return f"not computable: needs at least {least} images per set, {have} (for more, {more})"
 
 
-def _unless(note: str, compute: Callable[[], float]) -> float:
+def _unless(note: str, compute: Callable[[], float | torch.Tensor]) -> float:
     """``compute()``, or NaN when ``note`` says it is not computable."""
     return float("nan") if note else float(compute())
 

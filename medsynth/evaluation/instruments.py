@@ -428,7 +428,7 @@ def noise_estimate(scheduler: Scheduler, prediction: torch.Tensor, x_t: torch.Te
             ``step`` (``sample`` at a timestep without noise).
     """
     a, b = diffusion_coefficients(scheduler, step)
-    kind = "flow" if isinstance(scheduler, RFlowScheduler) else scheduler.prediction_type
+    kind = "flow" if isinstance(scheduler, RFlowScheduler) else str(scheduler.prediction_type)
     targets = {"epsilon": (0.0, 1.0), "sample": (1.0, 0.0), "v_prediction": (-b, a), "flow": (1.0, -1.0)}
     if kind not in targets:
         raise ValueError(f"PIA cannot read a noise estimate from prediction_type {kind!r}; "

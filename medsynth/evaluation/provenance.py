@@ -366,18 +366,20 @@ def verify(path: str | os.PathLike[str], *, audit: str | os.PathLike[str] | None
     for name in on_disk:
         if name not in recorded:
             return fail(f"extra file: {folder / name} was not in the audited set ({metrics})")
-    unchecked = []
+    unchecked: list[str] = []
     for what, key in (("checkpoint", "checkpoint"), ("dataset manifest", "data_manifest")):
         entry = record.get(key) if isinstance(record.get(key), dict) else {}
-        path = _relocated(str(entry.get("path", "")), record, metrics)
-        if path is None:
+        assert entry is not None
+        found = _relocated(str(entry.get("path", "")), record, metrics)
+        if found is None:
             unchecked.append(what)
             continue
-        actual = file_sha256(path)
+        actual = file_sha256(found)
         if actual != entry.get("sha256"):
-            return fail(f"changed file: {path} (the audited {what}) has SHA-256 {actual[:16]}..., the audit "
+            return fail(f"changed file: {found} (the audited {what}) has SHA-256 {actual[:16]}..., the audit "
                         f"{metrics} recorded {str(entry.get('sha256'))[:16]}...")
     verdict = body.get("verdict") if isinstance(body.get("verdict"), dict) else {}
+    assert verdict is not None
     if verdict.get("passed") is not True:
         reasons = "; ".join(str(r) for r in verdict.get("reasons") or []) or "no passing verdict recorded"
         return fail(f"audit verdict was FAIL ({metrics}: {reasons}); the {len(recorded)} files are the audited ones, "
@@ -394,6 +396,8 @@ def _relocated(recorded: str, record: Mapping[str, Any], metrics: Path) -> Path 
         return None
     path, output, audit_file = Path(recorded), str(record.get("output", "")), str(record.get("audit_file", ""))
     if output and audit_file:
+        inside: Path | None
+        audit_inside: Path | None
         try:
             inside, audit_inside = path.relative_to(output), Path(audit_file).relative_to(output)
         except ValueError:
@@ -466,6 +470,7 @@ def checkpoint_facts(generator: Any) -> dict[str, str]:
             state = torch.load(generator.checkpoint, map_location="cpu", weights_only=True)
         info = {**info, **{k: state[k] for k in ("run_id", "data_manifest_sha256", "lineage") if k in state}}
     lineage = info.get("lineage") if isinstance(info.get("lineage"), Mapping) else {}
+    assert lineage is not None
     run_id, data_sha = info.get("run_id"), info.get("data_manifest_sha256")
     preprocess = lineage.get("preprocess_run_id")
     return {

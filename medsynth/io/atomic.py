@@ -39,9 +39,9 @@ class DiskFullError(MedsynthError, OSError):
         note: What the caller adds (where to continue from, say).
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str = "No space left on device", code: int = errno.ENOSPC,
-                 *, note: str = "") -> None:
-        super().__init__(code, reason, str(path))
+    def __init__(self, path: str | os.PathLike[str], reason: str | None = "No space left on device",
+                 code: int | None = errno.ENOSPC, *, note: str = "") -> None:
+        super().__init__(code or errno.ENOSPC, reason or "No space left on device", str(path))
         self.note = note
 
     def __str__(self) -> str:

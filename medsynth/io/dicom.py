@@ -569,7 +569,7 @@ def _plane(index: int, file: str, ds: Dataset, layout: _Layout, position: Any, o
            slope: Any = None, intercept: Any = None, thickness: Any = None) -> _Plane:
     pos, ori, pix = (_floats(value if value is not None else (), n) for value, n in ((position, 3), (orientation, 6), (spacing, 2)))
     missing = [name for name, v in (("ImagePositionPatient", pos), ("ImageOrientationPatient", ori), ("PixelSpacing", pix)) if v is None]
-    if missing:
+    if missing or pos is None or ori is None or pix is None:
         raise DicomSeriesError(
             f"no patient geometry ({', '.join(missing)} missing or malformed): a projection image or a "
             "secondary capture cannot be placed in a volume", file)

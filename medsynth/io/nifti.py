@@ -57,7 +57,7 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _header_problem(img: nib.spatialimages.SpatialImage, path: Path, *, max_bytes: int) -> str | None:
+def _header_problem(img: nib.Nifti1Image | nib.Nifti2Image, path: Path, *, max_bytes: int) -> str | None:
     """What is wrong with a NIfTI header before its voxels are read (size, voxel type, truncation)."""
     dtype = img.get_data_dtype()
     if dtype.fields is not None or dtype.kind not in "biuf":
@@ -97,15 +97,17 @@ def load_nifti(
         raise MedsynthError(f"input file not found: {path}")
     try:
         img = nib.load(str(path))
-        problem = _header_problem(img, path, max_bytes=max_bytes)
+        problem = _header_problem(img, path, max_bytes=max_bytes) if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) \
+            else f"a {type(img).__name__}, not a NIfTI image (.nii or .nii.gz)"
     except MemoryError:
         raise
     except Exception as err:  # nibabel raises many types for corrupt headers
         raise MedsynthError(f"cannot read {path} as NIfTI ({one_line(err)})") from None
     if problem is not None:
         raise MedsynthError(f"{path}: {problem}")
+    assert isinstance(img, (nib.Nifti1Image, nib.Nifti2Image))  # anything else has a problem
     try:
-        array = np.asanyarray(img.dataobj).astype(dtype, copy=False)
+        array: np.ndarray = np.asanyarray(img.dataobj).astype(dtype, copy=False)
         affine = np.asarray(img.affine, dtype=np.float64)
     except MemoryError:
         raise

@@ -85,6 +85,7 @@ def mean_pairwise_ssim(
     scales = 1
     while multiscale and scales < len(_MS_SSIM_WEIGHTS) and (win - 1) * 2 ** scales < smallest:
         scales += 1
+    metric: SSIMMetric | MultiScaleSSIMMetric
     if scales == 1:
         metric = SSIMMetric(spatial_dims=spatial_dims, data_range=1.0, win_size=win)
     else:
@@ -92,7 +93,7 @@ def mean_pairwise_ssim(
         metric = MultiScaleSSIMMetric(
             spatial_dims=spatial_dims, data_range=1.0, kernel_size=win, weights=[w / sum(weights) for w in weights]
         )
-    values = [metric(x[i[k : k + 256]], x[j[k : k + 256]]) for k in range(0, i.numel(), 256)]
+    values = [torch.as_tensor(metric(x[i[k : k + 256]], x[j[k : k + 256]])) for k in range(0, i.numel(), 256)]
     return float(torch.cat(values).mean())
 
 

@@ -154,7 +154,7 @@ def sample_candidates(
     """
     seeds = [c.seed for c in candidates]
     attributes = [c.attributes for c in candidates]
-    options = {"steps": settings.steps, "eta": settings.eta, "guidance_scale": settings.guidance_scale,
+    options: dict[str, Any] = {"steps": settings.steps, "eta": settings.eta, "guidance_scale": settings.guidance_scale,
                "sampler": settings.sampler, "precision": settings.precision}
     if label_generator is not None:
         maps = label_generator.sample(seeds, attributes=attributes, **options).labels

@@ -7,15 +7,22 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from monai.networks.schedulers import Scheduler
 
-from medsynth import MedsynthError
+from medsynth import ConfigError, MedsynthError
 from medsynth.config.schema import to_mapping
-from medsynth.config.settings import ModelSettings, RunSettings, SchedulerSettings, TrainerSettings, check_training
+from medsynth.config.settings import (
+    DifferentialPrivacySettings,
+    ModelSettings,
+    RunSettings,
+    SchedulerSettings,
+    TrainerSettings,
+    check_training,
+)
 from medsynth.data import LabelledArrays, infinite_batches, load_split, read_manifest
 from medsynth.data.deid import secret_file
 from medsynth.diffusion import Denoiser
@@ -130,7 +137,7 @@ def _train(
     model = build_denoiser(model_settings, num_classes=manifest.num_classes, vocabulary=vocabulary).to(device)
     if plan is not None:
         check_private_model(model)
-    if model.autoencoder is not None and saved is None:
+    if model.autoencoder is not None and model_settings.autoencoder is not None and saved is None:
         scale = fit_autoencoder(
             model, train_data, network=model_settings.autoencoder, settings=t.autoencoder, path=folder / "autoencoder.pt",
             device=device, seed=run.seed, progress=run.progress and ddp.is_main, save=ddp.is_main,
@@ -142,16 +149,16 @@ def _train(
         enable_activation_checkpointing(model.network)
     scheduler = build_scheduler(scheduler_settings)
     layout = torch.channels_last if t.channels_last and manifest.spatial_dims == 2 else torch.contiguous_format
-    model.to(memory_format=layout)
+    model.to(memory_format=layout)  # type: ignore[call-overload]  # torch accepts it; its stubs lack the keyword
     state = TrainingState.create(model, t, device=device)
     if saved is not None:
         state.load_state_dict(saved)
         log.info("train: resuming from %s at step %d", resume_path, state.step)
     start_step = state.step
     # every rank holds the same weights; DDP averages the gradients of the ranks' batches
-    trained = torch.nn.parallel.DistributedDataParallel(model) if ddp.enabled else model
+    trained: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(model) if ddp.enabled else model
     if t.compile:
-        trained = torch.compile(trained, **t.compile_options)
+        trained = cast(torch.nn.Module, torch.compile(trained, **t.compile_options))
     n_params = sum(p.numel() for p in model.parameters())
     if saved is None:
         tracker.log_params(run_id, {"model_parameters": n_params, "device_resolved": str(device), "train_records": len(train_data)})
@@ -165,7 +172,8 @@ def _train(
     described = {**generator_state(model_settings, scheduler_settings, t.sampling), "label_names": manifest.label_names,
                  "vocabulary": vocabulary, "spatial_dims": manifest.spatial_dims, "image_size": image_size, **lineage}
     described["config"]["trainer"] = to_mapping(t)
-    generator = Generator(state.ema.shadow, scheduler_settings, list(manifest.label_names), tuple(image_size), t.sampling)
+    ema_model = cast(Denoiser, state.ema.shadow)  # the EMA copy of the denoiser
+    generator = Generator(ema_model, scheduler_settings, list(manifest.label_names), tuple(image_size), t.sampling)
     timesteps = validation_timesteps(t.validation.timestep_fractions, scheduler.num_train_timesteps)
 
     def sample_grid(step: int) -> None:
@@ -176,19 +184,19 @@ def _train(
     def on_step(step: int, loss: float, lr: float) -> None:
         tracker.log_metrics(run_id, {"loss": loss, "lr": lr}, step=step, buffered=True)
         checkpoint = step % t.checkpoint_every == 0 or step == t.max_steps
-        if plan is not None and (checkpoint or step % 10 == 0):
+        if plan is not None and accountant is not None and (checkpoint or step % 10 == 0):
             tracker.log_metrics(run_id, {"privacy/epsilon": accountant.epsilon(plan.delta)}, step=step, buffered=True)
         if not ddp.is_main or not checkpoint:
             return
         with progress_bar(total=len(validation), desc=f"validation at step {step}", unit="record", leave=False,
                           enabled=run.progress) as bar:
-            val_loss = validation_loss(state.ema.shadow, validation, scheduler, timesteps=timesteps, seed=run.seed,
+            val_loss = validation_loss(ema_model, validation, scheduler, timesteps=timesteps, seed=run.seed,
                                        on_batch=bar.update)
         tracker.log_metrics(run_id, {"val_loss": val_loss}, step=step)
         tracker.flush(run_id)  # the losses up to this checkpoint are in MLflow before it counts as saved
         state.step = step
         best = state.record_validation(val_loss)
-        private = {"privacy": plan.record(accountant).as_json()} if plan is not None else {}
+        private = {"privacy": plan.record(accountant).as_json()} if plan is not None and accountant is not None else {}
         save_step_checkpoint(folder, step, {**state.state_dict(), "run_id": run_id, "val_loss": val_loss, **described,
                                             **private}, best=best, keep=t.keep_last)
         if t.grid.num > 0 and (t.grid.every_checkpoint or step == t.max_steps):
@@ -200,6 +208,7 @@ def _train(
 
     # fit: each rank draws its own batches and noise; DP-SGD samples patients and noises their clipped gradients
     seed = run.seed + 7_919 * ddp.rank
+    batches: Iterator[Any] | None
     batches, gradient_fn = _private_fit(
         model, scheduler, train_data, groups, plan, accountant, t, secret_seed=dp_secret_seed(run.paths.output),
         device=device, start_step=start_step) if plan is not None else (None, None)
@@ -280,15 +289,23 @@ def _private_setup(t: TrainerSettings, *, ddp: Distributed, num_patients: int, s
         ConfigError: For a distributed run or too few patients.
         MedsynthError: For a checkpoint that cannot be resumed into this private run.
     """
-    if not t.privacy.enabled:
+    dp = _dp_settings(t)
+    if not dp.enabled:
         return None, None
     check_private_run(distributed=ddp.enabled)
-    plan = private_plan(t.privacy, train_patients=num_patients, max_steps=t.max_steps)
+    plan = private_plan(dp, train_patients=num_patients, max_steps=t.max_steps)
     accountant = resumed_accountant(plan, saved, where=str(resume_path))
     log.info("train: patient-level DP-SGD on %d patients: sample rate %.4g, noise multiplier %.4g, clipping %.3g, "
              "target epsilon %.3g at step %d for delta %.3g", num_patients, plan.sample_rate, plan.noise_multiplier,
-             t.privacy.max_grad_norm, t.privacy.target_epsilon, t.max_steps, plan.delta)
+             dp.max_grad_norm, dp.target_epsilon, t.max_steps, plan.delta)
     return plan, accountant
+
+
+def _dp_settings(t: TrainerSettings) -> DifferentialPrivacySettings:
+    """``trainer.privacy`` as settings (loading the config expands its ``dp`` / ``off`` shorthands)."""
+    if not isinstance(t.privacy, DifferentialPrivacySettings):
+        raise ConfigError(f"trainer.privacy must be dp, off or a group of DP settings, got {t.privacy!r}")
+    return t.privacy
 
 
 def _private_fit(model: Denoiser, scheduler: Scheduler, train_data: LabelledArrays, groups: list[list[int]],
@@ -302,7 +319,7 @@ def _private_fit(model: Denoiser, scheduler: Scheduler, train_data: LabelledArra
     subtract the noise, and the guarantee would be gone.
     """
     assert accountant is not None
-    dp = t.privacy
+    dp = _dp_settings(t)
     batches = patient_batches(train_data, groups, rate=plan.sample_rate, records_per_patient=dp.records_per_patient,
                               seed=secret_seed, flip_dims=list(t.flip_dims), start_step=start_step)
     gradient_fn = private_gradient(model, scheduler, noise_multiplier=plan.noise_multiplier, max_grad_norm=dp.max_grad_norm,

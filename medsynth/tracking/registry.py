@@ -25,7 +25,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Array, ColSpec, Schema
+from mlflow.types.schema import Array, ColSpec, Schema, TensorSpec
 
 from medsynth import MedsynthError, __version__
 from medsynth.diffusion.denoiser import GUIDED_MODES
@@ -52,13 +52,13 @@ def generator_signature(checkpoint: Mapping[str, Any]) -> ModelSignature:
     grid_double: Any = "double"
     for _ in range(spatial_dims):
         grid_long, grid_double = Array(grid_long), Array(grid_double)
-    inputs = [ColSpec("long", "seed")]
+    inputs: list[ColSpec | TensorSpec] = [ColSpec("long", "seed")]
     if conditioning in GUIDED_MODES:
         inputs.append(ColSpec("string", "prompt", required=False))
     if conditioning == "mask":
         inputs.append(ColSpec(grid_long, "label_map"))
     inputs += [ColSpec("long", "steps", required=False), ColSpec("double", "guidance_scale", required=False)]
-    outputs = [
+    outputs: list[ColSpec | TensorSpec] = [
         ColSpec("long", "seed"),
         ColSpec(grid_double, "image", required=False),
         ColSpec(grid_long, "label", required=False),

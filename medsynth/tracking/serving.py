@@ -449,7 +449,7 @@ class GeneratorModel(PythonModel):
             raise GeneratorInputError("no rows: give one row per sample, each with a seed")
         if len(rows) > self.limits.max_rows:
             raise GeneratorInputError(_too_many_rows(len(rows), self.limits.max_rows))
-        budget = _REQUEST_BUDGET.get() or RequestBudget.start(float(self.limits.time_limit))
+        budget = _REQUEST_BUDGET.get() or RequestBudget.start(_resolved(self.limits.time_limit, "time_limit"))
         defaults = self.settings
         prepared = [self._prepare(i, row, defaults, self.generator.guided) for i, row in enumerate(rows)]
         groups: dict[tuple[int, float], list[int]] = {}
@@ -491,7 +491,7 @@ class GeneratorModel(PythonModel):
                 "seed": seeds[k],
                 "image": image.tolist() if image is not None else None,
                 "label": label.tolist() if label is not None else None,
-                "shape": list(image.shape if image is not None else label.shape),
+                "shape": list(image.shape if image is not None else label.shape if label is not None else ()),
             }
 
     def _prepare(self, index: int, row: Mapping[str, Any], defaults: Mapping[str, Any], guided: bool) -> dict[str, Any]:
@@ -508,8 +508,9 @@ class GeneratorModel(PythonModel):
         steps = _integer(row["steps"], f"{where}: steps") if _given(row.get("steps")) else defaults["steps"]
         if steps < 1:
             raise GeneratorInputError(f"{where}: steps must be >= 1, got {steps}")
-        if steps > self.limits.max_steps:
-            raise GeneratorInputError(_too_many_steps(where, steps, self.limits.max_steps,
+        max_steps = int(_resolved(self.limits.max_steps, "max_steps"))
+        if steps > max_steps:
+            raise GeneratorInputError(_too_many_steps(where, steps, max_steps,
                                                       int(self.generator.scheduler.num_train_timesteps)))
         item: dict[str, Any] = {"seed": seed, "steps": steps,
                                 "guidance_scale": self._guidance_scale(row, where, defaults, guided)}
@@ -922,7 +923,7 @@ def guard_endpoint(endpoint: Callable[..., Awaitable[Any]], model: GeneratorMode
         from starlette.requests import Request
 
         limits = model.limits
-        budget = RequestBudget.start(float(limits.time_limit))
+        budget = RequestBudget.start(_resolved(limits.time_limit, "time_limit"))
         _install_stop_handler()
         try:
             body = await _read_body(request, int(limits.max_body_bytes))
@@ -964,7 +965,7 @@ def _check_body(model: GeneratorModel, body: bytes, content_type: str | None) ->
     limits = model.limits
     check_request(decode_request(body, content_type), columns=model.columns,
                   required=[c for c in ("seed", "label_map") if c in model.columns], image_size=model.image_size,
-                  max_rows=int(limits.max_rows), max_steps=int(limits.max_steps),
+                  max_rows=int(limits.max_rows), max_steps=int(_resolved(limits.max_steps, "max_steps")),
                   num_train_timesteps=int(model.generator.scheduler.num_train_timesteps))
 
 
@@ -1024,3 +1025,10 @@ __all__ = ["BATCH_SIZE", "DATA_KEYS", "INPUT_COLUMNS", "LIMIT_KEYS", "MAX_GUIDAN
            "OUTPUT_COLUMNS", "GeneratorInputError", "GeneratorModel", "RequestBudget", "RequestStopped", "SamplingTurns",
            "ServeLimits", "check_request", "decode_request", "guard_endpoint", "install_serving_hooks", "limit_variable",
            "parse_prompt", "request_rows", "serve_limits"]
+
+
+def _resolved(value: float | None, name: str) -> float:
+    """A limit that :meth:`ServeLimits.resolved` has set (a model's limits always are)."""
+    if value is None:
+        raise RuntimeError(f"serving limit {name} was not resolved")
+    return float(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -42,16 +43,21 @@ def enable_activation_checkpointing(network: nn.Module, *, blocks: Sequence[str]
     return changed
 
 
-@functools.cache
-def _checkpointed(cls: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of ``cls`` whose forward is recomputed in the backward pass while training."""
+_CHECKPOINTED: dict[type[nn.Module], type[nn.Module]] = {}
 
-    def forward(self: nn.Module, *args: object, **kwargs: object) -> object:
-        parent = super(subclass, self).forward
+
+def _checkpointed(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of ``cls`` whose forward is recomputed in the backward pass while training (one per class)."""
+    if cls in _CHECKPOINTED:
+        return _CHECKPOINTED[cls]
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        parent = functools.partial(cls.forward, self)
         if self.training and any(p.requires_grad for p in self.parameters()):
             return checkpoint(parent, *args, use_reentrant=False, **kwargs)
         return parent(*args, **kwargs)
 
     subclass = type(cls.__name__, (cls,), {"forward": forward, "_activation_checkpointed": True,
                                            "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    _CHECKPOINTED[cls] = subclass
     return subclass

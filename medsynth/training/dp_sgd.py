@@ -170,7 +170,7 @@ class _Forward(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
-        if self.model.conditioning == "mask":
+        if self.model.conditioning == "mask" and condition is not None:
             return self.model.network(torch.cat([x, condition.to(x.dtype)], dim=1), t)
         return self.model(x, t, condition)
 

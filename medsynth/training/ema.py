@@ -37,8 +37,8 @@ class EMA:
         for shadow, param in zip(self.shadow.parameters(), model.parameters(), strict=True):
             if param.requires_grad:  # frozen parts (a latent model's autoencoder) never change
                 shadow.lerp_(param.detach(), 1.0 - d)
-        for shadow, buf in zip(self.shadow.buffers(), model.buffers(), strict=True):
-            shadow.copy_(buf)
+        for shadow_buffer, buf in zip(self.shadow.buffers(), model.buffers(), strict=True):
+            shadow_buffer.copy_(buf)
         self.updates += 1
 
     def state_dict(self) -> dict:

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +14,8 @@ from torch import nn
 from medsynth.progress import progress_bar
 from medsynth.training.ema import EMA
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any
+"""What one step trains on: whatever ``batches`` yields and ``loss_fn`` (or ``gradient_fn``) takes; opaque to the loop."""
 
 
 @dataclasses.dataclass
@@ -76,7 +78,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
     start_step: int = 0,
-    gradient_fn: Callable[[nn.Module, object, int], tuple[float, int]] | None = None,
+    gradient_fn: Callable[[nn.Module, Batch, int], tuple[float, int]] | None = None,
 ) -> TrainResult:
     """Run optimiser steps ``start_step + 1`` to ``max_steps``.
 
@@ -141,7 +143,7 @@ def train(
             scaled = loss / accumulate
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             total += float(loss.detach())
-            examples += batch[0].shape[0]
+            examples += _examples(batch)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if grad_clip is not None:
@@ -165,3 +167,9 @@ def train(
         bar.update(1)
     bar.close()
     return TrainResult(steps=len(losses), losses=losses, examples=examples, seconds=time.perf_counter() - start)
+
+
+def _examples(batch: object) -> int:
+    """Examples in a batch: the first dimension of its (first) tensor."""
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else 0

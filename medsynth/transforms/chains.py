@@ -121,7 +121,8 @@ def volume_preprocessing(
                                 upper_percentile=upper_percentile)
     steps: list = [
         Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd(keys=KEYS, pixdim=tuple(spacing), mode=("bilinear", "nearest"), dtype=torch.float32),  # float64 would double the peak
+        # float64 would double the peak (MONAI takes a torch dtype here, though its annotation names numpy's)
+        Spacingd(keys=KEYS, pixdim=tuple(spacing), mode=("bilinear", "nearest"), dtype=torch.float32),  # type: ignore[arg-type]
         scaling,
         CropForegroundd(keys=KEYS, source_key="label", margin=margin, allow_smaller=True),
     ]

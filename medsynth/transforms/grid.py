@@ -64,10 +64,10 @@ def spacing_grid(
     current = affine_to_spacing(affine, 3, target.dtype)
     out_spacing = np.where(np.abs(current - target) <= AFFINE_TOL, current, target)
     new_affine = zoom_affine(affine, out_spacing, diagonal=False)
-    out_shape, offset = compute_shape_offset(list(shape), affine, new_affine, False)
+    grid_shape, offset = compute_shape_offset(list(shape), affine, new_affine, False)
     new_affine[:3, 3] = offset[:3]
     xform = np.linalg.solve(affine, new_affine)
-    out_shape = tuple(int(s) for s in out_shape)
+    out_shape = tuple(int(s) for s in grid_shape)
     if out_shape == tuple(shape) and np.allclose(xform, np.eye(4), atol=AFFINE_TOL):
         # MONAI leaves such an image as it is, affine included
         return out_shape, affine, [np.arange(n, dtype=np.float32) for n in shape]
