@@ -11,10 +11,16 @@ TORCH_SPEC ?= $(if $(HAS_GPU),,torch==2.13.0)
 
 .PHONY: install tools demo test test-fast docs docs-serve wheel-check benchmark clean
 
-# dciodvfy (Debian's dicom3tools) validates the DICOM objects medsynth writes; the tests use it.
+# Debian packages the tests use: dciodvfy (dicom3tools) validates the DICOM objects medsynth writes;
+# chromium and chromium-driver let tests/test_browser.py read the audit in MLflow's UI in a real browser
+# (with a font to lay text out). Only what is missing is installed.
 tools:
-	@command -v dciodvfy >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends dicom3tools; } \
-		|| echo "warning: could not install dicom3tools (dciodvfy); install it to run the DICOM validation tests"
+	@missing=""; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium fonts-dejavu-core"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	[ -z "$$missing" ] || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; } \
+		|| echo "warning: could not install$$missing; install them to run the DICOM validation and browser tests"
 
 
 install: $(STAMP)

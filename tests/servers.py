@@ -1,4 +1,4 @@
-"""Processes the tests start on loopback and always stop: `mlflow models serve` for now."""
+"""Processes the tests start on loopback and always stop: `mlflow models serve` and `mlflow server` (its UI)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,12 @@ def serve_model(model: str, *, port: int, log_path: Path, env: dict[str, str] | 
 
 
 def wait_until_up(base: str, process: subprocess.Popen, log_path: Path, *, timeout: float = 120.0) -> None:
-    """Wait until ``GET base/ping`` answers 200.
+    """Wait until the model server answers ``GET base/ping`` with 200 (see :func:`wait_for`)."""
+    wait_for(f"{base}/ping", process, log_path, what="the model server", timeout=timeout)
+
+
+def wait_for(url: str, process: subprocess.Popen, log_path: Path, *, what: str, timeout: float = 120.0) -> None:
+    """Wait until ``GET url`` answers 200.
 
     Raises:
         RuntimeError: With the end of the server's log, when it exits or does not answer in ``timeout`` seconds.
@@ -45,15 +50,38 @@ def wait_until_up(base: str, process: subprocess.Popen, log_path: Path, *, timeo
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the model server did not come up (exit status {process.poll()}):\n"
+            raise RuntimeError(f"{what} did not come up (exit status {process.poll()}):\n"
                                f"{log_path.read_text(errors='replace')[-4000:]}")
         time.sleep(0.25)
+
+
+def serve_tracking(store_uri: str, *, port: int, log_path: Path, cwd: Path) -> subprocess.Popen:
+    """Start ``mlflow server`` (the tracking API and the web UI) over ``store_uri`` on 127.0.0.1:PORT.
+
+    One worker; telemetry off (the UI reports usage to its server, which would pass it on); no job
+    queue (its seven worker processes slow the start threefold on two cores, and reading runs needs
+    none). The server runs in its own process group (see :func:`stop`) in ``cwd``, where it may
+    leave files; its output goes to ``log_path``. Wait for it with :func:`wait_until_healthy`.
+    """
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [str(bin_dir / "mlflow"), "server", "--backend-store-uri", store_uri, "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until_healthy(base: str, process: subprocess.Popen, log_path: Path, *, timeout: float = 120.0) -> None:
+    """Wait until an MLflow tracking server answers ``GET base/health`` with 200 (see :func:`wait_for`)."""
+    wait_for(f"{base}/health", process, log_path, what="the MLflow server", timeout=timeout)
 
 
 def post(url: str, body: bytes | dict[str, Any], *, content_type: str = "application/json",

@@ -71,7 +71,9 @@ def evaluate(
     Writes ``evaluation/metrics.json`` (every figure with its meaning and reference, the verdict
     of each group (privacy, realism, utility) with its limits, and the privacy rules applied),
     ``evaluation/report.html`` and, for 2D sets, picture sheets; logs them to MLflow with the
-    figures as metrics and the verdicts as tags.
+    figures as metrics and the verdicts as tags. The description of the evaluate run, and of its
+    pipeline run (what the MLflow UI shows first), states the verdict, its reasons and where the
+    report is.
 
     Args:
         settings: The audit's settings (``conf/evaluate``).
@@ -185,6 +187,7 @@ def evaluate(
                 differential_privacy=dp.as_json() if dp is not None else None))
 
         _log_results(tracker, run_id, parent_run_id, figures, result, (metrics_path, report, *pictures.values()))
+        _describe_runs(tracker, run_id, parent_run_id, result, report=report)
         if dp is not None:
             tracker.log_metrics(run_id, {"privacy/dp_delta": dp.delta})
         _log_custody(tracker, run_id, audited, passed=result.passed, metrics=metrics_path, run=run)
@@ -374,6 +377,60 @@ def _log_custody(tracker: TrackerLike, run_id: str, audited: _Audited, *, passed
                             tracking_uri=run.mlflow.tracking_uri)
         log.info("evaluate: marked %s with verdict %s%s", status.uri, status.verdict.upper(),
                  f" and alias @{AUDITED_ALIAS}" if passed else "")
+
+
+_DESCRIPTION_TAG = "mlflow.note.content"
+"""The tag MLflow shows (as Markdown) as a run's description, first on the run's page."""
+
+_DESCRIPTION_LIMIT = 8000  # MLflow's longest tag value
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]])")
+
+
+def _describe_verdict(result: Verdict, *, evaluate_run_id: str, experiment_id: str | None, report: Path) -> str:
+    """The run description (Markdown) that states the verdict, its reasons and where the report is.
+
+    Args:
+        result: The audit's verdict.
+        evaluate_run_id: The evaluate run that holds the report as its artifact ``evaluation/report.html``.
+        experiment_id: Its MLflow experiment, for a link that opens the report in the MLflow UI
+            (``None``: no link, the run and path alone).
+        report: The report on disk.
+
+    Returns:
+        The description: the verdict and each group's, every broken limit, and the report's artifact
+        path, run and file.
+    """
+    def md(text: str) -> str:
+        return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("<", "&lt;").replace(">", "&gt;")
+
+    groups = ", ".join(f"{name} {'PASS' if g.passed else 'FAIL'}" for name, g in result.groups.items())
+    artifact = "evaluation/report.html"
+    where = (f"[{artifact}](#/experiments/{experiment_id}/runs/{evaluate_run_id}/artifacts/{artifact})" if experiment_id
+             else f"`{artifact}`")
+    # the UI shows the first lines until "Show more": the verdict and where the report is come first
+    lines = [f"**Audit verdict: {'PASS' if result.passed else 'FAIL'}** ({groups})", "",
+             f"Report: {where} in the Artifacts tab of the evaluate run `{evaluate_run_id}`; on disk "
+             f"`{Path(report).resolve()}`, with every figure and limit in `metrics.json` beside it.", ""]
+    if not result.reasons:
+        return "\n".join([*lines, "Every limit of the evaluation config holds: private, realistic and useful."])
+    reasons = [f"- {md(reason)}" for reason in result.reasons]
+    shown = len(reasons)  # as many as a tag holds, with room for the last line (the report has them all)
+    while shown and len("\n".join([*lines, "Reasons:", "", *reasons[:shown]])) > _DESCRIPTION_LIMIT - 100:
+        shown -= 1
+    more = [f"- and {len(reasons) - shown} more: see the report"] if shown < len(reasons) else []
+    return "\n".join([*lines, "Reasons:", "", *reasons[:shown], *more])
+
+
+def _describe_runs(tracker: TrackerLike, run_id: str, parent_run_id: str | None, result: Verdict, *, report: Path) -> None:
+    """Write the verdict's description (:func:`_describe_verdict`) on the evaluate run and its pipeline run."""
+    if not run_id:
+        return
+    text = _describe_verdict(result, evaluate_run_id=run_id, experiment_id=getattr(tracker, "experiment_id", None),
+                            report=report)
+    for target in (run_id, parent_run_id):
+        if target:
+            tracker.set_tags(target, {_DESCRIPTION_TAG: text})
 
 
 def _compare_gate(synthetic: SyntheticSet, rules: PrivacyRules) -> None:
