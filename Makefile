@@ -9,7 +9,7 @@ STAMP := $(VENV)/.medsynth-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 TORCH_SPEC ?= $(if $(HAS_GPU),,torch==2.13.0)
 
-.PHONY: install tools demo test test-fast docs docs-serve wheel-check benchmark clean
+.PHONY: install tools demo test test-fast docs docs-serve lint wheel-check benchmark clean
 
 # Debian packages the tests use: dciodvfy (dicom3tools) validates the DICOM objects medsynth writes;
 # chromium and chromium-driver let tests/test_browser.py read the audit in MLflow's UI in a real browser
@@ -29,7 +29,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/pip install "$(TORCH_SPEC)")
-	$(BIN)/pip install -e ".[test,docs]"
+	$(BIN)/pip install -e ".[test,docs,lint]"
 	touch $(STAMP)
 
 demo: install
@@ -45,7 +45,13 @@ docs: install
 docs-serve: install
 	$(MKDOCS) serve
 
-test: install tools docs
+# ruff (lint and format check) and mypy on the package; `ruff format medsynth` fixes the format.
+lint: install
+	$(BIN)/ruff check medsynth
+	$(BIN)/ruff format --check medsynth
+	$(BIN)/mypy
+
+test: install tools docs lint
 	$(BIN)/python -m pytest -q $(ARGS)
 
 test-fast: install tools

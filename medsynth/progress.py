@@ -30,8 +30,17 @@ class LineProgress:
         interval: And at least every this many seconds while work goes on.
     """
 
-    def __init__(self, *, total: int, desc: str, unit: str, initial: int = 0, stream: TextIO | None = None,
-                 fraction: float = 0.1, interval: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        total: int,
+        desc: str,
+        unit: str,
+        initial: int = 0,
+        stream: TextIO | None = None,
+        fraction: float = 0.1,
+        interval: float = 60.0,
+    ) -> None:
         self.total, self.desc, self.unit, self.n = max(int(total), 0), desc, unit, int(initial)
         self.stream = stream if stream is not None else sys.stderr
         self.interval = interval
@@ -68,8 +77,9 @@ class LineProgress:
         elapsed = now - self._start
         done = self.n - self._start_n
         rate = done / elapsed if elapsed > 0 else 0.0
-        parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}s"
-                 + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")]
+        parts = [
+            f"{self.desc}: {self.n}/{self.total} {self.unit}s" + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")
+        ]
         if rate > 0:
             parts.append(f"{rate:.3g} {self.unit}/s")
         if self._postfix:
@@ -99,8 +109,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def progress_bar(*, total: int, desc: str, unit: str, enabled: bool, initial: int = 0, leave: bool = True,
-                 stream: TextIO | None = None) -> Any:
+def progress_bar(
+    *, total: int, desc: str, unit: str, enabled: bool, initial: int = 0, leave: bool = True, stream: TextIO | None = None
+) -> Any:
     """A progress display for ``total`` units of work on ``stream`` (standard error by default).
 
     Args:

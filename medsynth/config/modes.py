@@ -21,7 +21,7 @@ def parse_prompt(text: str | None) -> dict[str, str]:
     for word in (text or "").replace(",", " ").split():
         key, sep, value = word.partition("=")
         if not sep or not key or not value:
-            raise ConfigError(f"prompt {text!r}: {word!r} is not key=value (example: \"age=60-70 sex=F\")")
+            raise ConfigError(f'prompt {text!r}: {word!r} is not key=value (example: "age=60-70 sex=F")')
         values[key] = value
     return values
 

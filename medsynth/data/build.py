@@ -40,8 +40,20 @@ def _fingerprint(spec: CaseSpec, settings: VolumeSettings) -> str:
     for path in (*spec.files, *([spec.label] if spec.label else [])):
         stat = os.stat(path)
         digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    digest.update(json.dumps([settings.as_dict(), dict(spec.attributes), dict(spec.source), spec.channel,
-                              sorted(spec.segment_names.items()), spec.modality], sort_keys=True, default=str).encode())
+    digest.update(
+        json.dumps(
+            [
+                settings.as_dict(),
+                dict(spec.attributes),
+                dict(spec.source),
+                spec.channel,
+                sorted(spec.segment_names.items()),
+                spec.modality,
+            ],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return digest.hexdigest()
 
 
@@ -69,8 +81,9 @@ def _cached(out_dir: Path, spec: CaseSpec, fingerprint: str) -> dict[str, Any] |
     return {"records": list(body["records"]), "error": None}
 
 
-def assign_splits(records: Sequence[Record], *, spatial_dims: int, fractions: Mapping[str, float], block: int,
-                  gap: int) -> list[Record]:
+def assign_splits(
+    records: Sequence[Record], *, spatial_dims: int, fractions: Mapping[str, float], block: int, gap: int
+) -> list[Record]:
     """Give every record its split: whole patients per split, so no patient is in two splits.
 
     With few patients of unequal record counts, patients are placed so that each split's share of
@@ -112,7 +125,10 @@ def assign_splits(records: Sequence[Record], *, spatial_dims: int, fractions: Ma
         return [dataclasses.replace(r, split="train") for r in records]
     log.warning(
         "preprocess: %d patient(s) cannot fill the splits %s: slices are split in blocks within each case, so the "
-        "splits share patients and privacy figures are optimistic", len(sizes), names)
+        "splits share patients and privacy figures are optimistic",
+        len(sizes),
+        names,
+    )
     by_case: dict[str, list[Record]] = {}
     for r in records:
         by_case.setdefault(r.id.rsplit("_s", 1)[0], []).append(r)
@@ -122,8 +138,9 @@ def assign_splits(records: Sequence[Record], *, spatial_dims: int, fractions: Ma
         try:
             splits = block_splits(len(case_records), block=block, gap=gap, fractions=fractions)
         except ValueError as err:
-            raise ConfigError(f"data.splits: {len(sizes)} patient(s) cannot fill the splits {names}, and in blocks "
-                              f"within a case: {err}") from None
+            raise ConfigError(
+                f"data.splits: {len(sizes)} patient(s) cannot fill the splits {names}, and in blocks within a case: {err}"
+            ) from None
         out.extend(dataclasses.replace(r, split=s) for r, s in zip(case_records, splits) if s is not None)
     return out
 
@@ -146,8 +163,11 @@ def split_summary(records: Sequence[Record], *, fractions: Mapping[str, float]) 
         counts[r.split] = counts.get(r.split, 0) + 1
         patients.setdefault(r.split, set()).add(r.case)
     total = sum(counts.values())
-    return {"records": counts, "patients": {n: len(p) for n, p in patients.items()},
-            "record_shares": {n: round(c / total, 4) if total else 0.0 for n, c in counts.items()}}
+    return {
+        "records": counts,
+        "patients": {n: len(p) for n, p in patients.items()},
+        "record_shares": {n: round(c / total, 4) if total else 0.0 for n, c in counts.items()},
+    }
 
 
 @dataclasses.dataclass
@@ -309,31 +329,53 @@ def finish_dataset(
     records = [Record(**r) for o in chosen for r in o.records]
     # the quarantine is written before anything else can fail, so a failed run still says why items were skipped
     quarantine_path = write_json(out / "quarantine.json", {"count": len(quarantine), "items": quarantine})
-    log.info("preprocess: %d case(s)%s; %d item(s) quarantined -> %s", len(discovery.cases),
-             f": {worked}" if worked else "", len(quarantine), quarantine_path)
+    log.info(
+        "preprocess: %d case(s)%s; %d item(s) quarantined -> %s",
+        len(discovery.cases),
+        f": {worked}" if worked else "",
+        len(quarantine),
+        quarantine_path,
+    )
     if not records:
         if len(discovery.cases) == 1 and failed:  # one case (a NIfTI pair, a single series): say why here
-            raise MedsynthError(f"{failed[0]['file']}: {failed[0]['reason']} (no case made it into the dataset; "
-                                f"see {quarantine_path})")
+            raise MedsynthError(
+                f"{failed[0]['file']}: {failed[0]['reason']} (no case made it into the dataset; see {quarantine_path})"
+            )
         raise MedsynthError(f"no case made it into the dataset; see {quarantine_path} for why each item was skipped")
     try:
-        records = assign_splits(sorted(records, key=lambda r: r.id), spatial_dims=settings.spatial_dims,
-                                fractions=fractions, block=block, gap=gap)
+        records = assign_splits(
+            sorted(records, key=lambda r: r.id), spatial_dims=settings.spatial_dims, fractions=fractions, block=block, gap=gap
+        )
     except MedsynthError as err:
-        skipped = f"{len(quarantine)} item(s) were skipped, {quarantine_path} says why" if quarantine else \
-            f"no item was skipped ({quarantine_path})"
-        raise type(err)(f"{err} ({len(records)} record(s) from {len({r.case for r in records})} case(s) made it; "
-                        f"{skipped})") from None
+        skipped = (
+            f"{len(quarantine)} item(s) were skipped, {quarantine_path} says why"
+            if quarantine
+            else f"no item was skipped ({quarantine_path})"
+        )
+        raise type(err)(
+            f"{err} ({len(records)} record(s) from {len({r.case for r in records})} case(s) made it; {skipped})"
+        ) from None
     summary = split_summary(records, fractions=fractions)
-    log.info("preprocess: splits %s", ", ".join(
-        f"{name} {summary['patients'][name]} patient(s) {n} record(s) ({summary['record_shares'][name]:.0%})"
-        for name, n in summary["records"].items()))
+    log.info(
+        "preprocess: splits %s",
+        ", ".join(
+            f"{name} {summary['patients'][name]} patient(s) {n} record(s) ({summary['record_shares'][name]:.0%})"
+            for name, n in summary["records"].items()
+        ),
+    )
     keys = {spec.key for spec in discovery.cases}
     manifest = Manifest(
-        root=out, spatial_dims=settings.spatial_dims, label_names=list(discovery.label_names), records=records,
+        root=out,
+        spatial_dims=settings.spatial_dims,
+        label_names=list(discovery.label_names),
+        records=records,
         settings={
-            "source": discovery.source, **settings.as_dict(), "splits": {"fractions": fractions, "block": block, "gap": gap, **summary},
-            "cases": len({r.case for r in records}), "quarantined": len(quarantine), **dict(extra_settings or {}),
+            "source": discovery.source,
+            **settings.as_dict(),
+            "splits": {"fractions": fractions, "block": block, "gap": gap, **summary},
+            "cases": len({r.case for r in records}),
+            "quarantined": len(quarantine),
+            **dict(extra_settings or {}),
         },
     )
     manifest.write()
@@ -381,9 +423,17 @@ def build_dataset(
             quarantine is written first, and the message points to it).
     """
     results = preprocess_cases(discovery, out_dir=out_dir, settings=settings, workers=workers, progress=progress)
-    return finish_dataset(discovery, results.outcomes, out_dir=out_dir, settings=settings, fractions=fractions,
-                          block=block, gap=gap, extra_settings=extra_settings,
-                          worked=f"{results.processed} preprocessed, {results.reused} reused from the cache")
+    return finish_dataset(
+        discovery,
+        results.outcomes,
+        out_dir=out_dir,
+        settings=settings,
+        fractions=fractions,
+        block=block,
+        gap=gap,
+        extra_settings=extra_settings,
+        worked=f"{results.processed} preprocessed, {results.reused} reused from the cache",
+    )
 
 
 def remove_stale_records(out_dir: str | os.PathLike[str], keep: set[str]) -> None:
@@ -513,12 +563,28 @@ def build_shard(
     }
     path = write_json(shard_folder(out_dir, index, count) / SHARD_RESULT, body)
     outcomes = results.outcomes.values()
-    result = ShardResult(path, cases=len(mine.cases), records=sum(len(o.records) for o in outcomes),
-                         quarantined=sum(o.quarantine is not None for o in outcomes), processed=results.processed,
-                         reused=results.reused)
-    log.info("preprocess: shard %d/%d: %d of %d case(s) (%d patient(s)): %d preprocessed, %d reused from the cache, "
-             "%d failed; %d record(s) -> %s", index, count, result.cases, len(discovery.cases),
-             len({s.patient for s in mine.cases}), result.processed, result.reused, result.quarantined, result.records, path)
+    result = ShardResult(
+        path,
+        cases=len(mine.cases),
+        records=sum(len(o.records) for o in outcomes),
+        quarantined=sum(o.quarantine is not None for o in outcomes),
+        processed=results.processed,
+        reused=results.reused,
+    )
+    log.info(
+        "preprocess: shard %d/%d: %d of %d case(s) (%d patient(s)): %d preprocessed, %d reused from the cache, "
+        "%d failed; %d record(s) -> %s",
+        index,
+        count,
+        result.cases,
+        len(discovery.cases),
+        len({s.patient for s in mine.cases}),
+        result.processed,
+        result.reused,
+        result.quarantined,
+        result.records,
+        path,
+    )
     return result
 
 
@@ -530,11 +596,15 @@ def shard_count(out_dir: str | os.PathLike[str]) -> int:
     """
     counts = sorted({n for (_, n), folder in shard_folders(out_dir).items() if (folder / SHARD_RESULT).is_file()})
     if not counts:
-        raise MedsynthError(f"data.shard=merge: no shard results under {Path(out_dir) / SHARDS_FOLDER}: run "
-                            "`medsynth preprocess data.shard=K/N` for K = 1 to N first")
+        raise MedsynthError(
+            f"data.shard=merge: no shard results under {Path(out_dir) / SHARDS_FOLDER}: run "
+            "`medsynth preprocess data.shard=K/N` for K = 1 to N first"
+        )
     if len(counts) > 1:
-        raise MedsynthError(f"data.shard=merge: {Path(out_dir) / SHARDS_FOLDER} holds results of "
-                            f"{' and '.join(map(str, counts))} shards: say which to merge with data.shard=merge/N")
+        raise MedsynthError(
+            f"data.shard=merge: {Path(out_dir) / SHARDS_FOLDER} holds results of "
+            f"{' and '.join(map(str, counts))} shards: say which to merge with data.shard=merge/N"
+        )
     return counts[0]
 
 
@@ -586,19 +656,34 @@ def merge_shards(
     for index, expected in by_shard.items():
         label = f"{index}/{count}"
         found = _read_shard(out, index, count)
-        problem = found if isinstance(found, str) else _shard_problem(out, found, expected, settings_digest=digest,
-                                                                       discovery_digest=seen)
+        problem = (
+            found
+            if isinstance(found, str)
+            else _shard_problem(out, found, expected, settings_digest=digest, discovery_digest=seen)
+        )
         if problem is not None:
             problems.setdefault(problem, []).append(label)
         elif not isinstance(found, str):
             outcomes.update(found.cases)
     if problems:
-        listed = "; ".join(f"shard{'s' if len(labels) > 1 else ''} {_shown_labels(labels)}: {problem}"
-                           for problem, labels in problems.items())
-        raise MedsynthError(f"cannot merge {count} shard(s) in {out}: {listed}; rerun those with `medsynth preprocess "
-                            f"data.shard=K/{count}` and the merge's data settings, then merge again")
-    return finish_dataset(discovery, outcomes, out_dir=out, settings=settings, fractions=fractions, block=block, gap=gap,
-                          extra_settings=extra_settings, worked=f"merged from {count} shard(s)")
+        listed = "; ".join(
+            f"shard{'s' if len(labels) > 1 else ''} {_shown_labels(labels)}: {problem}" for problem, labels in problems.items()
+        )
+        raise MedsynthError(
+            f"cannot merge {count} shard(s) in {out}: {listed}; rerun those with `medsynth preprocess "
+            f"data.shard=K/{count}` and the merge's data settings, then merge again"
+        )
+    return finish_dataset(
+        discovery,
+        outcomes,
+        out_dir=out,
+        settings=settings,
+        fractions=fractions,
+        block=block,
+        gap=gap,
+        extra_settings=extra_settings,
+        worked=f"merged from {count} shard(s)",
+    )
 
 
 def _shown_labels(labels: Sequence[str], most: int = 8) -> str:
@@ -638,8 +723,9 @@ def _read_shard(out: Path, index: int, count: int) -> _ShardFile | str:
         return f"its result {path} cannot be read ({type(err).__name__}: {err})"
 
 
-def _shard_problem(out: Path, found: _ShardFile, expected: Mapping[str, str], *, settings_digest: str,
-                   discovery_digest: str) -> str | None:
+def _shard_problem(
+    out: Path, found: _ShardFile, expected: Mapping[str, str], *, settings_digest: str, discovery_digest: str
+) -> str | None:
     """Why a shard's result does not fit the merge's settings and input (``None``: it fits)."""
     if found.settings_sha256 != settings_digest:
         return "made with other data settings than the merge's"
@@ -648,8 +734,7 @@ def _shard_problem(out: Path, found: _ShardFile, expected: Mapping[str, str], *,
     removed = len(set(cases) - set(expected))
     changed = sum(1 for key in set(expected) & set(cases) if cases[key].fingerprint != expected[key])
     if added or removed or changed:
-        return (f"out of date: the input changed since it ran ({added} case(s) added, {removed} gone, {changed} "
-                "changed)")
+        return f"out of date: the input changed since it ran ({added} case(s) added, {removed} gone, {changed} changed)"
     if found.discovery_sha256 != discovery_digest:
         return "made from another view of the input (the items discovery skipped, or the label names, differ)"
     for outcome in cases.values():

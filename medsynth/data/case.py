@@ -82,7 +82,9 @@ class VolumeSettings:
         if len(self.spacing) != 3 or any(float(s) <= 0 for s in self.spacing):
             raise ConfigError(f"data.spacing needs 3 positive values, got {list(self.spacing)}")
         if len(self.size) != self.spatial_dims:
-            raise ConfigError(f"data.size needs {self.spatial_dims} values for data.spatial_dims={self.spatial_dims}, got {list(self.size)}")
+            raise ConfigError(
+                f"data.size needs {self.spatial_dims} values for data.spatial_dims={self.spatial_dims}, got {list(self.size)}"
+            )
         if self.slice_axis not in (0, 1, 2):
             raise ConfigError(f"data.slice_axis must be 0, 1 or 2, got {self.slice_axis}")
         if self.intensity not in INTENSITY_MODES:
@@ -90,7 +92,9 @@ class VolumeSettings:
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise ConfigError(f"data.intensity.window must be [low, high] with low < high, got {list(self.window)}")
         if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
-            raise ConfigError(f"data.intensity.lower/upper must satisfy 0 <= lower < upper <= 100, got {self.lower_percentile}, {self.upper_percentile}")
+            raise ConfigError(
+                f"data.intensity.lower/upper must satisfy 0 <= lower < upper <= 100, got {self.lower_percentile}, {self.upper_percentile}"
+            )
         if not self.max_image_bytes > 0:
             raise ConfigError(f"data.max_image_gb must be positive, got {self.max_image_bytes / 1e9:g} GB")
 
@@ -228,7 +232,10 @@ def load_nifti_image(
 
 
 def load_pair(
-    image_path: str | os.PathLike[str], label_path: str | os.PathLike[str], *, channel: int | None = None,
+    image_path: str | os.PathLike[str],
+    label_path: str | os.PathLike[str],
+    *,
+    channel: int | None = None,
     max_bytes: int = MAX_IMAGE_BYTES,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read a NIfTI image and its label map and check that they share one voxel grid.
@@ -251,19 +258,21 @@ def load_pair(
     if label.shape != image.shape:
         raise CaseError(f"label map has shape {label.shape}, but the image has {image.shape}", file=label_path)
     if not (np.all(np.isfinite(label_affine)) and np.allclose(label_affine, affine, atol=1e-3)):
-        raise CaseError("label map and image have different affines (voxel grids): "
-                        f"label {np.round(label_affine, 4).tolist()}, image {np.round(affine, 4).tolist()}", file=label_path)
+        raise CaseError(
+            "label map and image have different affines (voxel grids): "
+            f"label {np.round(label_affine, 4).tolist()}, image {np.round(affine, 4).tolist()}",
+            file=label_path,
+        )
     if not np.all(np.isfinite(label)) or np.any(label < 0) or not np.allclose(label, np.round(label)):
         raise CaseError("label map must hold non-negative integer values", file=label_path)
     if label.max(initial=0) > _MAX_LABEL:
-        raise CaseError(f"label map holds value {float(label.max()):.6g}; label values above {_MAX_LABEL} are not supported",
-                        file=label_path)
+        raise CaseError(
+            f"label map holds value {float(label.max()):.6g}; label values above {_MAX_LABEL} are not supported", file=label_path
+        )
     return image, label.astype(np.int64), affine
 
 
-def load_case(
-    spec: CaseSpec, *, label_count: int, max_bytes: int = MAX_IMAGE_BYTES
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_case(spec: CaseSpec, *, label_count: int, max_bytes: int = MAX_IMAGE_BYTES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Load a case's image and label map on one grid.
 
     Headers that declare more than ``max_bytes`` are refused before their voxels are read, and an
@@ -302,8 +311,11 @@ def load_case(
         _check_finite(image, spec)
     label = np.asarray(label)
     if label.max(initial=0) >= label_count:  # checked before the cast, which would wrap large values
-        raise CaseError(f"label map holds value {int(label.max())}, but data.label_names names only {label_count} "
-                        f"value(s) (0..{label_count - 1})", file=spec.label)
+        raise CaseError(
+            f"label map holds value {int(label.max())}, but data.label_names names only {label_count} "
+            f"value(s) (0..{label_count - 1})",
+            file=spec.label,
+        )
     label = label.astype(np.uint8 if label_count <= 256 else np.int32, copy=False)
     if not label.any():
         raise CaseError("the label map is empty (no foreground)", file=spec.label)
@@ -313,8 +325,11 @@ def load_case(
 def _check_finite(image: np.ndarray, spec: CaseSpec) -> None:
     bad = int(image.size - np.count_nonzero(np.isfinite(image)))
     if bad:
-        raise CaseError(f"the image holds {bad} NaN or infinite voxel(s) of {image.size}; replace them (for example "
-                        "with the background value) before preprocessing", file=spec.files[0] if len(spec.files) == 1 else None)
+        raise CaseError(
+            f"the image holds {bad} NaN or infinite voxel(s) of {image.size}; replace them (for example "
+            "with the background value) before preprocessing",
+            file=spec.files[0] if len(spec.files) == 1 else None,
+        )
 
 
 def check_grid(shape: Sequence[int], affine: np.ndarray, *, spacing: Sequence[float], max_bytes: int) -> None:
@@ -340,14 +355,22 @@ def check_grid(shape: Sequence[int], affine: np.ndarray, *, spacing: Sequence[fl
         raise CaseError("the image's affine (voxel sizes, orientation) is not a finite, invertible voxel-to-world transform")
     # the resampled grid keeps each voxel axis with the target spacing of the RAS axis it becomes after reorientation
     with np.errstate(all="ignore"):
-        extent = np.array([(int(n) - 1) * float(np.linalg.norm(matrix[:, axis]))
-                           / float(spacing[int(np.argmax(np.abs(matrix[:, axis])))]) for axis, n in enumerate(shape[:3])])
+        extent = np.array(
+            [
+                (int(n) - 1) * float(np.linalg.norm(matrix[:, axis])) / float(spacing[int(np.argmax(np.abs(matrix[:, axis])))])
+                for axis, n in enumerate(shape[:3])
+            ]
+        )
     if not np.all(np.isfinite(extent)) or extent.max() > 2.0**40:
         raise CaseError("the image's voxel sizes are too large to resample to data.spacing")
     counts = [math.ceil(float(e) - 1e-9) + 1 for e in extent]
-    problem = image_size_problem(counts, max_bytes=max_bytes, itemsize=4 * RESAMPLE_WORKING_SET,
-                                 what=f"resampled to data.spacing={list(spacing)} (preprocessing holds about "
-                                      f"{RESAMPLE_WORKING_SET} float32 values per voxel)")
+    problem = image_size_problem(
+        counts,
+        max_bytes=max_bytes,
+        itemsize=4 * RESAMPLE_WORKING_SET,
+        what=f"resampled to data.spacing={list(spacing)} (preprocessing holds about "
+        f"{RESAMPLE_WORKING_SET} float32 values per voxel)",
+    )
     if problem is not None:
         raise CaseError(problem)
 
@@ -385,23 +408,43 @@ def process_case(spec: CaseSpec, settings: VolumeSettings, out_dir: str) -> dict
             affine = _single_slice_affine(affine, settings)
         check_grid(image.shape, affine, spacing=settings.spacing, max_bytes=settings.max_image_bytes)
         volume, labels, vol_affine = preprocess_volume(
-            image, label, affine, spacing=settings.spacing, size=settings.pad_size(), margin=settings.margin,
-            intensity=settings.intensity_for(spec.modality), lower_percentile=settings.lower_percentile,
-            upper_percentile=settings.upper_percentile, window=settings.window,
+            image,
+            label,
+            affine,
+            spacing=settings.spacing,
+            size=settings.pad_size(),
+            margin=settings.margin,
+            intensity=settings.intensity_for(spec.modality),
+            lower_percentile=settings.lower_percentile,
+            upper_percentile=settings.upper_percentile,
+            window=settings.window,
         )
         del image, label
         if not np.all(np.isfinite(volume)):
-            raise MedsynthError("intensity scaling gave non-finite values: the image's intensity range is too narrow or "
-                                "too wide to scale (a damaged scaling slope?)")
+            raise MedsynthError(
+                "intensity scaling gave non-finite values: the image's intensity range is too narrow or "
+                "too wide to scale (a damaged scaling slope?)"
+            )
         if settings.spatial_dims == 3:
             records = _volume_record(volume, labels, vol_affine, spec=spec, out_dir=out_dir)
         else:
             kept = kept_slices(labels, slice_axis=settings.slice_axis, min_foreground=settings.min_foreground)
             if not kept:
-                raise MedsynthError(f"no slice has {settings.min_foreground:.0%} labelled pixels after preprocessing (data.min_foreground)")
+                raise MedsynthError(
+                    f"no slice has {settings.min_foreground:.0%} labelled pixels after preprocessing (data.min_foreground)"
+                )
             records = slice_records(
-                volume, labels, vol_affine, kept=kept, splits=[""] * len(kept), out_dir=out_dir, id_prefix=spec.key,
-                case=spec.patient, slice_axis=settings.slice_axis, source=spec.source, attributes=spec.attributes,
+                volume,
+                labels,
+                vol_affine,
+                kept=kept,
+                splits=[""] * len(kept),
+                out_dir=out_dir,
+                id_prefix=spec.key,
+                case=spec.patient,
+                slice_axis=settings.slice_axis,
+                source=spec.source,
+                attributes=spec.attributes,
                 level_bands=settings.level_bands,
             )
         return {"records": [dataclasses.asdict(r) for r in records], "error": None}
@@ -416,15 +459,27 @@ def process_case(spec: CaseSpec, settings: VolumeSettings, out_dir: str) -> dict
         return {"records": [], "error": f"unexpected error while preprocessing ({one_line(err)})", "file": None}
 
 
-def _volume_record(volume: np.ndarray, labels: np.ndarray, vol_affine: np.ndarray, *, spec: CaseSpec, out_dir: str) -> list[Record]:
+def _volume_record(
+    volume: np.ndarray, labels: np.ndarray, vol_affine: np.ndarray, *, spec: CaseSpec, out_dir: str
+) -> list[Record]:
     record_id = f"{spec.key}_vol"
     file, digest = write_record(out_dir, record_id, volume, labels)
     spacing = [float(v) for v in np.linalg.norm(vol_affine[:3, :3], axis=0)]
-    return [Record(
-        id=record_id, case=spec.patient, split="", file=file,
-        shape=list(volume.shape[1:]), spacing=spacing, affine=vol_affine.tolist(), sha256=digest, slice_index=None,
-        source=dict(spec.source), attributes={str(k): str(v) for k, v in spec.attributes.items()},
-    )]
+    return [
+        Record(
+            id=record_id,
+            case=spec.patient,
+            split="",
+            file=file,
+            shape=list(volume.shape[1:]),
+            spacing=spacing,
+            affine=vol_affine.tolist(),
+            sha256=digest,
+            slice_index=None,
+            source=dict(spec.source),
+            attributes={str(k): str(v) for k, v in spec.attributes.items()},
+        )
+    ]
 
 
 def preprocess_volume(
@@ -459,20 +514,31 @@ def preprocess_volume(
         uint8, and the RAS affine of the result.
     """
     fast = preprocess_separable(
-        image, label, affine, spacing=spacing, size=size, margin=margin,
-        scaling=intensity_scaling(intensity, window=window, lower_percentile=lower_percentile,
-                                  upper_percentile=upper_percentile),
+        image,
+        label,
+        affine,
+        spacing=spacing,
+        size=size,
+        margin=margin,
+        scaling=intensity_scaling(intensity, window=window, lower_percentile=lower_percentile, upper_percentile=upper_percentile),
     )
     if fast is not None:
         return fast
     chain = volume_preprocessing(
-        spacing=spacing, lower_percentile=lower_percentile, upper_percentile=upper_percentile,
-        spatial_size=size, margin=margin, intensity=intensity, window=window,
+        spacing=spacing,
+        lower_percentile=lower_percentile,
+        upper_percentile=upper_percentile,
+        spatial_size=size,
+        margin=margin,
+        intensity=intensity,
+        window=window,
     )
-    data = chain({
-        "image": MetaTensor(torch.from_numpy(np.asarray(image, dtype=np.float32)[None]), affine=torch.from_numpy(affine)),
-        "label": MetaTensor(torch.from_numpy(label[None].astype(np.float32)), affine=torch.from_numpy(affine)),
-    })
+    data = chain(
+        {
+            "image": MetaTensor(torch.from_numpy(np.asarray(image, dtype=np.float32)[None]), affine=torch.from_numpy(affine)),
+            "label": MetaTensor(torch.from_numpy(label[None].astype(np.float32)), affine=torch.from_numpy(affine)),
+        }
+    )
     volume = data["image"].numpy().astype(np.float32)
     labels = np.rint(data["label"].numpy()).astype(np.uint8)
     return volume, labels, np.asarray(data["image"].affine, dtype=np.float64)
@@ -533,9 +599,17 @@ def slice_records(
             record_attributes["level"] = level_band(k, kept, level_bands)
         records.append(
             Record(
-                id=record_id, case=case, split=split, file=file, shape=list(img.shape[1:]),
-                spacing=vol_spacing, affine=slice_affine(vol_affine, slice_axis, k).tolist(),
-                sha256=digest, slice_index=k, source=dict(source), attributes=record_attributes,
+                id=record_id,
+                case=case,
+                split=split,
+                file=file,
+                shape=list(img.shape[1:]),
+                spacing=vol_spacing,
+                affine=slice_affine(vol_affine, slice_axis, k).tolist(),
+                sha256=digest,
+                slice_index=k,
+                source=dict(source),
+                attributes=record_attributes,
             )
         )
     return records

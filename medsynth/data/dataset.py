@@ -57,8 +57,9 @@ def attribute_codes(records: Sequence[Record], vocabulary: Mapping[str, Sequence
     return torch.tensor(rows, dtype=torch.long).reshape(len(records), len(vocabulary))
 
 
-def load_split(manifest: Manifest, split: str, *, vocabulary: Mapping[str, Sequence[str]] | None = None,
-               limit: int | None = None) -> LabelledArrays:
+def load_split(
+    manifest: Manifest, split: str, *, vocabulary: Mapping[str, Sequence[str]] | None = None, limit: int | None = None
+) -> LabelledArrays:
     """Load every record of one split into memory, checking each record's hash.
 
     Args:
@@ -160,8 +161,7 @@ def infinite_batches(
     Returns:
         An endless iterator of batches.
     """
-    for idx, flips in batch_draws(len(data), batch_size=batch_size, seed=seed, flip_dims=flip_dims,
-                                  start_step=start_step):
+    for idx, flips in batch_draws(len(data), batch_size=batch_size, seed=seed, flip_dims=flip_dims, start_step=start_step):
         images, labels, codes = data.images[idx], data.labels[idx], data.codes[idx]
         for axis, flip in zip(flip_dims, flips):
             images, labels = flip_where(images, flip, axis), flip_where(labels, flip, axis)

@@ -116,7 +116,9 @@ class Scrubber:
         hash_all_paths: Pseudonymise every path component, not only suspicious ones.
     """
 
-    def __init__(self, salt: bytes, identifiers: Iterable[str] = (), *, min_length: int = 3, hash_all_paths: bool = False) -> None:
+    def __init__(
+        self, salt: bytes, identifiers: Iterable[str] = (), *, min_length: int = 3, hash_all_paths: bool = False
+    ) -> None:
         self.salt = salt
         self.min_length = min_length
         self.hash_all_paths = hash_all_paths
@@ -152,7 +154,9 @@ class Scrubber:
         return bool(
             self.hash_all_paths
             or (pattern is not None and pattern.search(component))
-            or _UID_LIKE.search(component) or _LONG_DIGITS.search(component) or _DATE_LIKE.search(component)
+            or _UID_LIKE.search(component)
+            or _LONG_DIGITS.search(component)
+            or _DATE_LIKE.search(component)
         )
 
     def component(self, component: str) -> str:

@@ -106,7 +106,12 @@ def virtual_subject(
         return r
 
     angles = np.deg2rad(rng.uniform(-6.0, 6.0, 3))
-    matrix = rotation(angles[0], 1, 2) @ rotation(angles[1], 0, 2) @ rotation(angles[2], 0, 1) @ np.diag(1.0 / rng.uniform(0.9, 1.1, 3))
+    matrix = (
+        rotation(angles[0], 1, 2)
+        @ rotation(angles[1], 0, 2)
+        @ rotation(angles[2], 0, 1)
+        @ np.diag(1.0 / rng.uniform(0.9, 1.1, 3))
+    )
     shift = rng.uniform(-4.0, 4.0, 3) / voxel_mm
     grid = np.indices(image.shape, dtype=np.float32).reshape(3, -1) - centre[:, None]
     coords = (matrix @ grid + (centre + shift)[:, None]).astype(np.float32)
@@ -144,9 +149,13 @@ def write_mni152_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: 
     from scipy import ndimage
 
     root = Path(folder) / "Dataset001_MNI152Cohort"
-    meta = {"channel_names": {"0": "T1"}, "labels": {name: i for i, name in enumerate(DEMO_LABEL_NAMES)},
-            "numTraining": subjects, "file_ending": ".nii.gz",
-            "medsynth_cohort": {"template": "MNI152", "subjects": subjects, "seed": seed, "voxel_mm": voxel_mm}}
+    meta = {
+        "channel_names": {"0": "T1"},
+        "labels": {name: i for i, name in enumerate(DEMO_LABEL_NAMES)},
+        "numTraining": subjects,
+        "file_ending": ".nii.gz",
+        "medsynth_cohort": {"template": "MNI152", "subjects": subjects, "seed": seed, "voxel_mm": voxel_mm},
+    }
     meta_path = root / "dataset.json"
     if meta_path.is_file() and json.loads(meta_path.read_text(encoding="utf-8")) == meta:
         return root

@@ -102,9 +102,7 @@ def quarantine_entry(file: str | None, series: str | None, reason: str) -> dict[
 # --- attributes CSV -----------------------------------------------------------------------
 
 
-def read_attributes(
-    path: str | os.PathLike[str], *, key: str, columns: Sequence[str] | None = None
-) -> dict[str, dict[str, str]]:
+def read_attributes(path: str | os.PathLike[str], *, key: str, columns: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
     """Per-case attributes from a CSV with a header row.
 
     The file must be UTF-8 (a byte-order mark is allowed, and UTF-16 with one is read too). A table
@@ -148,13 +146,16 @@ def read_attributes(
     if unsafe:
         raise ConfigError(
             f"data.attributes.csv: column name(s) {_shown(unsafe)} in {path} are empty, start like a spreadsheet formula "
-            "or hold a line break or tab; rename them, or leave them out with data.attributes.columns")
+            "or hold a line break or tab; rename them, or leave them out with data.attributes.columns"
+        )
     where = {name: i for i, name in enumerate(header)}
     table: dict[str, dict[str, str]] = {}
     for n, row in rows:
-        if len(row) > len(header) and any(cell.strip() for cell in row[len(header):]):
-            raise ConfigError(f"data.attributes.csv: {path} line {n} has {len(row)} cells but the header has "
-                              f"{len(header)} (a separator inside an unquoted value?)")
+        if len(row) > len(header) and any(cell.strip() for cell in row[len(header) :]):
+            raise ConfigError(
+                f"data.attributes.csv: {path} line {n} has {len(row)} cells but the header has "
+                f"{len(header)} (a separator inside an unquoted value?)"
+            )
         cells = row + [""] * (len(header) - len(row))
         value = cells[where[key]].strip()
         if not value:
@@ -173,13 +174,16 @@ _MAX_CSV_BYTES = 256 * 1024**2
 def _csv_rows(path: Path) -> Iterator[Any]:
     """The CSV's header row, then ``(line number, row)`` pairs; refuses what cannot be read as a table."""
     if path.stat().st_size > _MAX_CSV_BYTES:
-        raise ConfigError(f"data.attributes.csv: {path} is larger than {_MAX_CSV_BYTES // 1024**2} MiB; expected a "
-                          "table of per-case attributes")
+        raise ConfigError(
+            f"data.attributes.csv: {path} is larger than {_MAX_CSV_BYTES // 1024**2} MiB; expected a table of per-case attributes"
+        )
     text = _decode(path, path.read_bytes())
     if "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
-        raise ConfigError(f"data.attributes.csv: {path} holds NUL bytes (line {line}): a binary file, or UTF-16 "
-                          "without a byte-order mark? Save it as UTF-8 CSV")
+        raise ConfigError(
+            f"data.attributes.csv: {path} holds NUL bytes (line {line}): a binary file, or UTF-16 "
+            "without a byte-order mark? Save it as UTF-8 CSV"
+        )
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         yield next(reader, [])
@@ -187,8 +191,9 @@ def _csv_rows(path: Path) -> Iterator[Any]:
             if row:
                 yield reader.line_num, row
     except csv.Error as err:
-        raise ConfigError(f"data.attributes.csv: {path} line {reader.line_num} cannot be read as CSV ({err}); an "
-                          "unbalanced quote?") from None
+        raise ConfigError(
+            f"data.attributes.csv: {path} line {reader.line_num} cannot be read as CSV ({err}); an unbalanced quote?"
+        ) from None
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -200,7 +205,8 @@ def _decode(path: Path, data: bytes) -> str:
         line = data.count(b"\n", 0, err.start) + 1
         raise ConfigError(
             f"data.attributes.csv: {path} is not {encoding.upper().replace('-SIG', '')} text (byte 0x{data[err.start]:02x} "
-            f"on line {line}); save it as UTF-8 CSV (for example 'CSV UTF-8' in a spreadsheet)") from None
+            f"on line {line}); save it as UTF-8 CSV (for example 'CSV UTF-8' in a spreadsheet)"
+        ) from None
 
 
 def _shown(names: Sequence[str], *, limit: int = 20, width: int = 40) -> str:
@@ -217,7 +223,8 @@ def _check_attribute_values(table: Mapping[str, Mapping[str, str]], scrubber: Sc
             if scrubber.text(value) != value:
                 raise ConfigError(
                     f"data.attributes: column {column!r} holds values that also appear in identifying DICOM "
-                    "attributes (names, ids, dates, UIDs); leave it out with data.attributes.columns")
+                    "attributes (names, ids, dates, UIDs); leave it out with data.attributes.columns"
+                )
 
 
 # --- DICOM discovery --------------------------------------------------------------------
@@ -330,17 +337,36 @@ def discover_dicom(
         if h.kind is None:
             quarantine.append(quarantine_entry(show(h.path), None, h.error or "not a DICOM file"))
         elif h.kind == DICOMDIR:
-            quarantine.append(quarantine_entry(show(h.path), None, "DICOMDIR (media directory), not an image: the files it lists are found by the folder scan"))
+            quarantine.append(
+                quarantine_entry(
+                    show(h.path),
+                    None,
+                    "DICOMDIR (media directory), not an image: the files it lists are found by the folder scan",
+                )
+            )
         elif h.kind == OTHER:
-            quarantine.append(quarantine_entry(show(h.path), series_key(h.series_uid) if h.series_uid else None,
-                                     f"not an image ({h.sop_class or 'unknown SOP class'}): skipped"))
+            quarantine.append(
+                quarantine_entry(
+                    show(h.path),
+                    series_key(h.series_uid) if h.series_uid else None,
+                    f"not an image ({h.sop_class or 'unknown SOP class'}): skipped",
+                )
+            )
         elif not h.series_uid:
-            quarantine.append(quarantine_entry(show(h.path), None, "no SeriesInstanceUID: cannot tell which series the file belongs to"))
+            quarantine.append(
+                quarantine_entry(show(h.path), None, "no SeriesInstanceUID: cannot tell which series the file belongs to")
+            )
         elif h.kind == SEG:
             for uid in h.referenced_series or ("",):
                 segs.setdefault(uid, []).append(h)
         elif not h.has_pixels:
-            quarantine.append(quarantine_entry(show(h.path), series_key(h.series_uid), f"image without pixel data ({h.sop_class or 'unknown SOP class'}): skipped"))
+            quarantine.append(
+                quarantine_entry(
+                    show(h.path),
+                    series_key(h.series_uid),
+                    f"image without pixel data ({h.sop_class or 'unknown SOP class'}): skipped",
+                )
+            )
         else:
             series.setdefault(h.series_uid, []).append(h)
 
@@ -352,15 +378,27 @@ def discover_dicom(
     for uid, found in sorted(segs.items(), key=lambda kv: kv[1][0].path):
         if uid not in series:
             for h in found:
-                quarantine.append(quarantine_entry(show(h.path), series_key(h.series_uid), "SEG references a series that is not in the export (or was skipped)"))
+                quarantine.append(
+                    quarantine_entry(
+                        show(h.path),
+                        series_key(h.series_uid),
+                        "SEG references a series that is not in the export (or was skipped)",
+                    )
+                )
             continue
         if mode == "body":
             for h in found:
-                quarantine.append(quarantine_entry(show(h.path), series_key(h.series_uid), "SEG ignored: data.labels=body makes body masks"))
+                quarantine.append(
+                    quarantine_entry(show(h.path), series_key(h.series_uid), "SEG ignored: data.labels=body makes body masks")
+                )
             continue
         chosen_seg[uid] = found[0]
         for h in found[1:]:
-            quarantine.append(quarantine_entry(show(h.path), series_key(h.series_uid), "another SEG of the same series was used (the first by path)"))
+            quarantine.append(
+                quarantine_entry(
+                    show(h.path), series_key(h.series_uid), "another SEG of the same series was used (the first by path)"
+                )
+            )
         for name in found[0].segment_labels:
             if name not in seg_names:
                 seg_names.append(name)
@@ -382,18 +420,30 @@ def discover_dicom(
             display = folders[0] if len(folders) == 1 else f"{folders[0]} (+{len(folders) - 1} folder(s))"
         series_modality = members[0].modality
         if modality and series_modality.upper() != modality.upper():
-            quarantine.append(quarantine_entry(display, key, f"modality {code_string(series_modality) or 'unknown'} is not data.modality={modality}"))
+            quarantine.append(
+                quarantine_entry(
+                    display, key, f"modality {code_string(series_modality) or 'unknown'} is not data.modality={modality}"
+                )
+            )
             continue
         label_file = None
         segment_names: dict[int, int] = {}
         if mode == "seg":
             seg = chosen_seg.get(uid)
             if seg is None:
-                quarantine.append(quarantine_entry(display, key, "no SEG object references this series (data.labels=seg; use data.labels=body to keep unlabelled series)"))
+                quarantine.append(
+                    quarantine_entry(
+                        display,
+                        key,
+                        "no SEG object references this series (data.labels=seg; use data.labels=body to keep unlabelled series)",
+                    )
+                )
                 continue
             unknown = [n for n in seg.segment_labels if n not in names]
             if unknown:
-                quarantine.append(quarantine_entry(show(seg.path), key, f"SEG segment label(s) {unknown} are not in data.label_names {names}"))
+                quarantine.append(
+                    quarantine_entry(show(seg.path), key, f"SEG segment label(s) {unknown} are not in data.label_names {names}")
+                )
                 continue
             label_file = seg.path
             segment_names = {number: names.index(name) for number, name in zip(seg.segment_numbers, seg.segment_labels)}
@@ -402,12 +452,20 @@ def discover_dicom(
         patient = pseudonym(patient_value, salt, prefix="p", length=12)
         match = {"PatientID": first.patient_id, "StudyInstanceUID": first.study_uid, "SeriesInstanceUID": uid}[attribute_match]
         case_attributes = dict((attributes or {}).get(match, {})) if match else {}
-        cases.append(CaseSpec(
-            key=f"{patient}_{key}", patient=patient, kind="dicom", files=tuple(h.path for h in members), label=label_file,
-            modality=series_modality, source={"format": "dicom", "series": key, "files": str(len(members)),
-                                              **({"seg": "yes"} if label_file else {})},
-            display=display, attributes=case_attributes, segment_names=segment_names,
-        ))
+        cases.append(
+            CaseSpec(
+                key=f"{patient}_{key}",
+                patient=patient,
+                kind="dicom",
+                files=tuple(h.path for h in members),
+                label=label_file,
+                modality=series_modality,
+                source={"format": "dicom", "series": key, "files": str(len(members)), **({"seg": "yes"} if label_file else {})},
+                display=display,
+                attributes=case_attributes,
+                segment_names=segment_names,
+            )
+        )
     return Discovery(cases, quarantine, names, scrubber, "dicom", root)
 
 
@@ -480,7 +538,9 @@ def discover_nnunet(
     for image in sorted(images_dir.iterdir()):
         if not image.name.endswith(ending):
             if image.is_file() and not image.name.startswith("."):
-                quarantine.append(quarantine_entry(f"imagesTr/{scrubber.component(image.name)}", None, f"not a {ending} file: skipped"))
+                quarantine.append(
+                    quarantine_entry(f"imagesTr/{scrubber.component(image.name)}", None, f"not a {ending} file: skipped")
+                )
             continue
         if not image.name.endswith(suffix):
             continue
@@ -491,11 +551,19 @@ def discover_nnunet(
         if not label.is_file():
             quarantine.append(quarantine_entry(display, None, f"no label map labelsTr/<case>{ending} for this image"))
             continue
-        cases.append(CaseSpec(
-            key=patient, patient=patient, kind="nifti", files=(str(image),), label=str(label), modality=series_modality,
-            source={"format": "nnunet", "case": patient, "channel": str(index)}, display=display,
-            attributes=dict((attributes or {}).get(name, {})),
-        ))
+        cases.append(
+            CaseSpec(
+                key=patient,
+                patient=patient,
+                kind="nifti",
+                files=(str(image),),
+                label=str(label),
+                modality=series_modality,
+                source={"format": "nnunet", "case": patient, "channel": str(index)},
+                display=display,
+                attributes=dict((attributes or {}).get(name, {})),
+            )
+        )
     if not cases and not quarantine:
         raise MedsynthError(f"{images_dir} holds no image of channel {index} (files named <case>{suffix})")
     return Discovery(cases, quarantine, names, scrubber, "nnunet", root)
@@ -539,11 +607,20 @@ def discover_folder(
             continue
         name = _case_name(path)
         patient = pseudonym(name, salt, prefix="p", length=12)
-        cases.append(CaseSpec(
-            key=patient, patient=patient, kind="nifti", files=(str(path),), label=None, modality=modality or "",
-            channel=channel, source={"format": "nifti", "case": patient}, display=display,
-            attributes=dict((attributes or {}).get(name, {})),
-        ))
+        cases.append(
+            CaseSpec(
+                key=patient,
+                patient=patient,
+                kind="nifti",
+                files=(str(path),),
+                label=None,
+                modality=modality or "",
+                channel=channel,
+                source={"format": "nifti", "case": patient},
+                display=display,
+                attributes=dict((attributes or {}).get(name, {})),
+            )
+        )
     if not cases:
         raise MedsynthError(f"no NIfTI image (.nii, .nii.gz) under paths.input={root}")
     return Discovery(cases, quarantine, names, scrubber, "folder", root)
@@ -582,7 +659,14 @@ def nifti_pair_case(
         if not Path(path).is_file():
             raise MedsynthError(f"input file not found: {path}")
     case = CaseSpec(
-        key=case_id, patient=case_id, kind="nifti", files=(str(image),), label=str(label), modality=modality,
-        source={"image": str(image), "label": str(label)}, display=str(image), attributes=dict(attributes or {}),
+        key=case_id,
+        patient=case_id,
+        kind="nifti",
+        files=(str(image),),
+        label=str(label),
+        modality=modality,
+        source={"image": str(image), "label": str(label)},
+        display=str(image),
+        attributes=dict(attributes or {}),
     )
     return Discovery([case], [], list(label_names), Scrubber(b""), source)

@@ -111,8 +111,7 @@ class Manifest:
         return write_json(self.root / "manifest.json", body)
 
 
-SPLIT_SETTINGS = ("more patients in paths.input, or a larger share for the split in data.splits.fractions "
-                  "(then preprocess again)")
+SPLIT_SETTINGS = "more patients in paths.input, or a larger share for the split in data.splits.fractions (then preprocess again)"
 """What changes the number of records of a split."""
 
 
@@ -134,7 +133,8 @@ def require_records(manifest: Manifest, needs: Mapping[str, tuple[int, str]], *,
         if have < least:
             raise MedsynthError(
                 f"{stage} needs at least {least} '{split}' record(s) for {why}, but the dataset at {manifest.root} has "
-                f"{have} (records per split: {counts or 'none'}): {SPLIT_SETTINGS}")
+                f"{have} (records per split: {counts or 'none'}): {SPLIT_SETTINGS}"
+            )
 
 
 def read_manifest(data_dir: str | os.PathLike[str]) -> Manifest:

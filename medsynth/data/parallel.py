@@ -17,8 +17,9 @@ def process_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
         The pool (use it as a context manager).
     """
     # spawn: torch and MONAI are not fork-safe once their thread pools are up.
-    return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_worker_init)
+    return concurrent.futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+    )
 
 
 def _worker_init() -> None:
@@ -41,5 +42,6 @@ def progress_bar(total: int, desc: str, *, enabled: bool) -> Any:
     """
     from medsynth.progress import progress_bar as make_bar
 
-    return make_bar(total=total, desc=f"preprocess: {desc}", unit="case" if desc == "cases" else "file",
-                    enabled=enabled, leave=False)
+    return make_bar(
+        total=total, desc=f"preprocess: {desc}", unit="case" if desc == "cases" else "file", enabled=enabled, leave=False
+    )

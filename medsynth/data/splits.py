@@ -62,8 +62,9 @@ def block_splits(n: int, *, block: int, gap: int, fractions: Mapping[str, float]
     return assignment
 
 
-def patient_splits(patients: Sequence[str], *, fractions: Mapping[str, float],
-                   sizes: Mapping[str, int] | None = None) -> dict[str, str]:
+def patient_splits(
+    patients: Sequence[str], *, fractions: Mapping[str, float], sizes: Mapping[str, int] | None = None
+) -> dict[str, str]:
     """Assign whole patients to splits, so that no patient appears in two splits.
 
     Patients are ordered by a hash of their (pseudonymous) id, which is stable across runs and
@@ -129,8 +130,13 @@ def record_shares(assignment: Mapping[str, str], *, sizes: Mapping[str, int], fr
     return {name: (n / everything if everything else 0.0) for name, n in totals.items()}
 
 
-def balance_records(assignment: Mapping[str, str], *, sizes: Mapping[str, int], fractions: Mapping[str, float],
-                    tolerance: float = BALANCE_TOLERANCE) -> dict[str, str]:
+def balance_records(
+    assignment: Mapping[str, str],
+    *,
+    sizes: Mapping[str, int],
+    fractions: Mapping[str, float],
+    tolerance: float = BALANCE_TOLERANCE,
+) -> dict[str, str]:
     """Move whole patients between splits so that each split's share of *records* nears its fraction.
 
     With few patients, a split by patient count can starve a split of records: three patients with
@@ -152,7 +158,10 @@ def balance_records(assignment: Mapping[str, str], *, sizes: Mapping[str, int], 
     """
     names = _positive(fractions)
     split = dict(assignment)
-    if max(abs(share - fractions[name]) for name, share in record_shares(split, sizes=sizes, fractions=fractions).items()) <= tolerance:
+    if (
+        max(abs(share - fractions[name]) for name, share in record_shares(split, sizes=sizes, fractions=fractions).items())
+        <= tolerance
+    ):
         return split
     order = _hash_order(split)
     total = sum(int(sizes[p]) for p in order)

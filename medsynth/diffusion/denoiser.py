@@ -131,9 +131,11 @@ class Denoiser(nn.Module):
         self.image_channels = image_channels
         self.condition_dropout = condition_dropout
         self.vocabulary = {k: [str(v) for v in vs] for k, vs in _vocabulary_for(conditioning, vocabulary or {}).items()}
-        self.attribute_tokens = nn.ModuleList(
-            nn.Embedding(len(values) + 1, context_dim) for values in self.vocabulary.values()
-        ) if conditioning == "attributes" else nn.ModuleList()
+        self.attribute_tokens = (
+            nn.ModuleList(nn.Embedding(len(values) + 1, context_dim) for values in self.vocabulary.values())
+            if conditioning == "attributes"
+            else nn.ModuleList()
+        )
         self.autoencoder = autoencoder
         if autoencoder is not None:
             autoencoder.requires_grad_(False).eval()
@@ -143,8 +145,9 @@ class Denoiser(nn.Module):
     @property
     def sample_channels(self) -> int:
         """Channels of this model's diffusion variable."""
-        return network_channels(conditioning=self.conditioning, output=self.output,
-                                image_channels=self.image_channels, num_classes=self.num_classes)[1]
+        return network_channels(
+            conditioning=self.conditioning, output=self.output, image_channels=self.image_channels, num_classes=self.num_classes
+        )[1]
 
     def sample_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
         """``(C, *spatial)`` of the diffusion variable for images of spatial shape ``image_shape``

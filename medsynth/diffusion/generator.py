@@ -162,14 +162,22 @@ def build_denoiser(model: ModelSettings, *, num_classes: int, vocabulary: Mappin
     autoencoder = build_network(model.autoencoder.network, key="model.autoencoder.network") if model.autoencoder else None
     image_channels = int(model.autoencoder.network["latent_channels"]) if model.autoencoder else model.image_channels
     output = model.output or default_output(model.conditioning)
-    in_channels, out_channels = network_channels(conditioning=model.conditioning, output=output,
-                                                 image_channels=image_channels, num_classes=num_classes)
+    in_channels, out_channels = network_channels(
+        conditioning=model.conditioning, output=output, image_channels=image_channels, num_classes=num_classes
+    )
     options = network_options(conditioning=model.conditioning, vocabulary=vocabulary, context_dim=model.context_dim)
     network = build_network(model.network, in_channels=in_channels, out_channels=out_channels, **options)
     return Denoiser(
-        network, conditioning=model.conditioning, num_classes=num_classes, image_channels=image_channels,
-        output=output, vocabulary=vocabulary, context_dim=model.context_dim, condition_dropout=model.condition_dropout,
-        autoencoder=autoencoder, decode_tile=model.autoencoder.decode_tile if model.autoencoder else None,
+        network,
+        conditioning=model.conditioning,
+        num_classes=num_classes,
+        image_channels=image_channels,
+        output=output,
+        vocabulary=vocabulary,
+        context_dim=model.context_dim,
+        condition_dropout=model.condition_dropout,
+        autoencoder=autoencoder,
+        decode_tile=model.autoencoder.decode_tile if model.autoencoder else None,
     )
 
 
@@ -322,16 +330,24 @@ class Generator:
             except ConfigError as err:
                 raise MedsynthError(f"checkpoint {where}: {err}") from None
             except (TypeError, ValueError, AttributeError, RuntimeError, AssertionError) as err:
-                raise MedsynthError(f"checkpoint {where}: its model config does not build a network: "
-                                    f"{' '.join(str(err).split())[:300]}") from None
+                raise MedsynthError(
+                    f"checkpoint {where}: its model config does not build a network: {' '.join(str(err).split())[:300]}"
+                ) from None
 
         with torch.device("meta"):
             shape_of = build()
         shadow = check_state_dict(shape_of, state["ema"]["shadow"], where=f"checkpoint {where}: ema.shadow")
         model = build()
         model.load_state_dict(shadow)
-        return cls(model.eval(), facts.scheduler, facts.label_names, facts.image_size, facts.sampling, info=facts.info,
-                   settings=facts.model)
+        return cls(
+            model.eval(),
+            facts.scheduler,
+            facts.label_names,
+            facts.image_size,
+            facts.sampling,
+            info=facts.info,
+            settings=facts.model,
+        )
 
     def sampler(self, name: str | None = None) -> Scheduler:
         """A fresh sampler (``name``, default the checkpoint's) on this model's training schedule."""
@@ -390,13 +406,23 @@ class Generator:
             raise MedsynthError(f"precision must be fp32 or bf16, got {precision!r}")
         scheduler = sampler if isinstance(sampler, Scheduler) else self.sampler(sampler)
         device = self.device
-        condition = self.model.condition(labels.to(device) if labels is not None else None,
-                                         codes.to(device) if codes is not None else None)
+        condition = self.model.condition(
+            labels.to(device) if labels is not None else None, codes.to(device) if codes is not None else None
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            x = sample(self.model, scheduler, condition, seeds=list(seeds), shape=self.model.sample_shape(self.image_size),
-                       steps=steps or self.sampling.steps, eta=self.sampling.eta if eta is None else eta, device=device,
-                       guidance_scale=(self.sampling.guidance_scale if guidance_scale is None else guidance_scale)
-                       if self.guided else 1.0)
+            x = sample(
+                self.model,
+                scheduler,
+                condition,
+                seeds=list(seeds),
+                shape=self.model.sample_shape(self.image_size),
+                steps=steps or self.sampling.steps,
+                eta=self.sampling.eta if eta is None else eta,
+                device=device,
+                guidance_scale=(self.sampling.guidance_scale if guidance_scale is None else guidance_scale)
+                if self.guided
+                else 1.0,
+            )
             images, generated = self.model.split(x)
         shown = generated if generated is not None else labels
         return Samples(images.float().cpu() if images is not None else None, shown.cpu() if shown is not None else None)
@@ -408,9 +434,14 @@ class Generator:
 
     def describe(self) -> dict[str, Any]:
         """Plain facts for manifests and model metadata."""
-        return {"conditioning": self.conditioning, "label_names": list(self.label_names),
-                "vocabulary": dict(self.model.vocabulary), "image_size": list(self.image_size),
-                "sampling": to_mapping(self.sampling), **self.info}
+        return {
+            "conditioning": self.conditioning,
+            "label_names": list(self.label_names),
+            "vocabulary": dict(self.model.vocabulary),
+            "image_size": list(self.image_size),
+            "sampling": to_mapping(self.sampling),
+            **self.info,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,12 +474,15 @@ def check_checkpoint_config(config: Any, *, where: str) -> tuple[ModelSettings, 
         MedsynthError: One line naming the checkpoint and the key at fault.
     """
     if not isinstance(config, Mapping) or not all(isinstance(config.get(k), Mapping) for k in ("model", "scheduler")):
-        raise MedsynthError(f"checkpoint {where} is not a medsynth checkpoint: its config must hold the model and "
-                            "scheduler sections")
+        raise MedsynthError(
+            f"checkpoint {where} is not a medsynth checkpoint: its config must hold the model and scheduler sections"
+        )
     try:
         check_targets(config)
-        return (from_mapping(ModelSettings, config["model"], key="model"),
-                from_mapping(SchedulerSettings, config["scheduler"], key="scheduler"))
+        return (
+            from_mapping(ModelSettings, config["model"], key="model"),
+            from_mapping(SchedulerSettings, config["scheduler"], key="scheduler"),
+        )
     except ConfigError as err:
         raise MedsynthError(f"checkpoint {where}: {err}") from None
 
@@ -494,19 +528,25 @@ def read_generator_state(state: Any, *, where: str, required: Sequence[str] = GE
         return isinstance(value, int) and not isinstance(value, bool)
 
     names = state.get("label_names", [])
-    if (not isinstance(names, (list, tuple)) or ("label_names" in state and not names)
-            or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names)):
+    if (
+        not isinstance(names, (list, tuple))
+        or ("label_names" in state and not names)
+        or not all(isinstance(n, str) and n for n in names)
+        or len(set(names)) != len(names)
+    ):
         raise fail("label_names", "a non-empty list of distinct label names (strings)", names)
     vocabulary = {} if state.get("vocabulary") is None else state["vocabulary"]
     if not isinstance(vocabulary, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)
-            for k, v in vocabulary.items()):
+        isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) for k, v in vocabulary.items()
+    ):
         raise fail("vocabulary", "a mapping of attribute names to lists of values (strings)", vocabulary)
     size = state.get("image_size", [1] * model.spatial_dims)
-    if (not isinstance(size, (list, tuple)) or len(size) != model.spatial_dims
-            or not all(is_int(s) and s >= 1 for s in size)):
-        raise fail("image_size", f"a list of {model.spatial_dims} positive integers (model.network.spatial_dims="
-                                 f"{model.spatial_dims})", size)
+    if not isinstance(size, (list, tuple)) or len(size) != model.spatial_dims or not all(is_int(s) and s >= 1 for s in size):
+        raise fail(
+            "image_size",
+            f"a list of {model.spatial_dims} positive integers (model.network.spatial_dims={model.spatial_dims})",
+            size,
+        )
     if "spatial_dims" in state and state["spatial_dims"] != model.spatial_dims:
         raise fail("spatial_dims", f"{model.spatial_dims}, as model.network.spatial_dims", state["spatial_dims"])
     sampling = {} if state.get("sampling") is None else state["sampling"]
@@ -518,17 +558,26 @@ def read_generator_state(state: Any, *, where: str, required: Sequence[str] = GE
     ema = state.get("ema", {"shadow": {}})
     if not isinstance(ema, Mapping) or "shadow" not in ema:
         raise fail("ema", "a mapping with the EMA weights under shadow", type(ema).__name__)
-    checks = {"run_id": (lambda v: isinstance(v, str), "a string"),
-              "step": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
-              "val_loss": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")}
+    checks = {
+        "run_id": (lambda v: isinstance(v, str), "a string"),
+        "step": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+        "val_loss": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    }
     info = {}
     for key, (ok, expected) in checks.items():
         if key in state:
             if not ok(state[key]):
                 raise fail(key, expected, state[key])
             info[key] = state[key]
-    return GeneratorFacts(model, scheduler, sampling_settings, list(names), {k: list(v) for k, v in vocabulary.items()},
-                          tuple(size) if "image_size" in state else (), info)
+    return GeneratorFacts(
+        model,
+        scheduler,
+        sampling_settings,
+        list(names),
+        {k: list(v) for k, v in vocabulary.items()},
+        tuple(size) if "image_size" in state else (),
+        info,
+    )
 
 
 def generator_state(model: ModelSettings, scheduler: SchedulerSettings, sampling: SamplingSettings) -> dict[str, Any]:

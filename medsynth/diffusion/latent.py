@@ -26,8 +26,9 @@ def latent_scale_factor(autoencoder: AutoencoderKL, images: torch.Tensor, *, bat
         The scale factor.
     """
     device = next(autoencoder.parameters()).device
-    latents = [autoencoder.encode(images[i : i + batch_size].to(device))[0].float().cpu()
-               for i in range(0, images.shape[0], batch_size)]
+    latents = [
+        autoencoder.encode(images[i : i + batch_size].to(device))[0].float().cpu() for i in range(0, images.shape[0], batch_size)
+    ]
     std = torch.cat(latents).std()
     return float(1.0 / std.clamp_min(1e-6))
 
@@ -57,5 +58,9 @@ def decode_latents(
     """
     if tile is None or all(t >= s for t, s in zip(tile, z.shape[2:])):
         return autoencoder.decode(z)
-    return cast(torch.Tensor, sliding_window_inference(z, roi_size=list(tile), sw_batch_size=1, predictor=autoencoder.decode,
-                                                       overlap=overlap, mode="gaussian"))
+    return cast(
+        torch.Tensor,
+        sliding_window_inference(
+            z, roi_size=list(tile), sw_batch_size=1, predictor=autoencoder.decode, overlap=overlap, mode="gaussian"
+        ),
+    )

@@ -90,6 +90,10 @@ def sample(
             x, _ = scheduler.step(output, t, x, eta=0.0)
         else:
             options = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
-            x = torch.cat([scheduler.step(output[i : i + 1], t, x[i : i + 1], generator=gen, **options)[0]
-                           for i, gen in enumerate(noise_gens)])
+            x = torch.cat(
+                [
+                    scheduler.step(output[i : i + 1], t, x[i : i + 1], generator=gen, **options)[0]
+                    for i, gen in enumerate(noise_gens)
+                ]
+            )
     return x

@@ -32,7 +32,6 @@ from medsynth.metrics import (
 )
 from medsynth.metrics.segmentation import mean_dice
 
-
 FD_REFERENCE_FLOOR = 0.01
 """The Fréchet-distance ratio divides by at least this share of the holdout features' total
 variance, so a near-zero real-vs-real reference (records that all look alike) cannot make every
@@ -65,8 +64,10 @@ def _dice_ratio(name: str, value: float, reference: float, *, minimum: float, be
     ratio = _ratio(value, reference, minimum=minimum)
     note = ""
     if np.isnan(ratio):
-        note = (f"the real-data segmenter's Dice on the real holdout is {reference:.3g}, below evaluate.min_reference_dice "
-                f"({minimum:g}): too weak to judge by; train it longer (evaluate.segmenter.steps)")
+        note = (
+            f"the real-data segmenter's Dice on the real holdout is {reference:.3g}, below evaluate.min_reference_dice "
+            f"({minimum:g}): too weak to judge by; train it longer (evaluate.segmenter.steps)"
+        )
     return Figure(name, ratio, better, meaning, 1.0, True, note)
 
 
@@ -175,79 +176,149 @@ def realism_figures(
     kid = _unless(short, lambda: kernel_inception_distance(holdout_features, synthetic_features, seed=seed)[0])
     kid_reference = _unless(short_ref, lambda: kernel_inception_distance(holdout_features, ref_features, seed=seed)[0])
     figures = [
-        Figure("realism/fid_features", fid, "lower",
-               "Fréchet distance between encoder features of synthetic and real holdout images; reference: "
-               "as many real training images against the holdout", _known(fid_reference), True, short),
-        Figure("realism/fid_features_ratio", _ratio(fid, fid_reference, floor=FD_REFERENCE_FLOOR * variance), "lower",
-               "feature Fréchet distance divided by its real-vs-real reference (at least "
-               f"{FD_REFERENCE_FLOOR:g} of the holdout features' total variance): 1 = as far from the holdout as real "
-               "training images are; noise is tens of times further", 1.0, True, short or short_ref),
-        Figure("realism/kid_features", kid, "lower",
-               "kernel inception distance (unbiased MMD^2, cubic kernel) on encoder features, synthetic vs holdout; "
-               "reference: real train vs holdout", _known(kid_reference), True, short),
-        Figure("realism/mmd_gaussian_features", gaussian_mmd(holdout_features, synthetic_features), "lower",
-               "Gaussian-kernel MMD^2 on encoder features, synthetic vs holdout; reference: real train vs holdout",
-               gaussian_mmd(holdout_features, ref_features)),
+        Figure(
+            "realism/fid_features",
+            fid,
+            "lower",
+            "Fréchet distance between encoder features of synthetic and real holdout images; reference: "
+            "as many real training images against the holdout",
+            _known(fid_reference),
+            True,
+            short,
+        ),
+        Figure(
+            "realism/fid_features_ratio",
+            _ratio(fid, fid_reference, floor=FD_REFERENCE_FLOOR * variance),
+            "lower",
+            "feature Fréchet distance divided by its real-vs-real reference (at least "
+            f"{FD_REFERENCE_FLOOR:g} of the holdout features' total variance): 1 = as far from the holdout as real "
+            "training images are; noise is tens of times further",
+            1.0,
+            True,
+            short or short_ref,
+        ),
+        Figure(
+            "realism/kid_features",
+            kid,
+            "lower",
+            "kernel inception distance (unbiased MMD^2, cubic kernel) on encoder features, synthetic vs holdout; "
+            "reference: real train vs holdout",
+            _known(kid_reference),
+            True,
+            short,
+        ),
+        Figure(
+            "realism/mmd_gaussian_features",
+            gaussian_mmd(holdout_features, synthetic_features),
+            "lower",
+            "Gaussian-kernel MMD^2 on encoder features, synthetic vs holdout; reference: real train vs holdout",
+            gaussian_mmd(holdout_features, ref_features),
+        ),
     ]
     for plane, synthetic_planes in synthetic.plane_features.items():
         holdout_planes = holdout.plane_features[plane]
         reference_planes = _subsample(train.plane_features[plane], len(synthetic_planes), seed)
         figures += [
-            Figure(f"realism/fid_features_{plane}", frechet_distance(holdout_planes, synthetic_planes), "lower",
-                   f"Fréchet distance between encoder features of {plane} slices, synthetic vs holdout volumes (2.5D); "
-                   "reference: as many training slices", frechet_distance(holdout_planes, reference_planes)),
-            Figure(f"realism/kid_features_{plane}", kernel_inception_distance(holdout_planes, synthetic_planes, seed=seed)[0],
-                   "lower", f"KID on encoder features of {plane} slices, synthetic vs holdout volumes (2.5D); reference: "
-                   "training slices", kernel_inception_distance(holdout_planes, reference_planes, seed=seed)[0]),
+            Figure(
+                f"realism/fid_features_{plane}",
+                frechet_distance(holdout_planes, synthetic_planes),
+                "lower",
+                f"Fréchet distance between encoder features of {plane} slices, synthetic vs holdout volumes (2.5D); "
+                "reference: as many training slices",
+                frechet_distance(holdout_planes, reference_planes),
+            ),
+            Figure(
+                f"realism/kid_features_{plane}",
+                kernel_inception_distance(holdout_planes, synthetic_planes, seed=seed)[0],
+                "lower",
+                f"KID on encoder features of {plane} slices, synthetic vs holdout volumes (2.5D); reference: training slices",
+                kernel_inception_distance(holdout_planes, reference_planes, seed=seed)[0],
+            ),
         ]
     m = min(n, h)
     mmd = MMDMetric()
     pick = lambda x: torch.as_tensor(_subsample(x, m, seed), dtype=torch.float32)  # noqa: E731
-    mmd_reference = _unless(not_computable(holdout=m, train=min(m, len(train_features))),
-                            lambda: mmd(pick(holdout_features), pick(train_features)))
-    figures.append(Figure(
-        "realism/mmd_monai_features", _unless(short, lambda: mmd(pick(holdout_features), pick(synthetic_features))), "lower",
-        "MONAI's MMD (linear kernel: compares feature means) of equally many synthetic and holdout features; "
-        "reference: real train vs holdout", _known(mmd_reference), False, short,
-    ))
+    mmd_reference = _unless(
+        not_computable(holdout=m, train=min(m, len(train_features))), lambda: mmd(pick(holdout_features), pick(train_features))
+    )
+    figures.append(
+        Figure(
+            "realism/mmd_monai_features",
+            _unless(short, lambda: mmd(pick(holdout_features), pick(synthetic_features))),
+            "lower",
+            "MONAI's MMD (linear kernel: compares feature means) of equally many synthetic and holdout features; "
+            "reference: real train vs holdout",
+            _known(mmd_reference),
+            False,
+            short,
+        )
+    )
     few_pairs = not_computable(synthetic=len(synthetic_images))
-    ssim_reference = _unless(not_computable(holdout=len(holdout_images)),
-                             lambda: mean_pairwise_ssim(holdout_images, spatial_dims=spatial_dims, max_pairs=max_ssim_pairs))
-    figures.append(Figure(
-        "realism/ms_ssim_diversity",
-        _unless(few_pairs, lambda: mean_pairwise_ssim(synthetic_images, spatial_dims=spatial_dims, max_pairs=max_ssim_pairs)),
-        "close to reference", "mean MS-SSIM between pairs of synthetic images (higher = more alike); reference: the same "
-        "among real holdout images; far above it means too little variety", _known(ssim_reference), True, few_pairs,
-    ))
-    syn_w1 = tissue_intensity_distances(holdout_images, holdout_labels, synthetic_images, synthetic_labels, label_names=label_names)
+    ssim_reference = _unless(
+        not_computable(holdout=len(holdout_images)),
+        lambda: mean_pairwise_ssim(holdout_images, spatial_dims=spatial_dims, max_pairs=max_ssim_pairs),
+    )
+    figures.append(
+        Figure(
+            "realism/ms_ssim_diversity",
+            _unless(few_pairs, lambda: mean_pairwise_ssim(synthetic_images, spatial_dims=spatial_dims, max_pairs=max_ssim_pairs)),
+            "close to reference",
+            "mean MS-SSIM between pairs of synthetic images (higher = more alike); reference: the same "
+            "among real holdout images; far above it means too little variety",
+            _known(ssim_reference),
+            True,
+            few_pairs,
+        )
+    )
+    syn_w1 = tissue_intensity_distances(
+        holdout_images, holdout_labels, synthetic_images, synthetic_labels, label_names=label_names
+    )
     ref_w1 = tissue_intensity_distances(holdout_images, holdout_labels, train_images, train_labels, label_names=label_names)
     for value, name in enumerate(label_names):
         if name not in syn_w1:
             continue
         real_values = holdout_images[holdout_labels == value]
-        figures.append(Figure(
-            f"realism/intensity_w1_{name}", syn_w1[name], "lower",
-            f"Wasserstein-1 distance of {name} intensities ([0,1] scale), synthetic vs holdout; reference: train vs holdout",
-            ref_w1.get(name),
-        ))
-        figures.append(Figure(
-            f"realism/histogram_distance_{name}",
-            histogram_distance(real_values, synthetic_images[synthetic_labels == value]), "lower",
-            f"1 - histogram intersection of {name} intensities, synthetic vs holdout (0 identical, 1 disjoint); "
-            "reference: train vs holdout", histogram_distance(real_values, train_images[train_labels == value]),
-        ))
+        figures.append(
+            Figure(
+                f"realism/intensity_w1_{name}",
+                syn_w1[name],
+                "lower",
+                f"Wasserstein-1 distance of {name} intensities ([0,1] scale), synthetic vs holdout; reference: train vs holdout",
+                ref_w1.get(name),
+            )
+        )
+        figures.append(
+            Figure(
+                f"realism/histogram_distance_{name}",
+                histogram_distance(real_values, synthetic_images[synthetic_labels == value]),
+                "lower",
+                f"1 - histogram intersection of {name} intensities, synthetic vs holdout (0 identical, 1 disjoint); "
+                "reference: train vs holdout",
+                histogram_distance(real_values, train_images[train_labels == value]),
+            )
+        )
     num_classes = len(label_names)
     consistency = mean_dice(segment(synthetic_images), synthetic_labels, num_classes=num_classes)
     consistency_reference = mean_dice(segment(holdout_images), holdout_labels, num_classes=num_classes)
     figures += [
-        Figure("realism/label_consistency_dice", consistency,
-               "higher", "mean Dice between the synthetic label maps and what a segmenter trained on real data finds in "
-               "the synthetic images: do image and label agree? reference: the same segmenter on the real holdout",
-               consistency_reference, True),
-        _dice_ratio("realism/label_consistency_dice_ratio", consistency, consistency_reference,
-                    minimum=min_reference_dice, better="higher (1 = as real)",
-                    meaning="label-consistency Dice divided by the real segmenter's Dice on the real holdout; not "
-                    f"computed when that reference is below {min_reference_dice:g}"),
+        Figure(
+            "realism/label_consistency_dice",
+            consistency,
+            "higher",
+            "mean Dice between the synthetic label maps and what a segmenter trained on real data finds in "
+            "the synthetic images: do image and label agree? reference: the same segmenter on the real holdout",
+            consistency_reference,
+            True,
+        ),
+        _dice_ratio(
+            "realism/label_consistency_dice_ratio",
+            consistency,
+            consistency_reference,
+            minimum=min_reference_dice,
+            better="higher (1 = as real)",
+            meaning="label-consistency Dice divided by the real segmenter's Dice on the real holdout; not "
+            f"computed when that reference is below {min_reference_dice:g}",
+        ),
     ]
     return figures
 
@@ -288,9 +359,13 @@ def privacy_figures(
         correlation with a training image and that image's index (for the report's pairs).
     """
     if rules is None:
-        rules = calibrate_rules(train.images, holdout.images,
-                                privacy=PrivacySettings(memorisation_threshold=memorisation_threshold),
-                                train_features=train.features, holdout_features=holdout.features)
+        rules = calibrate_rules(
+            train.images,
+            holdout.images,
+            privacy=PrivacySettings(memorisation_threshold=memorisation_threshold),
+            train_features=train.features,
+            holdout_features=holdout.features,
+        )
     check = rules.measure(synthetic.images, features=synthetic.features if rules.train_features is not None else None)
     reference = rules.holdout
     n = len(check)
@@ -301,49 +376,100 @@ def privacy_figures(
             continue
         p05 = float(np.percentile(ref, 5))
         figures += [
-            Figure(f"privacy/closer_to_train_fraction_{space}", closer[space],
-                   "0.5 (higher = memorisation)", f"fraction of synthetic images nearer ({space} space) to a training "
-                   "image than to any holdout image", 0.5, space == "pixel"),
-            Figure(f"privacy/min_distance_to_train_{space}", float(to_train.min()), "higher",
-                   f"smallest {space}-space distance from a synthetic image to a training image; reference: smallest "
-                   "holdout-to-train distance", float(ref.min())),
-            Figure(f"privacy/median_distance_to_train_{space}", float(np.median(to_train)), "close to reference",
-                   f"median {space}-space distance to the nearest training image; reference: the same for holdout images",
-                   float(np.median(ref))),
-            Figure(f"privacy/below_holdout_p05_count_{space}", float(np.sum(to_train < p05)), "lower",
-                   f"synthetic images nearer ({space} space) to a training image than 95% of real holdout images are; "
-                   "reference: the 5% of holdout images expected there", 0.05 * n),
+            Figure(
+                f"privacy/closer_to_train_fraction_{space}",
+                closer[space],
+                "0.5 (higher = memorisation)",
+                f"fraction of synthetic images nearer ({space} space) to a training image than to any holdout image",
+                0.5,
+                space == "pixel",
+            ),
+            Figure(
+                f"privacy/min_distance_to_train_{space}",
+                float(to_train.min()),
+                "higher",
+                f"smallest {space}-space distance from a synthetic image to a training image; reference: smallest "
+                "holdout-to-train distance",
+                float(ref.min()),
+            ),
+            Figure(
+                f"privacy/median_distance_to_train_{space}",
+                float(np.median(to_train)),
+                "close to reference",
+                f"median {space}-space distance to the nearest training image; reference: the same for holdout images",
+                float(np.median(ref)),
+            ),
+            Figure(
+                f"privacy/below_holdout_p05_count_{space}",
+                float(np.sum(to_train < p05)),
+                "lower",
+                f"synthetic images nearer ({space} space) to a training image than 95% of real holdout images are; "
+                "reference: the 5% of holdout images expected there",
+                0.05 * n,
+            ),
         ]
     figures += [
-        Figure("privacy/max_correlation_to_train", float(check.correlation.max()), "lower",
-               "highest normalised correlation of any synthetic image with any training image (1 = copy); reference: "
-               "the same for real holdout images", float(reference.correlation.max()), True),
-        Figure("privacy/memorised_count", float(check.memorised.sum()), "lower",
-               f"synthetic images whose correlation with a training image exceeds {rules.memorisation_threshold:g} "
-               "(rule: memorised); reference: holdout images above it", float(reference.memorised.sum()), True),
-        Figure("privacy/too_close_count_pixel", float(check.pixel_too_close.sum()), "lower",
-               f"synthetic images nearer to a training image ({rules.metric}) than all but {rules.quantile:g} of real "
-               f"holdout images are (rule: too close, pixel); reference: {rules.quantile:g} of the set",
-               rules.quantile * n),
+        Figure(
+            "privacy/max_correlation_to_train",
+            float(check.correlation.max()),
+            "lower",
+            "highest normalised correlation of any synthetic image with any training image (1 = copy); reference: "
+            "the same for real holdout images",
+            float(reference.correlation.max()),
+            True,
+        ),
+        Figure(
+            "privacy/memorised_count",
+            float(check.memorised.sum()),
+            "lower",
+            f"synthetic images whose correlation with a training image exceeds {rules.memorisation_threshold:g} "
+            "(rule: memorised); reference: holdout images above it",
+            float(reference.memorised.sum()),
+            True,
+        ),
+        Figure(
+            "privacy/too_close_count_pixel",
+            float(check.pixel_too_close.sum()),
+            "lower",
+            f"synthetic images nearer to a training image ({rules.metric}) than all but {rules.quantile:g} of real "
+            f"holdout images are (rule: too close, pixel); reference: {rules.quantile:g} of the set",
+            rules.quantile * n,
+        ),
     ]
     if rules.feature_threshold is not None:
-        figures.append(Figure(
-            "privacy/too_close_count_feature", float(check.feature_too_close.sum()), "lower",
-            f"synthetic images nearer to a training record in feature space than all but {rules.quantile:g} of real "
-            f"holdout images are (rule: too close, feature); reference: {rules.quantile:g} of the set", rules.quantile * n))
-    figures.append(Figure(
-        "privacy/rule_violations_count", float(check.num_rejected), "lower (0: every sample meets the rules)",
-        "synthetic images that break any per-sample privacy rule (memorised, too close in pixel or feature space; "
-        "generate's gate rejects these); reference: real holdout images breaking one, scaled to the set size",
-        float(reference.violations.mean() * n), True,
-    ))
+        figures.append(
+            Figure(
+                "privacy/too_close_count_feature",
+                float(check.feature_too_close.sum()),
+                "lower",
+                f"synthetic images nearer to a training record in feature space than all but {rules.quantile:g} of real "
+                f"holdout images are (rule: too close, feature); reference: {rules.quantile:g} of the set",
+                rules.quantile * n,
+            )
+        )
+    figures.append(
+        Figure(
+            "privacy/rule_violations_count",
+            float(check.num_rejected),
+            "lower (0: every sample meets the rules)",
+            "synthetic images that break any per-sample privacy rule (memorised, too close in pixel or feature space; "
+            "generate's gate rejects these); reference: real holdout images breaking one, scaled to the set size",
+            float(reference.violations.mean() * n),
+            True,
+        )
+    )
     label_dice, _ = dice_to_nearest_label_map(synthetic.labels, train.labels, num_classes=num_classes)
     ref_dice, _ = dice_to_nearest_label_map(holdout.labels, train.labels, num_classes=num_classes)
-    figures.append(Figure(
-        "privacy/label_dice_to_nearest_train", float(np.mean(label_dice)), "close to reference (higher = copied labels)",
-        "mean over synthetic label maps of the Dice with the most similar training label map; reference: the same "
-        "for holdout label maps", float(np.mean(ref_dice)),
-    ))
+    figures.append(
+        Figure(
+            "privacy/label_dice_to_nearest_train",
+            float(np.mean(label_dice)),
+            "close to reference (higher = copied labels)",
+            "mean over synthetic label maps of the Dice with the most similar training label map; reference: the same "
+            "for holdout label maps",
+            float(np.mean(ref_dice)),
+        )
+    )
     if member_errors is not None and nonmember_errors is not None:
         figures += membership_figures(member_errors, nonmember_errors)
     return figures, check.correlation, check.correlation_index
@@ -390,23 +516,42 @@ def membership_figures(
         scored[attack] = (auc, tpr)
         what = ATTACK_NAMES.get(attack, attack)
         figures += [
-            Figure(f"privacy/membership_auc_{attack}", auc, "0.5 (higher = leaks membership)",
-                   f"AUC of telling training images from holdout images by {what} ({attack} attack)", 0.5),
-            Figure(f"privacy/membership_tpr_at_1pct_fpr_{attack}", tpr, "lower",
-                   f"share of training images the {attack} attack flags as members when at most 1% of holdout "
-                   "images are", 0.01),
+            Figure(
+                f"privacy/membership_auc_{attack}",
+                auc,
+                "0.5 (higher = leaks membership)",
+                f"AUC of telling training images from holdout images by {what} ({attack} attack)",
+                0.5,
+            ),
+            Figure(
+                f"privacy/membership_tpr_at_1pct_fpr_{attack}",
+                tpr,
+                "lower",
+                f"share of training images the {attack} attack flags as members when at most 1% of holdout images are",
+                0.01,
+            ),
         ]
     strongest = max(scored, key=lambda k: scored[k][0])  # max keeps the first on a tie
     others = ", ".join(f"{k} {v[0]:.3g}" for k, v in scored.items() if k != strongest)
     also = f"; other attacks' AUC: {others}" if others else ""
     auc, tpr = scored[strongest]
     return figures + [
-        Figure("privacy/membership_auc", auc, "0.5 (higher = leaks membership)",
-               f"AUC of telling training images from holdout images by the strongest membership attack run, here "
-               f"{strongest} ({ATTACK_NAMES.get(strongest, strongest)}){also}", 0.5, True),
-        Figure("privacy/membership_tpr_at_1pct_fpr", tpr, "lower",
-               f"share of training images the strongest attack ({strongest}) flags as members when at most 1% of "
-               "holdout images are", 0.01),
+        Figure(
+            "privacy/membership_auc",
+            auc,
+            "0.5 (higher = leaks membership)",
+            f"AUC of telling training images from holdout images by the strongest membership attack run, here "
+            f"{strongest} ({ATTACK_NAMES.get(strongest, strongest)}){also}",
+            0.5,
+            True,
+        ),
+        Figure(
+            "privacy/membership_tpr_at_1pct_fpr",
+            tpr,
+            "lower",
+            f"share of training images the strongest attack ({strongest}) flags as members when at most 1% of holdout images are",
+            0.01,
+        ),
     ]
 
 
@@ -417,8 +562,9 @@ def _by_attack(errors: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.nd
     return {"loss": np.asarray(errors)}
 
 
-def utility_figures(*, dice_real: float, dice_synthetic: float, dice_both: float,
-                    min_reference_dice: float = MIN_REFERENCE_DICE) -> list[Figure]:
+def utility_figures(
+    *, dice_real: float, dice_synthetic: float, dice_both: float, min_reference_dice: float = MIN_REFERENCE_DICE
+) -> list[Figure]:
     """Segmentation Dice on the real holdout for models trained on real, synthetic, and both.
 
     Args:
@@ -432,14 +578,37 @@ def utility_figures(*, dice_real: float, dice_synthetic: float, dice_both: float
         real-only; NaN, with a note, when the real-only Dice is below ``min_reference_dice``).
     """
     return [
-        Figure("utility/dice_real_only", dice_real, "higher",
-               "mean Dice on the real holdout of a segmenter trained on real training data only", None, True),
-        Figure("utility/dice_synthetic_only", dice_synthetic, "higher (compare with real only)",
-               "mean Dice on the real holdout of a segmenter trained on synthetic data only", dice_real, True),
-        Figure("utility/dice_real_plus_synthetic", dice_both, "higher than real only = augmentation helps",
-               "mean Dice on the real holdout of a segmenter trained on real plus synthetic data", dice_real, True),
-        _dice_ratio("utility/dice_synthetic_only_ratio", dice_synthetic, dice_real, minimum=min_reference_dice,
-                    better="higher (1 = as useful as real)",
-                    meaning="synthetic-only Dice divided by real-only Dice on the real holdout: how much of the real "
-                    f"data's use the synthetic set replaces; not computed when real-only is below {min_reference_dice:g}"),
+        Figure(
+            "utility/dice_real_only",
+            dice_real,
+            "higher",
+            "mean Dice on the real holdout of a segmenter trained on real training data only",
+            None,
+            True,
+        ),
+        Figure(
+            "utility/dice_synthetic_only",
+            dice_synthetic,
+            "higher (compare with real only)",
+            "mean Dice on the real holdout of a segmenter trained on synthetic data only",
+            dice_real,
+            True,
+        ),
+        Figure(
+            "utility/dice_real_plus_synthetic",
+            dice_both,
+            "higher than real only = augmentation helps",
+            "mean Dice on the real holdout of a segmenter trained on real plus synthetic data",
+            dice_real,
+            True,
+        ),
+        _dice_ratio(
+            "utility/dice_synthetic_only_ratio",
+            dice_synthetic,
+            dice_real,
+            minimum=min_reference_dice,
+            better="higher (1 = as useful as real)",
+            meaning="synthetic-only Dice divided by real-only Dice on the real holdout: how much of the real "
+            f"data's use the synthetic set replaces; not computed when real-only is below {min_reference_dice:g}",
+        ),
     ]

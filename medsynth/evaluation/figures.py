@@ -104,8 +104,13 @@ class Verdict:
         """The ``verdict`` entry of ``metrics.json``: ``passed``, ``failed_groups``, ``reasons`` and
         ``limits`` over all groups (as before groups existed), and one entry per group."""
         limits = {name: bounds for g in self.groups.values() for name, bounds in g.limits.items()}
-        return {"passed": self.passed, "failed_groups": self.failed_groups, "reasons": self.reasons, "limits": limits,
-                **{name: g.as_json() for name, g in self.groups.items()}}
+        return {
+            "passed": self.passed,
+            "failed_groups": self.failed_groups,
+            "reasons": self.reasons,
+            "limits": limits,
+            **{name: g.as_json() for name, g in self.groups.items()},
+        }
 
 
 def judge(figures: Sequence[Figure], limits: Mapping[str, Mapping[str, float | None]]) -> Verdict:

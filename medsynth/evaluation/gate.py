@@ -138,13 +138,17 @@ class PrivacyGate:
             return ""
         rms = self.metric == "rms"
         pixel = np.asarray(check.pixel)[rejected]
-        parts = [f"nearest pixel {'RMS' if rms else 'correlation'} {(pixel.min() if rms else pixel.max()):.4g} "
-                 f"(too close {'below' if rms else 'above'} {self.pixel_threshold:.4g})",
-                 f"highest correlation {np.asarray(check.correlation)[rejected].max():.4g} "
-                 f"(memorised above {self.memorisation_threshold:.4g})"]
+        parts = [
+            f"nearest pixel {'RMS' if rms else 'correlation'} {(pixel.min() if rms else pixel.max()):.4g} "
+            f"(too close {'below' if rms else 'above'} {self.pixel_threshold:.4g})",
+            f"highest correlation {np.asarray(check.correlation)[rejected].max():.4g} "
+            f"(memorised above {self.memorisation_threshold:.4g})",
+        ]
         if check.feature is not None and self.feature_threshold is not None:
-            parts.append(f"nearest feature distance {np.asarray(check.feature)[rejected].min():.4g} "
-                         f"(too close below {self.feature_threshold:.4g})")
+            parts.append(
+                f"nearest feature distance {np.asarray(check.feature)[rejected].min():.4g} "
+                f"(too close below {self.feature_threshold:.4g})"
+            )
         return ", ".join(parts)
 
     def preview(self, images: torch.Tensor | np.ndarray) -> dict[str, float]:
@@ -206,8 +210,15 @@ def build_privacy_gate(
         ConfigError: If ``privacy.metric`` is not allowed.
         MedsynthError: If the training or holdout set is empty, or their shapes differ.
     """
-    rules = calibrate_rules(train_images, holdout_images, privacy=privacy or PrivacySettings(), encoder=encoder,
-                            batch_size=batch_size, chunk=chunk, device=device)
+    rules = calibrate_rules(
+        train_images,
+        holdout_images,
+        privacy=privacy or PrivacySettings(),
+        encoder=encoder,
+        batch_size=batch_size,
+        chunk=chunk,
+        device=device,
+    )
     gate = PrivacyGate(rules)
     log.info("privacy gate: %s", gate.describe()["method"])
     return gate

@@ -91,11 +91,25 @@ def dataset_encoder(
         train = LabelledArrays(axial, torch.zeros_like(axial, dtype=torch.long), [str(i) for i in range(len(axial))], [])
     log.info("training the feature encoder on %d real training images", len(train))
     encoder = train_encoder(
-        train, spatial_dims=2, channels=settings.channels, steps=settings.steps, batch_size=settings.batch_size,
-        lr=settings.lr, temperature=settings.temperature, seed=seed, device=device, progress=progress,
+        train,
+        spatial_dims=2,
+        channels=settings.channels,
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        temperature=settings.temperature,
+        seed=seed,
+        device=device,
+        progress=progress,
     )
-    save_checkpoint(Path(data_dir) / "encoder.pt", {"state": encoder.state_dict(), "settings": dataclasses.asdict(settings),
-                                                    "manifest_sha256": file_sha256(Path(data_dir) / "manifest.json")})
+    save_checkpoint(
+        Path(data_dir) / "encoder.pt",
+        {
+            "state": encoder.state_dict(),
+            "settings": dataclasses.asdict(settings),
+            "manifest_sha256": file_sha256(Path(data_dir) / "manifest.json"),
+        },
+    )
     return encoder.cpu().eval()
 
 
@@ -124,8 +138,9 @@ def saved_encoder(data_dir: str | Path, *, settings: EncoderSettings | None = No
         return None
     saved = load_checkpoint(path)  # a file of data: every part is checked before use
     if not {"state", "settings", "manifest_sha256"} <= set(saved) or not isinstance(saved["manifest_sha256"], str):
-        raise MedsynthError(f"{path} is not a medsynth feature encoder (state, settings, manifest_sha256): delete it "
-                            "to train the encoder again")
+        raise MedsynthError(
+            f"{path} is not a medsynth feature encoder (state, settings, manifest_sha256): delete it to train the encoder again"
+        )
     try:
         stored = from_mapping(EncoderSettings, saved["settings"], key="encoder")
     except ConfigError as err:
@@ -194,8 +209,10 @@ def features(encoder: nn.Module, images: torch.Tensor | np.ndarray, *, batch_siz
     if space != "2.5d":
         return Features(encode(encoder, x, batch_size=batch_size).numpy(), {}, space)
     n = x.shape[0]
-    planes = {name: encode(encoder, torch.as_tensor(cut), batch_size=batch_size)
-              for name, cut in orthogonal_slices(x.cpu().numpy()).items()}
+    planes = {
+        name: encode(encoder, torch.as_tensor(cut), batch_size=batch_size)
+        for name, cut in orthogonal_slices(x.cpu().numpy()).items()
+    }
     per_volume = torch.cat([f.reshape(n, -1, f.shape[1]).mean(dim=1) for f in planes.values()], dim=1)
     return Features(per_volume.numpy(), {name: f.numpy() for name, f in planes.items()}, space)
 
@@ -232,13 +249,26 @@ def train_segmenters(
     Returns:
         ``{name: segmenter}`` for each of :data:`SEGMENTER_SETS`, in eval mode on the CPU.
     """
-    both = LabelledArrays(torch.cat([real.images, synthetic.images]), torch.cat([real.labels, synthetic.labels]),
-                          real.ids + synthetic.ids, [])
+    both = LabelledArrays(
+        torch.cat([real.images, synthetic.images]), torch.cat([real.labels, synthetic.labels]), real.ids + synthetic.ids, []
+    )
     sets = dict(zip(SEGMENTER_SETS, (real, synthetic, both)))
-    return {name: train_segmenter(data, num_classes=num_classes, spatial_dims=spatial_dims, channels=settings.channels,
-                                  steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
-                                  device=device, progress=progress, desc=f"segmenter ({name})")
-            for name, data in sets.items()}
+    return {
+        name: train_segmenter(
+            data,
+            num_classes=num_classes,
+            spatial_dims=spatial_dims,
+            channels=settings.channels,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            seed=seed,
+            device=device,
+            progress=progress,
+            desc=f"segmenter ({name})",
+        )
+        for name, data in sets.items()
+    }
 
 
 def holdout_dice(segmenter: nn.Module, holdout: LabelledArrays, *, num_classes: int) -> float:
@@ -258,8 +288,9 @@ def holdout_dice(segmenter: nn.Module, holdout: LabelledArrays, *, num_classes: 
 # --------------------------------------------------------------------------- the membership attacks
 
 
-def attack_sample(data: LabelledArrays, records: Sequence[Record], *, max_records: int | None,
-                  seed: int) -> tuple[LabelledArrays, list[Record]]:
+def attack_sample(
+    data: LabelledArrays, records: Sequence[Record], *, max_records: int | None, seed: int
+) -> tuple[LabelledArrays, list[Record]]:
     """At most ``max_records`` of a split's rows and records for the membership attacks, drawn by ``seed``.
 
     The attacks' AUC is read from members against non-members; scoring a few hundred of each
@@ -270,9 +301,16 @@ def attack_sample(data: LabelledArrays, records: Sequence[Record], *, max_record
         return data, list(records)
     rows = np.sort(np.random.default_rng(seed).choice(len(data), size=max_records, replace=False))
     index = torch.as_tensor(rows)
-    return (LabelledArrays(data.images[index], data.labels[index], [data.ids[i] for i in rows],
-                           [data.affines[i] for i in rows] if data.affines else [], data.codes[index]),
-            [records[i] for i in rows])
+    return (
+        LabelledArrays(
+            data.images[index],
+            data.labels[index],
+            [data.ids[i] for i in rows],
+            [data.affines[i] for i in rows] if data.affines else [],
+            data.codes[index],
+        ),
+        [records[i] for i in rows],
+    )
 
 
 def membership_errors(
@@ -316,11 +354,20 @@ def membership_errors(
     bar = progress_bar(total=len(attacks) * len(data.images), desc=desc, unit="record", enabled=progress)
     for attack in attacks:
         if attack == "loss":
-            out[attack] = denoising_errors(generator.model, data.images, data.labels, scheduler,
-                                           timesteps=list(timesteps), codes=codes, seed=seed, on_batch=bar.update).numpy()
+            out[attack] = denoising_errors(
+                generator.model,
+                data.images,
+                data.labels,
+                scheduler,
+                timesteps=list(timesteps),
+                codes=codes,
+                seed=seed,
+                on_batch=bar.update,
+            ).numpy()
         else:
-            out[attack] = pia_errors(generator.model, data.images, data.labels, scheduler,
-                                     timesteps=timesteps, codes=codes, on_batch=bar.update).numpy()
+            out[attack] = pia_errors(
+                generator.model, data.images, data.labels, scheduler, timesteps=timesteps, codes=codes, on_batch=bar.update
+            ).numpy()
     bar.close()
     return out
 
@@ -383,8 +430,9 @@ def pia_errors(
     return total / len(timesteps)
 
 
-def _model_noise(model: Denoiser, scheduler: Scheduler, x_t: torch.Tensor, step: int,
-                 condition: torch.Tensor | None) -> torch.Tensor:
+def _model_noise(
+    model: Denoiser, scheduler: Scheduler, x_t: torch.Tensor, step: int, condition: torch.Tensor | None
+) -> torch.Tensor:
     """The model's noise estimate at ``x_t``, timestep ``step``."""
     t = torch.full((x_t.shape[0],), step, device=x_t.device, dtype=torch.long)
     return noise_estimate(scheduler, model(x_t, t, condition).float(), x_t.float(), step)
@@ -431,8 +479,10 @@ def noise_estimate(scheduler: Scheduler, prediction: torch.Tensor, x_t: torch.Te
     kind = "flow" if isinstance(scheduler, RFlowScheduler) else str(scheduler.prediction_type)
     targets = {"epsilon": (0.0, 1.0), "sample": (1.0, 0.0), "v_prediction": (-b, a), "flow": (1.0, -1.0)}
     if kind not in targets:
-        raise ValueError(f"PIA cannot read a noise estimate from prediction_type {kind!r}; "
-                         f"it knows {', '.join(targets)}: leave pia out of evaluate.membership.attacks")
+        raise ValueError(
+            f"PIA cannot read a noise estimate from prediction_type {kind!r}; "
+            f"it knows {', '.join(targets)}: leave pia out of evaluate.membership.attacks"
+        )
     c_x, c_e = targets[kind]
     det = a * c_e - b * c_x
     if abs(det) < 1e-12:

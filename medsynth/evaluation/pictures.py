@@ -41,16 +41,21 @@ def picture_sheets(
     comparison = []
     for i, row in enumerate(synthetic.rows[:sheet_rows]):
         src = source_index.get(row["label_source"])
-        comparison.append([
-            colorize_labels(display_slice(labels[i, 0])), display_slice(images[i, 0]),
-            display_slice(train.images[src, 0].numpy() if src is not None else blank),
-            display_slice(train.images[nearest[i], 0].numpy()),
-        ])
+        comparison.append(
+            [
+                colorize_labels(display_slice(labels[i, 0])),
+                display_slice(images[i, 0]),
+                display_slice(train.images[src, 0].numpy() if src is not None else blank),
+                display_slice(train.images[nearest[i], 0].numpy()),
+            ]
+        )
     top = np.argsort(-correlation)[:5]
     pairs = [[display_slice(images[i, 0]), display_slice(train.images[nearest[i], 0].numpy())] for i in top]
     return {
-        "Synthetic samples beside real images": save_png(out / "comparison.png", picture_sheet(
-            comparison, titles=["label", "synthetic", "real (label src)", "nearest train"])),
-        "The five synthetic images most correlated with a training image": save_png(out / "most_similar_pairs.png", picture_sheet(
-            pairs, titles=["synthetic", "training"])),
+        "Synthetic samples beside real images": save_png(
+            out / "comparison.png", picture_sheet(comparison, titles=["label", "synthetic", "real (label src)", "nearest train"])
+        ),
+        "The five synthetic images most correlated with a training image": save_png(
+            out / "most_similar_pairs.png", picture_sheet(pairs, titles=["synthetic", "training"])
+        ),
     }

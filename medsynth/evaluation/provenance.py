@@ -130,11 +130,15 @@ def shared_value(rows: Sequence[Mapping[str, str]], column: str, *, manifest: Pa
     """
     values = {row.get(column) or "" for row in rows}
     if not rows or "" in values:
-        raise MedsynthError(f"{manifest} has no {column} column for every sample, so {what} is unknown: "
-                            "generate the set again with `medsynth generate`")
+        raise MedsynthError(
+            f"{manifest} has no {column} column for every sample, so {what} is unknown: "
+            "generate the set again with `medsynth generate`"
+        )
     if len(values) > 1:
-        raise MedsynthError(f"{manifest} lists samples of {len(values)} different generators ({column}: "
-                            f"{sorted(values)[:3]}); audit one generator's set at a time")
+        raise MedsynthError(
+            f"{manifest} lists samples of {len(values)} different generators ({column}: "
+            f"{sorted(values)[:3]}); audit one generator's set at a time"
+        )
     return values.pop()
 
 
@@ -192,13 +196,15 @@ def check_synthetic_folder(folder: str | os.PathLike[str]) -> Custody:
             relative = _inside(folder, name, where=where)
             recorded = row.get(hash_column(column)) or ""
             if not _SHA256.match(recorded):
-                raise MedsynthError(f"{where} lists {name} without its SHA-256 ({hash_column(column)}): the set predates "
-                                    "file hashes or the manifest was edited; generate the set again")
+                raise MedsynthError(
+                    f"{where} lists {name} without its SHA-256 ({hash_column(column)}): the set predates "
+                    "file hashes or the manifest was edited; generate the set again"
+                )
             path = folder / relative
             if not path.exists():
                 raise MedsynthError(f"missing file: {path} is listed in {manifest} but not on disk")
             if path.is_dir():
-                inside = {k[len(relative) + 1:]: v for k, v in on_disk.items() if k.startswith(relative + "/")}
+                inside = {k[len(relative) + 1 :]: v for k, v in on_disk.items() if k.startswith(relative + "/")}
                 actual = combined_sha256(inside)
                 listed.update(f"{relative}/{k}" for k in inside)
                 folders.append(relative)
@@ -206,12 +212,16 @@ def check_synthetic_folder(folder: str | os.PathLike[str]) -> Custody:
                 actual = on_disk.get(relative) or file_sha256(path)
                 listed.add(relative)
             if actual != recorded:
-                raise MedsynthError(f"changed file: {path} has SHA-256 {actual[:16]}..., but {manifest} records "
-                                    f"{recorded[:16]}... for it: it was modified after generation")
+                raise MedsynthError(
+                    f"changed file: {path} has SHA-256 {actual[:16]}..., but {manifest} records "
+                    f"{recorded[:16]}... for it: it was modified after generation"
+                )
     for relative in on_disk:
         if relative not in listed and relative not in GENERATE_FILES:
-            raise MedsynthError(f"extra file: {folder / relative} is not listed in {manifest}: remove it, or generate "
-                                "the set again into an empty folder")
+            raise MedsynthError(
+                f"extra file: {folder / relative} is not listed in {manifest}: remove it, or generate "
+                "the set again into an empty folder"
+            )
     return Custody(folder, on_disk["manifest.csv"], on_disk, rows)
 
 
@@ -254,8 +264,12 @@ def provenance_record(
         A JSON-ready mapping.
     """
     return {
-        "checkpoint": {"source": checkpoint_source, "path": str(Path(checkpoint_path).resolve()),
-                       "sha256": checkpoint_sha256, "registered_model": registered_model},
+        "checkpoint": {
+            "source": checkpoint_source,
+            "path": str(Path(checkpoint_path).resolve()),
+            "sha256": checkpoint_sha256,
+            "registered_model": registered_model,
+        },
         "data_manifest": {"path": str(Path(data_manifest).resolve()), "sha256": data_manifest_sha256},
         "synthetic_folder": str(custody.folder.resolve()),
         "output": str(Path(output).resolve()),
@@ -309,20 +323,23 @@ def find_audit(path: str | os.PathLike[str], *, audit: str | os.PathLike[str] | 
         folder, default = path / "synthetic", path / "evaluation" / "metrics.json"
     metrics = Path(audit) if audit is not None else default
     if not metrics.is_file():
-        raise MedsynthError(f"no audit found for {path}: {metrics} does not exist; run `medsynth evaluate` first "
-                            "(or name the audit with --audit FILE)")
+        raise MedsynthError(
+            f"no audit found for {path}: {metrics} does not exist; run `medsynth evaluate` first "
+            "(or name the audit with --audit FILE)"
+        )
     try:
         body = json.loads(metrics.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise MedsynthError(f"cannot read the audit {metrics}: {err}") from None
     record = body.get("provenance") if isinstance(body, dict) else None
-    if not isinstance(record, dict) or not isinstance(record.get("files"), dict) \
-            or not record.get("synthetic_manifest_sha256"):
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or not record.get("synthetic_manifest_sha256"):
         raise MedsynthError(f"{metrics} has no provenance record (an audit from before file hashes): evaluate the set again")
     if not (folder / "manifest.csv").is_file() and Path(str(record.get("synthetic_folder", ""))).is_dir():
         folder = Path(record["synthetic_folder"])
     if not (folder / "manifest.csv").is_file():
-        raise MedsynthError(f"no synthetic manifest at {folder / 'manifest.csv'}: give the synthetic folder that {metrics} audited")
+        raise MedsynthError(
+            f"no synthetic manifest at {folder / 'manifest.csv'}: give the synthetic folder that {metrics} audited"
+        )
     return folder, metrics, body
 
 
@@ -354,15 +371,18 @@ def verify(path: str | os.PathLike[str], *, audit: str | os.PathLike[str] | None
 
     manifest_sha = file_sha256(folder / "manifest.csv")
     if manifest_sha != record["synthetic_manifest_sha256"]:
-        return fail(f"{folder / 'manifest.csv'} changed since the audit {metrics} (SHA-256 {manifest_sha[:16]}..., "
-                    f"audited {str(record['synthetic_manifest_sha256'])[:16]}...)")
+        return fail(
+            f"{folder / 'manifest.csv'} changed since the audit {metrics} (SHA-256 {manifest_sha[:16]}..., "
+            f"audited {str(record['synthetic_manifest_sha256'])[:16]}...)"
+        )
     on_disk = _hash_all(folder)
     for name, sha in recorded.items():
         if name not in on_disk:
             return fail(f"missing file: {folder / name} was audited but is not on disk")
         if on_disk[name] != sha:
-            return fail(f"changed file: {folder / name} has SHA-256 {on_disk[name][:16]}..., the audit {metrics} "
-                        f"recorded {sha[:16]}...")
+            return fail(
+                f"changed file: {folder / name} has SHA-256 {on_disk[name][:16]}..., the audit {metrics} recorded {sha[:16]}..."
+            )
     for name in on_disk:
         if name not in recorded:
             return fail(f"extra file: {folder / name} was not in the audited set ({metrics})")
@@ -376,17 +396,22 @@ def verify(path: str | os.PathLike[str], *, audit: str | os.PathLike[str] | None
             continue
         actual = file_sha256(found)
         if actual != entry.get("sha256"):
-            return fail(f"changed file: {found} (the audited {what}) has SHA-256 {actual[:16]}..., the audit "
-                        f"{metrics} recorded {str(entry.get('sha256'))[:16]}...")
+            return fail(
+                f"changed file: {found} (the audited {what}) has SHA-256 {actual[:16]}..., the audit "
+                f"{metrics} recorded {str(entry.get('sha256'))[:16]}..."
+            )
     verdict = body.get("verdict") if isinstance(body.get("verdict"), dict) else {}
     assert verdict is not None
     if verdict.get("passed") is not True:
         reasons = "; ".join(str(r) for r in verdict.get("reasons") or []) or "no passing verdict recorded"
-        return fail(f"audit verdict was FAIL ({metrics}: {reasons}); the {len(recorded)} files are the audited ones, "
-                    "but this set must not be released")
+        return fail(
+            f"audit verdict was FAIL ({metrics}: {reasons}); the {len(recorded)} files are the audited ones, "
+            "but this set must not be released"
+        )
     note = f"; {' and '.join(unchecked)} not on this machine, not re-checked" if unchecked else ""
-    return VerifyResult(True, f"{len(recorded)} files in {folder} are exactly the set audited in {metrics} "
-                              f"(verdict PASS){note}", folder, metrics)
+    return VerifyResult(
+        True, f"{len(recorded)} files in {folder} are exactly the set audited in {metrics} (verdict PASS){note}", folder, metrics
+    )
 
 
 def _relocated(recorded: str, record: Mapping[str, Any], metrics: Path) -> Path | None:
@@ -403,7 +428,7 @@ def _relocated(recorded: str, record: Mapping[str, Any], metrics: Path) -> Path 
         except ValueError:
             inside = audit_inside = None
         here = metrics.resolve()
-        if inside is not None and audit_inside is not None and here.parts[-len(audit_inside.parts):] == audit_inside.parts:
+        if inside is not None and audit_inside is not None and here.parts[-len(audit_inside.parts) :] == audit_inside.parts:
             moved = here.parents[len(audit_inside.parts) - 1] / inside
             if moved.is_file():
                 return moved
@@ -423,8 +448,9 @@ def write_data_lineage(data_dir: str | os.PathLike[str], *, preprocess_run_id: s
     """
     from medsynth.io import write_json
 
-    return write_json(Path(data_dir) / LINEAGE_FILE, {"preprocess_run_id": preprocess_run_id,
-                                                      "data_manifest_sha256": data_manifest_sha256})
+    return write_json(
+        Path(data_dir) / LINEAGE_FILE, {"preprocess_run_id": preprocess_run_id, "data_manifest_sha256": data_manifest_sha256}
+    )
 
 
 def preprocess_run_id(data_dir: str | os.PathLike[str], *, data_manifest_sha256: str) -> str:
@@ -481,7 +507,23 @@ def checkpoint_facts(generator: Any) -> dict[str, str]:
 
 
 __all__ = [
-    "FILE_COLUMNS", "GENERATE_FILES", "LINEAGE", "Custody", "VerifyResult", "check_synthetic_folder", "checkpoint_facts",
-    "combined_sha256", "file_sha256", "find_audit", "folder_sha256", "hash_column", "path_sha256", "preprocess_run_id",
-    "provenance_record", "read_rows", "shared_value", "verify", "write_data_lineage",
+    "FILE_COLUMNS",
+    "GENERATE_FILES",
+    "LINEAGE",
+    "Custody",
+    "VerifyResult",
+    "check_synthetic_folder",
+    "checkpoint_facts",
+    "combined_sha256",
+    "file_sha256",
+    "find_audit",
+    "folder_sha256",
+    "hash_column",
+    "path_sha256",
+    "preprocess_run_id",
+    "provenance_record",
+    "read_rows",
+    "shared_value",
+    "verify",
+    "write_data_lineage",
 ]

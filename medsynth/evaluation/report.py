@@ -91,10 +91,12 @@ def render_report(
         The HTML text.
     """
     esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'>"
-             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-             f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
-             f"<h1>{esc(title)}</h1><ul class='facts'>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{esc(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{esc(title)}</h1><ul class='facts'>",
+    ]
     parts += [f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in facts.items()]
     parts.append("</ul>")
     parts += _verdict_html(passed, reasons, groups)
@@ -127,15 +129,19 @@ def _figures_html(group: str, figures: Sequence[Figure], verdict: GroupVerdict |
     esc = html.escape
     limits = verdict.limits if verdict is not None else {}
     broken = verdict.reasons if verdict is not None else []
-    parts = [f"<h2>{esc(group.capitalize())}</h2><table class='figures'><thead><tr><th>figure</th><th>value</th>"
-             "<th>reference</th><th>limit</th></tr></thead>"]
+    parts = [
+        f"<h2>{esc(group.capitalize())}</h2><table class='figures'><thead><tr><th>figure</th><th>value</th>"
+        "<th>reference</th><th>limit</th></tr></thead>"
+    ]
     for f in figures:
         mark = " class='broken'" if any(reason.startswith(f"{f.name} ") for reason in broken) else ""
-        parts.append(f"<tbody{mark}><tr class='figure' id='{esc(f.name)}'>"
-                     f"<td class='name'>{_breakable(f.name.split('/', 1)[1])}</td><td class='num'>{_number(f.value)}</td>"
-                     f"<td class='num'>{_number(f.reference)}</td><td class='num'>{_limit_text(limits.get(f.name, {}))}</td>"
-                     f"</tr><tr class='meaning'><td colspan='4'><i>better: {esc(f.better)}.</i> {esc(f.meaning)}"
-                     f"{f' <b>Not computed:</b> {esc(f.note)}' if f.note and math.isnan(f.value) else ''}</td></tr></tbody>")
+        parts.append(
+            f"<tbody{mark}><tr class='figure' id='{esc(f.name)}'>"
+            f"<td class='name'>{_breakable(f.name.split('/', 1)[1])}</td><td class='num'>{_number(f.value)}</td>"
+            f"<td class='num'>{_number(f.reference)}</td><td class='num'>{_limit_text(limits.get(f.name, {}))}</td>"
+            f"</tr><tr class='meaning'><td colspan='4'><i>better: {esc(f.better)}.</i> {esc(f.meaning)}"
+            f"{f' <b>Not computed:</b> {esc(f.note)}' if f.note and math.isnan(f.value) else ''}</td></tr></tbody>"
+        )
     parts.append("</table>")
     return parts
 
@@ -153,10 +159,15 @@ def _verdict_html(passed: bool, reasons: Sequence[str], groups: Mapping[str, Gro
     if groups:
         parts.append("<table><thead><tr><th>group</th><th>verdict</th><th>limits</th></tr></thead>")
         for name, g in groups.items():
-            limits = "<br>".join(f"{esc(figure.split('/', 1)[1])} {_limit_text({k: v})}"
-                                 for figure, bounds in g.limits.items() for k, v in bounds.items())
-            parts.append(f"<tbody class='{'pass' if g.passed else 'fail'}'><tr><td><b>{esc(name)}</b></td>"
-                         f"<td>{'PASS' if g.passed else 'FAIL'}</td><td class='wrap'>{limits or 'no limits'}</td></tr>")
+            limits = "<br>".join(
+                f"{esc(figure.split('/', 1)[1])} {_limit_text({k: v})}"
+                for figure, bounds in g.limits.items()
+                for k, v in bounds.items()
+            )
+            parts.append(
+                f"<tbody class='{'pass' if g.passed else 'fail'}'><tr><td><b>{esc(name)}</b></td>"
+                f"<td>{'PASS' if g.passed else 'FAIL'}</td><td class='wrap'>{limits or 'no limits'}</td></tr>"
+            )
             if g.reasons:
                 parts.append("<tr><td></td><td colspan='2' class='wrap'>broken: " + esc("; ".join(g.reasons)) + "</td></tr>")
             parts.append("</tbody>")
@@ -168,28 +179,46 @@ def _provenance_html(record: Mapping[str, Any]) -> list[str]:
     """What the audit verified: the generator, the dataset, the synthetic manifest and runs, then every file's hash."""
     esc = html.escape
     checkpoint, data, runs = record.get("checkpoint", {}), record.get("data_manifest", {}), record.get("runs", {})
-    rows = [("generator", f"{checkpoint.get('source', '')} ({checkpoint.get('registered_model') or 'not registered'})",
-             checkpoint.get("sha256", "")),
-            ("dataset manifest", data.get("path", ""), data.get("sha256", "")),
-            ("synthetic manifest", f"{record.get('synthetic_folder', '')}/manifest.csv", record.get("synthetic_manifest_sha256", ""))]
-    parts = ["<h2>Provenance</h2><p>Every hash below was verified before the audit; re-check the set on disk with "
-             "<code>medsynth verify PATH</code>.</p><table><tr><th>what</th><th>where</th><th>SHA-256</th></tr>"]
-    parts += [f"<tr><td>{esc(a)}</td><td class='wrap'>{esc(str(b))}</td><td><code>{esc(str(c))}</code></td></tr>"
-              for a, b, c in rows]
+    rows = [
+        (
+            "generator",
+            f"{checkpoint.get('source', '')} ({checkpoint.get('registered_model') or 'not registered'})",
+            checkpoint.get("sha256", ""),
+        ),
+        ("dataset manifest", data.get("path", ""), data.get("sha256", "")),
+        ("synthetic manifest", f"{record.get('synthetic_folder', '')}/manifest.csv", record.get("synthetic_manifest_sha256", "")),
+    ]
+    parts = [
+        "<h2>Provenance</h2><p>Every hash below was verified before the audit; re-check the set on disk with "
+        "<code>medsynth verify PATH</code>.</p><table><tr><th>what</th><th>where</th><th>SHA-256</th></tr>"
+    ]
+    parts += [
+        f"<tr><td>{esc(a)}</td><td class='wrap'>{esc(str(b))}</td><td><code>{esc(str(c))}</code></td></tr>" for a, b, c in rows
+    ]
     parts.append("</table><p>MLflow runs: " + esc(", ".join(f"{k} {v or 'unknown'}" for k, v in runs.items())) + "</p>")
     files = record.get("files", {})
-    parts.append(f"<details><summary>{len(files)} files in the synthetic folder</summary><table>"
-                 + "".join(f"<tr><td class='wrap'>{esc(str(name))}</td><td><code>{esc(str(sha))}</code></td></tr>"
-                         for name, sha in files.items())
-                 + "</table></details>")
+    parts.append(
+        f"<details><summary>{len(files)} files in the synthetic folder</summary><table>"
+        + "".join(
+            f"<tr><td class='wrap'>{esc(str(name))}</td><td><code>{esc(str(sha))}</code></td></tr>" for name, sha in files.items()
+        )
+        + "</table></details>"
+    )
     return parts
 
 
-_DP_ROWS = (("epsilon", "epsilon spent (lower is more private)"), ("delta", "delta of the guarantee"),
-            ("unit", "unit of privacy"), ("accountant", "accountant"), ("noise_multiplier", "noise multiplier"),
-            ("sample_rate", "patient sample rate per step"), ("max_grad_norm", "clipping norm per patient"),
-            ("steps", "noised steps"), ("train_patients", "training patients"),
-            ("records_per_patient", "records per sampled patient per step"))
+_DP_ROWS = (
+    ("epsilon", "epsilon spent (lower is more private)"),
+    ("delta", "delta of the guarantee"),
+    ("unit", "unit of privacy"),
+    ("accountant", "accountant"),
+    ("noise_multiplier", "noise multiplier"),
+    ("sample_rate", "patient sample rate per step"),
+    ("max_grad_norm", "clipping norm per patient"),
+    ("steps", "noised steps"),
+    ("train_patients", "training patients"),
+    ("records_per_patient", "records per sampled patient per step"),
+)
 
 
 def _dp_html(record: Mapping[str, Any] | None) -> list[str]:
@@ -197,10 +226,14 @@ def _dp_html(record: Mapping[str, Any] | None) -> list[str]:
     esc = html.escape
     parts = ["<h2>Differential privacy</h2>"]
     if not record:
-        return parts + ["<p>The generator was trained without differential privacy (trainer.privacy.enabled=false): "
-                        "the per-sample rules and figures below are its only privacy evidence.</p>"]
-    parts.append(f"<p>{esc(str(record.get('mechanism', '')))}: the weights reveal at most this much about any one "
-                 "patient of the training set (all of the patient's records together).</p><table>")
+        return parts + [
+            "<p>The generator was trained without differential privacy (trainer.privacy.enabled=false): "
+            "the per-sample rules and figures below are its only privacy evidence.</p>"
+        ]
+    parts.append(
+        f"<p>{esc(str(record.get('mechanism', '')))}: the weights reveal at most this much about any one "
+        "patient of the training set (all of the patient's records together).</p><table>"
+    )
     parts += [f"<tr><td>{esc(label)}</td><td class='num'>{esc(_dp_value(record.get(key)))}</td></tr>" for key, label in _DP_ROWS]
     parts.append("</table>")
     return parts

@@ -105,8 +105,12 @@ class RuleCheck:
 
     def counts(self) -> dict[str, int]:
         """Samples breaking each rule (:data:`RULES`) and any rule (``any``)."""
-        return {"memorised": int(self.memorised.sum()), "too_close_pixel": int(self.pixel_too_close.sum()),
-                "too_close_feature": int(self.feature_too_close.sum()), "any": self.num_rejected}
+        return {
+            "memorised": int(self.memorised.sum()),
+            "too_close_pixel": int(self.pixel_too_close.sum()),
+            "too_close_feature": int(self.feature_too_close.sum()),
+            "any": self.num_rejected,
+        }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -154,8 +158,7 @@ class PrivacyRules:
     batch_size: int = 256
     chunk: int = 512
 
-    def measure(self, images: torch.Tensor | np.ndarray, *, features: np.ndarray | None = None,
-                margin: float = 0.0) -> RuleCheck:
+    def measure(self, images: torch.Tensor | np.ndarray, *, features: np.ndarray | None = None, margin: float = 0.0) -> RuleCheck:
         """Measure samples against the training records and apply the rules.
 
         Args:
@@ -175,18 +178,24 @@ class PrivacyRules:
         """
         x = as_images(images)
         if x.shape[1:] != self.train_images.shape[1:]:
-            raise ValueError(f"privacy rules: samples have shape {x.shape[1:]}, the training records "
-                             f"{self.train_images.shape[1:]}")
+            raise ValueError(
+                f"privacy rules: samples have shape {x.shape[1:]}, the training records {self.train_images.shape[1:]}"
+            )
         if features is None and self.train_features is not None:
             if self.encoder is None:
                 raise ValueError("privacy rules: no encoder to measure the samples' features; pass features=")
             features = instruments.features(self.encoder, x, batch_size=self.batch_size).items
-        return _measure(x, features, self.train_images, self.train_features, metric=self.metric,
-                        memorisation_threshold=_loosen(self.memorisation_threshold, margin, metric="correlation"),
-                        pixel_threshold=_loosen(self.pixel_threshold, margin, metric=self.metric),
-                        feature_threshold=None if self.feature_threshold is None
-                        else _loosen(self.feature_threshold, margin, metric="rms"),
-                        chunk=self.chunk)
+        return _measure(
+            x,
+            features,
+            self.train_images,
+            self.train_features,
+            metric=self.metric,
+            memorisation_threshold=_loosen(self.memorisation_threshold, margin, metric="correlation"),
+            pixel_threshold=_loosen(self.pixel_threshold, margin, metric=self.metric),
+            feature_threshold=None if self.feature_threshold is None else _loosen(self.feature_threshold, margin, metric="rms"),
+            chunk=self.chunk,
+        )
 
     def closer_to_train(self, images: torch.Tensor | np.ndarray, check: RuleCheck) -> dict[str, float]:
         """Fraction of samples nearer to a training record than to any holdout record, per space.
@@ -219,14 +228,22 @@ class PrivacyRules:
             ``pixel_threshold``, ``feature_space``, ``feature_threshold`` (``None`` when the
             feature rule is off), ``num_references`` and ``num_holdout``.
         """
-        pixel_rule = (f"pixel RMS distance below {self.pixel_threshold:.4g}" if self.metric == "rms"
-                      else f"pixel normalised correlation above {self.pixel_threshold:.4g}")
-        feature_rule = (f" or encoder-feature ({self.feature_space}) RMS distance below {self.feature_threshold:.4g}"
-                        if self.feature_threshold is not None else "")
+        pixel_rule = (
+            f"pixel RMS distance below {self.pixel_threshold:.4g}"
+            if self.metric == "rms"
+            else f"pixel normalised correlation above {self.pixel_threshold:.4g}"
+        )
+        feature_rule = (
+            f" or encoder-feature ({self.feature_space}) RMS distance below {self.feature_threshold:.4g}"
+            if self.feature_threshold is not None
+            else ""
+        )
         return {
-            "method": (f"a sample breaks a rule if its correlation with a training image is above "
-                       f"{self.memorisation_threshold:.4g} (memorised), or its nearest training record is nearer "
-                       f"than the closest {self.quantile:.3g} of holdout records are: {pixel_rule}{feature_rule}"),
+            "method": (
+                f"a sample breaks a rule if its correlation with a training image is above "
+                f"{self.memorisation_threshold:.4g} (memorised), or its nearest training record is nearer "
+                f"than the closest {self.quantile:.3g} of holdout records are: {pixel_rule}{feature_rule}"
+            ),
             "memorisation_threshold": self.memorisation_threshold,
             "metric": self.metric,
             "quantile": self.quantile,
@@ -309,28 +326,53 @@ def calibrate_rules(
     holdout_features = None if holdout_features is None else np.ascontiguousarray(holdout_features, dtype=np.float32)
 
     # the holdout against the training split, no rule applied yet: the thresholds come from these values
-    raw = _measure(holdout, holdout_features, train, train_features, metric=privacy.metric,
-                   memorisation_threshold=privacy.memorisation_threshold, pixel_threshold=None, feature_threshold=None,
-                   chunk=chunk)
+    raw = _measure(
+        holdout,
+        holdout_features,
+        train,
+        train_features,
+        metric=privacy.metric,
+        memorisation_threshold=privacy.memorisation_threshold,
+        pixel_threshold=None,
+        feature_threshold=None,
+        chunk=chunk,
+    )
     q = privacy.holdout_quantile
     pixel_threshold = float(np.quantile(raw.pixel, 1.0 - q if privacy.metric == "correlation" else q))
     feature_threshold = None
     if privacy.features and raw.feature is not None:
         feature_threshold = float(np.quantile(raw.feature, q))
     holdout_check = dataclasses.replace(
-        raw, pixel_too_close=_too_close(raw.pixel, pixel_threshold, metric=privacy.metric),
-        feature_too_close=(_too_close(raw.feature, feature_threshold, metric="rms") if feature_threshold is not None
-                           and raw.feature is not None else np.zeros(len(holdout), dtype=bool)))
+        raw,
+        pixel_too_close=_too_close(raw.pixel, pixel_threshold, metric=privacy.metric),
+        feature_too_close=(
+            _too_close(raw.feature, feature_threshold, metric="rms")
+            if feature_threshold is not None and raw.feature is not None
+            else np.zeros(len(holdout), dtype=bool)
+        ),
+    )
     rules = PrivacyRules(
-        memorisation_threshold=float(privacy.memorisation_threshold), quantile=float(q), metric=privacy.metric,
-        pixel_threshold=pixel_threshold, feature_threshold=feature_threshold, feature_space=feature_space,
-        train_images=train, train_features=train_features, holdout_images=holdout, holdout_features=holdout_features,
-        holdout=holdout_check, encoder=encoder, batch_size=batch_size, chunk=chunk,
+        memorisation_threshold=float(privacy.memorisation_threshold),
+        quantile=float(q),
+        metric=privacy.metric,
+        pixel_threshold=pixel_threshold,
+        feature_threshold=feature_threshold,
+        feature_space=feature_space,
+        train_images=train,
+        train_features=train_features,
+        holdout_images=holdout,
+        holdout_features=holdout_features,
+        holdout=holdout_check,
+        encoder=encoder,
+        batch_size=batch_size,
+        chunk=chunk,
     )
     if (privacy.metric == "rms" and pixel_threshold < 1e-3) or (privacy.metric == "correlation" and pixel_threshold > 0.999):
-        log.warning("privacy rules: some holdout images are near-copies of training images (pixel threshold %.4g), "
-                    "so the distance rule flags almost nothing; check the splits for the same patient in both",
-                    pixel_threshold)
+        log.warning(
+            "privacy rules: some holdout images are near-copies of training images (pixel threshold %.4g), "
+            "so the distance rule flags almost nothing; check the splits for the same patient in both",
+            pixel_threshold,
+        )
     return rules
 
 
@@ -374,13 +416,19 @@ def _measure(
     pixel = correlation if metric == "correlation" else distance
     none = np.zeros(len(x), dtype=bool)
     return RuleCheck(
-        correlation=correlation, correlation_index=correlation_index, distance=distance, distance_index=distance_index,
-        feature=feature, feature_index=feature_index,
-        features=None if features is None else np.asarray(features, dtype=np.float32), metric=metric,
+        correlation=correlation,
+        correlation_index=correlation_index,
+        distance=distance,
+        distance_index=distance_index,
+        feature=feature,
+        feature_index=feature_index,
+        features=None if features is None else np.asarray(features, dtype=np.float32),
+        metric=metric,
         memorised=correlation > memorisation_threshold,
         pixel_too_close=none if pixel_threshold is None else _too_close(pixel, pixel_threshold, metric=metric),
-        feature_too_close=(none if feature_threshold is None or feature is None
-                           else _too_close(feature, feature_threshold, metric="rms")),
+        feature_too_close=(
+            none if feature_threshold is None or feature is None else _too_close(feature, feature_threshold, metric="rms")
+        ),
     )
 
 

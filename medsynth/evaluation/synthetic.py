@@ -53,8 +53,10 @@ class SyntheticSet:
             MedsynthError: If a column is missing or empty, or the rows name different generators.
         """
         what = "the generator to audit"
-        return (shared_value(self.rows, "checkpoint", manifest=self.manifest, what=what),
-                shared_value(self.rows, "checkpoint_sha256", manifest=self.manifest, what=what))
+        return (
+            shared_value(self.rows, "checkpoint", manifest=self.manifest, what=what),
+            shared_value(self.rows, "checkpoint_sha256", manifest=self.manifest, what=what),
+        )
 
 
 def read_synthetic(folder: str | Path, *, spatial_dims: int) -> SyntheticSet:

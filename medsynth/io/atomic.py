@@ -39,15 +39,23 @@ class DiskFullError(MedsynthError, OSError):
         note: What the caller adds (where to continue from, say).
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str | None = "No space left on device",
-                 code: int | None = errno.ENOSPC, *, note: str = "") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        reason: str | None = "No space left on device",
+        code: int | None = errno.ENOSPC,
+        *,
+        note: str = "",
+    ) -> None:
         super().__init__(code or errno.ENOSPC, reason or "No space left on device", str(path))
         self.note = note
 
     def __str__(self) -> str:
         name = Path(str(self.filename)).name
-        return (f"no space left while writing {self.filename} ({self.strerror}): free space or choose a folder with room, "
-                f"then rerun ({name} is unchanged)" + (f"; {self.note}" if self.note else ""))
+        return (
+            f"no space left while writing {self.filename} ({self.strerror}): free space or choose a folder with room, "
+            f"then rerun ({name} is unchanged)" + (f"; {self.note}" if self.note else "")
+        )
 
     def with_note(self, note: str) -> DiskFullError:
         """The same error with ``note`` added to what it says."""

@@ -19,8 +19,8 @@ import io
 import logging
 import os
 import re
-import zlib
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,25 +60,81 @@ _EXTRA_SYNTAX_NAMES = {
 
 # Attributes that the DICOM Basic Application Level Confidentiality Profile removes or replaces,
 # by keyword; with every PN, DA, DT, TM and non-registry UI value they make a header's identifiers.
-IDENTIFYING_KEYWORDS = frozenset({
-    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "OtherPatientIDsSequence",
-    "PatientBirthDate", "PatientBirthTime", "PatientBirthName", "PatientMotherBirthName", "PatientAddress",
-    "PatientTelephoneNumbers", "PatientComments", "AdditionalPatientHistory", "MedicalRecordLocator",
-    "IssuerOfPatientID", "MilitaryRank", "BranchOfService", "Occupation", "CountryOfResidence", "RegionOfResidence",
-    "EthnicGroup", "PatientReligiousPreference", "PatientInsurancePlanCodeSequence",
-    "AccessionNumber", "StudyID", "StudyDescription", "SeriesDescription", "ImageComments", "StudyComments",
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName", "DeviceSerialNumber",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "OperatorsName",
-    "RequestingPhysician", "ScheduledPerformingPhysicianName", "RequestedProcedureDescription",
-    "PerformedProcedureStepDescription", "PerformedProcedureStepID", "ScheduledProcedureStepDescription",
-    "AdmittingDiagnosesDescription", "DerivationDescription", "ProtocolName", "AcquisitionComments",
-    "ContentCreatorName", "RequestAttributesSequence", "ReasonForStudy", "RequestedProcedureID",
-    "AdmissionID", "PerformedLocation", "ScheduledStudyLocation", "OtherPatientIDs", "PatientAge",
-    "PatientSize", "PatientWeight", "SegmentAlgorithmName", "SegmentDescription", "ClinicalTrialSubjectID",
-    "ClinicalTrialSubjectReadingID", "ClinicalTrialSiteName", "ClinicalTrialSponsorName", "TextValue",
-    "ContentSequence", "FrameComments", "LabelText",
-})
+IDENTIFYING_KEYWORDS = frozenset(
+    {
+        "PatientName",
+        "PatientID",
+        "OtherPatientIDs",
+        "OtherPatientNames",
+        "OtherPatientIDsSequence",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "PatientComments",
+        "AdditionalPatientHistory",
+        "MedicalRecordLocator",
+        "IssuerOfPatientID",
+        "MilitaryRank",
+        "BranchOfService",
+        "Occupation",
+        "CountryOfResidence",
+        "RegionOfResidence",
+        "EthnicGroup",
+        "PatientReligiousPreference",
+        "PatientInsurancePlanCodeSequence",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "SeriesDescription",
+        "ImageComments",
+        "StudyComments",
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "StationName",
+        "DeviceSerialNumber",
+        "ReferringPhysicianName",
+        "ReferringPhysicianAddress",
+        "ReferringPhysicianTelephoneNumbers",
+        "PerformingPhysicianName",
+        "NameOfPhysiciansReadingStudy",
+        "PhysiciansOfRecord",
+        "OperatorsName",
+        "RequestingPhysician",
+        "ScheduledPerformingPhysicianName",
+        "RequestedProcedureDescription",
+        "PerformedProcedureStepDescription",
+        "PerformedProcedureStepID",
+        "ScheduledProcedureStepDescription",
+        "AdmittingDiagnosesDescription",
+        "DerivationDescription",
+        "ProtocolName",
+        "AcquisitionComments",
+        "ContentCreatorName",
+        "RequestAttributesSequence",
+        "ReasonForStudy",
+        "RequestedProcedureID",
+        "AdmissionID",
+        "PerformedLocation",
+        "ScheduledStudyLocation",
+        "PatientAge",
+        "PatientSize",
+        "PatientWeight",
+        "SegmentAlgorithmName",
+        "SegmentDescription",
+        "ClinicalTrialSubjectID",
+        "ClinicalTrialSubjectReadingID",
+        "ClinicalTrialSiteName",
+        "ClinicalTrialSponsorName",
+        "TextValue",
+        "ContentSequence",
+        "FrameComments",
+        "LabelText",
+    }
+)
 _IDENTIFYING_VRS = frozenset({"PN", "DA", "DT", "TM"})
 _CONVERTED_VRS = frozenset({"PN", "DA", "DT", "TM", "UI", "SQ"})
 _PIXEL_GROUP = 0x7FE00000
@@ -159,9 +215,9 @@ def _deflate_problem(path: str, max_bytes: int) -> str | None:
         if _DEFLATED.encode() not in head:
             return None
         start = 132 if head[128:132] == b"DICM" else 0
-        if head[start:start + 6] != b"\x02\x00\x00\x00UL":
+        if head[start : start + 6] != b"\x02\x00\x00\x00UL":
             return "a deflated data set without a file meta group length cannot be checked against the size limit"
-        fh.seek(start + 12 + int.from_bytes(head[start + 8:start + 12], "little"))
+        fh.seek(start + 12 + int.from_bytes(head[start + 8 : start + 12], "little"))
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         total = 0
         try:
@@ -169,8 +225,10 @@ def _deflate_problem(path: str, max_bytes: int) -> str | None:
                 while chunk:
                     total += len(inflater.decompress(chunk, 1 << 24))
                     if total > max_bytes:
-                        return (f"the deflated data set inflates to more than {max_bytes / 1e9:.3g} GB, the limit on one "
-                                "image (data.max_image_gb)")
+                        return (
+                            f"the deflated data set inflates to more than {max_bytes / 1e9:.3g} GB, the limit on one "
+                            "image (data.max_image_gb)"
+                        )
                     chunk = inflater.unconsumed_tail
         except zlib.error:
             return None  # not a deflate stream after all: pydicom reports what it finds
@@ -207,8 +265,9 @@ def _read(path: str | os.PathLike[str], *, max_bytes: int = MAX_IMAGE_BYTES, hea
     """
     path = str(path)
     if not header_only and os.path.getsize(path) > max_bytes:
-        raise DicomSeriesError(f"the file is larger than {max_bytes / 1e9:.3g} GB, the limit on one image "
-                               "(data.max_image_gb)", path)
+        raise DicomSeriesError(
+            f"the file is larger than {max_bytes / 1e9:.3g} GB, the limit on one image (data.max_image_gb)", path
+        )
     problem = _deflate_problem(path, max_bytes)
     if problem is not None:
         raise DicomSeriesError(problem, path)
@@ -273,8 +332,9 @@ def _text(ds: Dataset | None, keyword: str) -> str:
     return str(value).strip()
 
 
-def _integer(ds: Dataset | None, keyword: str, file: str | None, *, default: int | None = None,
-             low: int = 0, high: int = 2**31 - 1) -> int:
+def _integer(
+    ds: Dataset | None, keyword: str, file: str | None, *, default: int | None = None, low: int = 0, high: int = 2**31 - 1
+) -> int:
     """An integer attribute within ``[low, high]``; ``default`` when absent (required when ``None``)."""
     value = _get(ds, keyword)
     if value is None:
@@ -430,18 +490,29 @@ def _summary(path: str, ds: Dataset) -> DicomHeader:
     labels: tuple[str, ...] = ()
     if kind == SEG:
         referenced = tuple(_text(item, "SeriesInstanceUID") for item in _items(ds, "ReferencedSeriesSequence", path))
-        segments = sorted(((_integer(s, "SegmentNumber", path, low=1, high=65535), s)
-                           for s in _items(ds, "SegmentSequence", path)), key=lambda pair: pair[0])
+        segments = sorted(
+            ((_integer(s, "SegmentNumber", path, low=1, high=65535), s) for s in _items(ds, "SegmentSequence", path)),
+            key=lambda pair: pair[0],
+        )
         numbers = tuple(number for number, _ in segments)
         labels = tuple(_text(s, "SegmentLabel") or f"segment_{number}" for number, s in segments)
     identifiers = identifying_values(ds)
     ids = {keyword: _text(ds, keyword) for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")}
     identifiers.update(value for value in ids.values() if value)
     return DicomHeader(
-        path=path, kind=kind, sop_class=_sop_class_name(sop), modality=_text(ds, "Modality"),
-        transfer_syntax=syntax, patient_id=ids["PatientID"], study_uid=ids["StudyInstanceUID"],
-        series_uid=ids["SeriesInstanceUID"], has_pixels=has_pixels, referenced_series=referenced,
-        segment_numbers=numbers, segment_labels=labels, identifiers=tuple(sorted(identifiers)),
+        path=path,
+        kind=kind,
+        sop_class=_sop_class_name(sop),
+        modality=_text(ds, "Modality"),
+        transfer_syntax=syntax,
+        patient_id=ids["PatientID"],
+        study_uid=ids["StudyInstanceUID"],
+        series_uid=ids["SeriesInstanceUID"],
+        has_pixels=has_pixels,
+        referenced_series=referenced,
+        segment_numbers=numbers,
+        segment_labels=labels,
+        identifiers=tuple(sorted(identifiers)),
     )
 
 
@@ -467,14 +538,14 @@ def _sop_class_name(uid: str) -> str:
 class _Plane:
     """One 2D frame of a series with its geometry."""
 
-    index: int                   # position in the input (file index, or frame index of a multi-frame object)
+    index: int  # position in the input (file index, or frame index of a multi-frame object)
     file: str
-    position: np.ndarray         # ImagePositionPatient (LPS mm)
-    orientation: np.ndarray      # ImageOrientationPatient (6 cosines)
+    position: np.ndarray  # ImagePositionPatient (LPS mm)
+    orientation: np.ndarray  # ImageOrientationPatient (6 cosines)
     spacing: tuple[float, float]  # PixelSpacing: (between rows, between columns)
     slope: float
     intercept: float
-    shape: tuple[int, int]       # (rows, columns)
+    shape: tuple[int, int]  # (rows, columns)
     thickness: float | None
 
 
@@ -498,8 +569,9 @@ def _pixel_layout(ds: Dataset, file: str, *, max_bytes: int) -> _Layout:
         raise DicomSeriesError("the image holds no pixel data", file)
     if _integer(ds, "SamplesPerPixel", file, default=1, low=1, high=4) != 1:
         raise DicomSeriesError(
-            f"colour images ({code_string(_text(ds, 'PhotometricInterpretation')) or '?'}) are not supported; expected "
-            "greyscale", file)
+            f"colour images ({code_string(_text(ds, 'PhotometricInterpretation')) or '?'}) are not supported; expected greyscale",
+            file,
+        )
     rows = _integer(ds, "Rows", file, low=1, high=65535)
     columns = _integer(ds, "Columns", file, low=1, high=65535)
     frames = _integer(ds, "NumberOfFrames", file, default=1, low=1)
@@ -552,7 +624,8 @@ def _planes_of_multiframe(ds: Dataset, file: str, layout: _Layout) -> list[_Plan
         orientation = _group_value(groups, "PlaneOrientationSequence", "ImageOrientationPatient", file)
         spacing = _group_value(groups, "PixelMeasuresSequence", "PixelSpacing", file)
         thickness = _group_value(groups, "PixelMeasuresSequence", "SpacingBetweenSlices", file) or _group_value(
-            groups, "PixelMeasuresSequence", "SliceThickness", file)
+            groups, "PixelMeasuresSequence", "SliceThickness", file
+        )
         slope = _group_value(groups, "PixelValueTransformationSequence", "RescaleSlope", file)
         intercept = _group_value(groups, "PixelValueTransformationSequence", "RescaleIntercept", file)
         if position is None and frames == 1:
@@ -565,14 +638,30 @@ def _planes_of_multiframe(ds: Dataset, file: str, layout: _Layout) -> list[_Plan
     return planes
 
 
-def _plane(index: int, file: str, ds: Dataset, layout: _Layout, position: Any, orientation: Any, spacing: Any,
-           slope: Any = None, intercept: Any = None, thickness: Any = None) -> _Plane:
-    pos, ori, pix = (_floats(value if value is not None else (), n) for value, n in ((position, 3), (orientation, 6), (spacing, 2)))
-    missing = [name for name, v in (("ImagePositionPatient", pos), ("ImageOrientationPatient", ori), ("PixelSpacing", pix)) if v is None]
+def _plane(
+    index: int,
+    file: str,
+    ds: Dataset,
+    layout: _Layout,
+    position: Any,
+    orientation: Any,
+    spacing: Any,
+    slope: Any = None,
+    intercept: Any = None,
+    thickness: Any = None,
+) -> _Plane:
+    pos, ori, pix = (
+        _floats(value if value is not None else (), n) for value, n in ((position, 3), (orientation, 6), (spacing, 2))
+    )
+    missing = [
+        name for name, v in (("ImagePositionPatient", pos), ("ImageOrientationPatient", ori), ("PixelSpacing", pix)) if v is None
+    ]
     if missing or pos is None or ori is None or pix is None:
         raise DicomSeriesError(
             f"no patient geometry ({', '.join(missing)} missing or malformed): a projection image or a "
-            "secondary capture cannot be placed in a volume", file)
+            "secondary capture cannot be placed in a volume",
+            file,
+        )
     if np.any(pix <= 0):
         raise DicomSeriesError("PixelSpacing must be positive", file)
     slope = _get(ds, "RescaleSlope") if slope is None else slope
@@ -584,9 +673,15 @@ def _plane(index: int, file: str, ds: Dataset, layout: _Layout, position: Any, o
     except (TypeError, ValueError, OverflowError):
         thick = None
     return _Plane(
-        index=index, file=file, position=pos, orientation=ori, spacing=(float(pix[0]), float(pix[1])),
-        slope=_real(slope, "RescaleSlope", file, default=1.0), intercept=_real(intercept, "RescaleIntercept", file, default=0.0),
-        shape=(layout.rows, layout.columns), thickness=thick if thick and np.isfinite(thick) and thick > 0 else None,
+        index=index,
+        file=file,
+        position=pos,
+        orientation=ori,
+        spacing=(float(pix[0]), float(pix[1])),
+        slope=_real(slope, "RescaleSlope", file, default=1.0),
+        intercept=_real(intercept, "RescaleIntercept", file, default=0.0),
+        shape=(layout.rows, layout.columns),
+        thickness=thick if thick and np.isfinite(thick) and thick > 0 else None,
     )
 
 
@@ -606,7 +701,9 @@ def _pixels(ds: Dataset, file: str, layout: _Layout) -> np.ndarray:
             raise DicomSeriesError(
                 f"pixel data in transfer syntax {transfer_syntax_name(syntax)} cannot be decoded with the installed "
                 "plugins (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pyjpegls); convert the files, for "
-                "example with dcmtk's dcmdjpeg, or install a decoder", file) from None
+                "example with dcmtk's dcmdjpeg, or install a decoder",
+                file,
+            ) from None
         raise DicomSeriesError(f"the pixel data is damaged or truncated ({type(err).__name__})", file) from None
     shape = (layout.frames, layout.rows, layout.columns)
     if array.size != layout.frames * layout.rows * layout.columns or array.dtype.kind not in "biuf":
@@ -617,7 +714,8 @@ def _pixels(ds: Dataset, file: str, layout: _Layout) -> np.ndarray:
 def _is_decoder_problem(err: Exception) -> bool:
     text = str(err).lower()
     return isinstance(err, NotImplementedError) or any(
-        word in text for word in ("decod", "plugin", "transfer syntax", "not supported", "no pixel data handler", "unable to"))
+        word in text for word in ("decod", "plugin", "transfer syntax", "not supported", "no pixel data handler", "unable to")
+    )
 
 
 def _read_planes(files: Sequence[str], *, max_bytes: int) -> tuple[list[_Plane], list[np.ndarray]]:
@@ -641,14 +739,23 @@ def _read_planes(files: Sequence[str], *, max_bytes: int) -> tuple[list[_Plane],
             if len(files) > 1:
                 raise DicomSeriesError(
                     f"the series mixes {len(files)} files with a multi-frame object; expected one multi-frame object "
-                    "or single-frame files only", file)
+                    "or single-frame files only",
+                    file,
+                )
             new = _planes_of_multiframe(ds, file, layout)
             data = _pixels(ds, file, layout)
             planes.extend(new)
             arrays.extend(data[f] for f in range(len(new)))
         else:
-            plane = _plane(i, file, ds, layout, _get(ds, "ImagePositionPatient"), _get(ds, "ImageOrientationPatient"),
-                           _get(ds, "PixelSpacing"))
+            plane = _plane(
+                i,
+                file,
+                ds,
+                layout,
+                _get(ds, "ImagePositionPatient"),
+                _get(ds, "ImageOrientationPatient"),
+                _get(ds, "PixelSpacing"),
+            )
             planes.append(plane)
             arrays.append(_pixels(ds, file, layout)[0])
     return planes, arrays
@@ -673,7 +780,8 @@ def _check_and_sort(
     row, col = first[:3], first[3:]
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(float(row @ col)) > 1e-3:
         raise DicomSeriesError(
-            f"non-orthogonal ImageOrientationPatient (row/column cosines at {np.degrees(np.arccos(np.clip(row @ col, -1, 1))):.2f} degrees)")
+            f"non-orthogonal ImageOrientationPatient (row/column cosines at {np.degrees(np.arccos(np.clip(row @ col, -1, 1))):.2f} degrees)"
+        )
     if any(p.spacing != planes[0].spacing for p in planes):
         raise DicomSeriesError("slices have different PixelSpacing")
     normal = np.cross(row, col)
@@ -693,7 +801,8 @@ def _check_and_sort(
             same = sum(abs(distance[j] - distance[i]) < 1e-3 for j in order)
             raise DicomSeriesError(
                 f"{same} different slices share one position along the slice normal (several echoes, phases or "
-                "acquisitions in one series?)")
+                "acquisitions in one series?)"
+            )
         keep.append(i)
     order = keep
     if len(order) == 1:
@@ -708,7 +817,8 @@ def _check_and_sort(
         if np.all(np.abs(multiples - np.rint(multiples)) * smallest <= tolerance):
             missing = int(np.rint(multiples).sum() - len(gaps))
             raise DicomSeriesError(
-                f"{missing} slice(s) missing: gaps of up to {gaps.max():.3g} mm in a series spaced {smallest:.3g} mm")
+                f"{missing} slice(s) missing: gaps of up to {gaps.max():.3g} mm in a series spaced {smallest:.3g} mm"
+            )
         raise DicomSeriesError(f"inconsistent slice spacing: gaps from {gaps.min():.3g} to {gaps.max():.3g} mm")
     step = (planes[order[-1]].position - planes[order[0]].position) / (len(order) - 1)
     cos = abs(float(step @ normal)) / max(float(np.linalg.norm(step)), 1e-12)
@@ -716,8 +826,11 @@ def _check_and_sort(
     if tilt > max_tilt_degrees:
         raise DicomSeriesError(
             f"the slices are sheared by {tilt:.2f} degrees against their normal (gantry tilt); resample the series "
-            "to an orthogonal grid first")
-    deviation = np.array([np.linalg.norm(planes[i].position - (planes[order[0]].position + n * step)) for n, i in enumerate(order)])
+            "to an orthogonal grid first"
+        )
+    deviation = np.array(
+        [np.linalg.norm(planes[i].position - (planes[order[0]].position + n * step)) for n, i in enumerate(order)]
+    )
     if deviation.max() > tolerance + 1e-2:
         raise DicomSeriesError(f"slice positions do not lie on one line (off by up to {deviation.max():.3g} mm)")
     return order, normal, step
@@ -791,8 +904,9 @@ def load_dicom_series(
     first = planes[order[0]]
     affine = series_affine(first.position, first.orientation, first.spacing, step)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise DicomSeriesError("the slice geometry (positions, PixelSpacing, thickness) gives no finite, invertible "
-                               "voxel-to-world transform")
+        raise DicomSeriesError(
+            "the slice geometry (positions, PixelSpacing, thickness) gives no finite, invertible voxel-to-world transform"
+        )
     return np.moveaxis(volume, 0, -1), affine
 
 

@@ -123,8 +123,9 @@ def read_holder(folder: str | os.PathLike[str]) -> Holder | None:
 def _unwritable(folder: Path, err: OSError, *, key: str) -> MedsynthError:
     """The one-line error for an output folder that cannot be written."""
     reason = "it is on a read-only file system" if err.errno == errno.EROFS else (err.strerror or str(err))
-    return MedsynthError(f"{key}={folder} cannot be written ({reason}): medsynth writes its outputs there; "
-                         "choose a writable folder")
+    return MedsynthError(
+        f"{key}={folder} cannot be written ({reason}): medsynth writes its outputs there; choose a writable folder"
+    )
 
 
 def _open_lock(folder: Path, *, key: str) -> int:
@@ -160,8 +161,10 @@ def _same_file(fd: int, path: Path) -> bool:
 def _refusal(folder: Path, holder: Holder | None, *, key: str) -> MedsynthError:
     """The one-line error for a folder another run holds."""
     who = holder.describe() if holder is not None else "a run that is just starting"
-    return MedsynthError(f"{key}={folder} is in use by another run ({who}); wait for it to end or choose another "
-                         f"{key} (lock file {folder / LOCK_NAME})")
+    return MedsynthError(
+        f"{key}={folder} is in use by another run ({who}); wait for it to end or choose another "
+        f"{key} (lock file {folder / LOCK_NAME})"
+    )
 
 
 def _take(folder: Path, stage: str, *, key: str) -> int | None:
@@ -198,8 +201,12 @@ def _take(folder: Path, stage: str, *, key: str) -> int | None:
 def _claim(fd: int, folder: Path, stage: str, previous: Holder | None) -> None:
     """Write this process as the holder; warn about, and clean up after, a run that crashed holding it."""
     if previous is not None:
-        log.warning("%s: taking over the lock of a run that ended without releasing it (%s): it crashed or was killed, "
-                    "so its last stage may be incomplete; rerunning that stage completes it", folder, previous.describe())
+        log.warning(
+            "%s: taking over the lock of a run that ended without releasing it (%s): it crashed or was killed, "
+            "so its last stage may be incomplete; rerunning that stage completes it",
+            folder,
+            previous.describe(),
+        )
     body = json.dumps(dataclasses.asdict(Holder.me(stage))).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, body, 0)

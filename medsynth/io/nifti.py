@@ -25,9 +25,7 @@ for example 1024 x 1024 x 1024, well above any CT or MR series."""
 _MAX_MESSAGE = 200
 
 
-def image_size_problem(
-    shape: Sequence[int], *, max_bytes: int, itemsize: int = 4, what: str = "declared size"
-) -> str | None:
+def image_size_problem(shape: Sequence[int], *, max_bytes: int, itemsize: int = 4, what: str = "declared size") -> str | None:
     """Why an image of ``shape`` must not be read, or ``None`` when it is within the limit.
 
     Args:
@@ -45,8 +43,10 @@ def image_size_problem(
     voxels = math.prod(counts)
     need = voxels * max(4, int(itemsize))
     if need > max_bytes:
-        return (f"{what}: {voxels} voxels ({need / 1e9:.3g} GB in memory), more than the {max_bytes / 1e9:.3g} GB "
-                "limit on one image (data.max_image_gb); refused before reading the voxels")
+        return (
+            f"{what}: {voxels} voxels ({need / 1e9:.3g} GB in memory), more than the {max_bytes / 1e9:.3g} GB "
+            "limit on one image (data.max_image_gb); refused before reading the voxels"
+        )
     return None
 
 
@@ -97,8 +97,11 @@ def load_nifti(
         raise MedsynthError(f"input file not found: {path}")
     try:
         img = nib.load(str(path))
-        problem = _header_problem(img, path, max_bytes=max_bytes) if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) \
+        problem = (
+            _header_problem(img, path, max_bytes=max_bytes)
+            if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image))
             else f"a {type(img).__name__}, not a NIfTI image (.nii or .nii.gz)"
+        )
     except MemoryError:
         raise
     except Exception as err:  # nibabel raises many types for corrupt headers
@@ -116,9 +119,7 @@ def load_nifti(
     return array, affine
 
 
-def save_nifti(
-    path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray, *, dtype: type | None = None
-) -> Path:
+def save_nifti(path: str | os.PathLike[str], array: np.ndarray, affine: np.ndarray, *, dtype: type | None = None) -> Path:
     """Write ``array`` with ``affine`` to ``path`` atomically.
 
     Args:

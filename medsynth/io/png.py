@@ -32,8 +32,15 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
 # Distinct colours for label values 0..N (background black); repeats after the last entry.
 _PALETTE = np.array(
     [
-        [0, 0, 0], [230, 159, 0], [86, 180, 233], [240, 228, 66], [0, 158, 115],
-        [213, 94, 0], [204, 121, 167], [0, 114, 178], [255, 255, 255],
+        [0, 0, 0],
+        [230, 159, 0],
+        [86, 180, 233],
+        [240, 228, 66],
+        [0, 158, 115],
+        [213, 94, 0],
+        [204, 121, 167],
+        [0, 114, 178],
+        [255, 255, 255],
     ],
     dtype=np.uint8,
 )
@@ -58,9 +65,7 @@ def colorize_labels(label: np.ndarray) -> np.ndarray:
     return np.where(values[..., None] == 0, first, rest[(values - 1) % len(rest)]).astype(np.uint8)
 
 
-def picture_sheet(
-    rows: list[list[np.ndarray]], *, titles: list[str] | None = None, scale: int = 2, pad: int = 2
-) -> np.ndarray:
+def picture_sheet(rows: list[list[np.ndarray]], *, titles: list[str] | None = None, scale: int = 2, pad: int = 2) -> np.ndarray:
     """Tile 2D pictures into one RGB sheet, optionally with a title above each column.
 
     Args:

@@ -119,9 +119,7 @@ def kernel_inception_distance(
     rng = np.random.default_rng(seed)
     values = np.array(
         [
-            _polynomial_mmd2_unbiased(
-                x[rng.choice(x.shape[0], m, replace=False)], y[rng.choice(y.shape[0], m, replace=False)]
-            )
+            _polynomial_mmd2_unbiased(x[rng.choice(x.shape[0], m, replace=False)], y[rng.choice(y.shape[0], m, replace=False)])
             for _ in range(num_subsets)
         ]
     )

@@ -83,7 +83,7 @@ def mean_pairwise_ssim(
     win = min(7, smallest)
     win -= 1 - win % 2  # odd window, no larger than the image
     scales = 1
-    while multiscale and scales < len(_MS_SSIM_WEIGHTS) and (win - 1) * 2 ** scales < smallest:
+    while multiscale and scales < len(_MS_SSIM_WEIGHTS) and (win - 1) * 2**scales < smallest:
         scales += 1
     metric: SSIMMetric | MultiScaleSSIMMetric
     if scales == 1:

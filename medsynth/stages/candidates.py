@@ -86,8 +86,9 @@ class Planner:
             attributes.update(prompt)
             label, affine, label_source = None, self.source.affines[pick], ""
             if self.conditioning == "mask" and g.labels.source == "train":
-                label = augmented_label(self.source.labels[pick], seed=seed, augment=g.labels,
-                                        spatial_dims=self.manifest.spatial_dims)
+                label = augmented_label(
+                    self.source.labels[pick], seed=seed, augment=g.labels, spatial_dims=self.manifest.spatial_dims
+                )
                 label_source = self.source.ids[pick]
             elif self.conditioning == "mask" and g.labels.source == "folder":
                 assert self.user_maps is not None
@@ -100,8 +101,11 @@ class Planner:
 def augmented_label(label: torch.Tensor, *, seed: int, augment: LabelSourceSettings, spatial_dims: int) -> torch.Tensor:
     """A randomly flipped and slightly warped copy of a ``(1, *spatial)`` label map, fixed by ``seed``."""
     chain = label_augmentation(
-        flip_prob=augment.flip_prob, rotate_range=augment.rotate_range, scale_range=augment.scale_range,
-        translate_range=augment.translate_range, spatial_dims=spatial_dims,
+        flip_prob=augment.flip_prob,
+        rotate_range=augment.rotate_range,
+        scale_range=augment.scale_range,
+        translate_range=augment.translate_range,
+        spatial_dims=spatial_dims,
     )
     chain.set_random_state(seed=seed)
     out = chain({"label": label.float()})["label"]
@@ -154,8 +158,13 @@ def sample_candidates(
     """
     seeds = [c.seed for c in candidates]
     attributes = [c.attributes for c in candidates]
-    options: dict[str, Any] = {"steps": settings.steps, "eta": settings.eta, "guidance_scale": settings.guidance_scale,
-               "sampler": settings.sampler, "precision": settings.precision}
+    options: dict[str, Any] = {
+        "steps": settings.steps,
+        "eta": settings.eta,
+        "guidance_scale": settings.guidance_scale,
+        "sampler": settings.sampler,
+        "precision": settings.precision,
+    }
     if label_generator is not None:
         maps = label_generator.sample(seeds, attributes=attributes, **options).labels
         assert maps is not None
@@ -192,8 +201,9 @@ class GateRefused(MedsynthError):
         self.accepted = accepted
 
 
-def gated_draws(seeds: list[int], draw: Draw, gate: PrivacyGate | None, *, max_redraws: int,
-                so_far: int = 0) -> tuple[list[Accepted], int]:
+def gated_draws(
+    seeds: list[int], draw: Draw, gate: PrivacyGate | None, *, max_redraws: int, so_far: int = 0
+) -> tuple[list[Accepted], int]:
     """Draw one sample per seed; candidates the privacy gate rejects (any per-sample privacy rule
     broken, :mod:`medsynth.evaluation.rules`) are replaced by new draws.
 
@@ -236,14 +246,28 @@ def gated_draws(seeds: list[int], draw: Draw, gate: PrivacyGate | None, *, max_r
                     )
                 retry.append(seed)
                 continue
-            verdict = {"privacy_gate": "accepted" if check is not None else "off", "draws": attempts[seed] + 1,
-                       "gate_pixel_nearness": f"{check.pixel[k]:.6g}" if check is not None else "",
-                       "gate_feature_distance": f"{check.feature[k]:.6g}" if check is not None and check.feature is not None else ""}
-            result[seed] = (cand, images[k, 0].numpy() if images is not None else None,
-                            labels[k, 0].numpy() if labels is not None else None, verdict)
+            verdict = {
+                "privacy_gate": "accepted" if check is not None else "off",
+                "draws": attempts[seed] + 1,
+                "gate_pixel_nearness": f"{check.pixel[k]:.6g}" if check is not None else "",
+                "gate_feature_distance": f"{check.feature[k]:.6g}" if check is not None and check.feature is not None else "",
+            }
+            result[seed] = (
+                cand,
+                images[k, 0].numpy() if images is not None else None,
+                labels[k, 0].numpy() if labels is not None else None,
+                verdict,
+            )
         if retry:
-            _log_rejections(check, gate, rejected=len(retry), drawn=len(pending), total=so_far + rejected,
-                            redraw=max(attempts[s] for s in retry), max_redraws=max_redraws)
+            _log_rejections(
+                check,
+                gate,
+                rejected=len(retry),
+                drawn=len(pending),
+                total=so_far + rejected,
+                redraw=max(attempts[s] for s in retry),
+                max_redraws=max_redraws,
+            )
         pending = retry
     return [result[s] for s in seeds], rejected
 
@@ -261,5 +285,12 @@ def _leading(seeds: Sequence[int], result: dict[int, Accepted]) -> list[Accepted
 def _log_rejections(check: Any, gate: Any, *, rejected: int, drawn: int, total: int, redraw: int, max_redraws: int) -> None:
     """One line for a round of draws in which the gate rejected candidates."""
     nearest = gate.explain(check) if isinstance(gate, PrivacyGate) else ""
-    log.info("generate: the privacy gate rejected %d of %d candidate(s) (%d so far); redrawing them (replacement %d "
-             "of at most %d)%s", rejected, drawn, total, redraw, max_redraws, f": {nearest}" if nearest else "")
+    log.info(
+        "generate: the privacy gate rejected %d of %d candidate(s) (%d so far); redrawing them (replacement %d of at most %d)%s",
+        rejected,
+        drawn,
+        total,
+        redraw,
+        max_redraws,
+        f": {nearest}" if nearest else "",
+    )

@@ -111,8 +111,13 @@ def stage_run(
     Yields:
         The tracker and the stage's run id (``""`` with a :class:`~medsynth.tracking.NullTracker`).
     """
-    with claim_output(run, stage), _tracked(run, stage, config, tracker=tracker, parent_run_id=parent_run_id,
-                                            resume_run_id=resume_run_id) as (tracker, run_id):
+    with (
+        claim_output(run, stage),
+        _tracked(run, stage, config, tracker=tracker, parent_run_id=parent_run_id, resume_run_id=resume_run_id) as (
+            tracker,
+            run_id,
+        ),
+    ):
         yield tracker, run_id
 
 

@@ -34,8 +34,20 @@ from medsynth.training.checkpoint import file_sha256, load_checkpoint
 CHECKPOINT_ARTIFACT = "checkpoint.pt"
 """File name of the checkpoint inside a logged generator's ``artifacts/`` folder."""
 
-_KEPT_KEYS = ("ema", "config", "sampling", "label_names", "vocabulary", "spatial_dims", "image_size", "run_id", "step",
-              "val_loss", "data_manifest_sha256", "lineage")
+_KEPT_KEYS = (
+    "ema",
+    "config",
+    "sampling",
+    "label_names",
+    "vocabulary",
+    "spatial_dims",
+    "image_size",
+    "run_id",
+    "step",
+    "val_loss",
+    "data_manifest_sha256",
+    "lineage",
+)
 _REQUIRED_KEYS = ("ema", "config", "label_names", "image_size")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -104,15 +116,22 @@ def serving_config(serve_limits: Mapping[str, Any] | None = None) -> dict[str, A
     Raises:
         MedsynthError: For an unknown key or a value out of range.
     """
-    from medsynth.tracking.serving import LIMIT_KEYS, serve_limits as check_limits
+    from medsynth.tracking.serving import LIMIT_KEYS
+    from medsynth.tracking.serving import serve_limits as check_limits
 
     given = dict(serve_limits or {})
     check_limits(given, environ={})
     return {key: given.get(key) for key in LIMIT_KEYS}
 
 
-def _save_model(model_dir: Path, code: Path, checkpoint_file: Path, checkpoint: Mapping[str, Any],
-                source: Path, model_config: Mapping[str, Any]) -> None:
+def _save_model(
+    model_dir: Path,
+    code: Path,
+    checkpoint_file: Path,
+    checkpoint: Mapping[str, Any],
+    source: Path,
+    model_config: Mapping[str, Any],
+) -> None:
     """Write the pyfunc model folder: the model code, the checkpoint artifact, signature, serving limits and metadata."""
     mlflow.pyfunc.save_model(
         str(model_dir),
@@ -195,13 +214,20 @@ def log_generator(
     try:
         client.get_registered_model(registered_name)
     except MlflowException:
-        client.create_registered_model(registered_name, description="medsynth generator (pyfunc): seed and condition in, image and label out")
-    version = client.create_model_version(registered_name, source, run_id=run_id, tags={
-        "medsynth.step": str(checkpoint.get("step", "")),
-        "medsynth.source_checkpoint_sha256": file_sha256(checkpoint_path),
-        "medsynth.checkpoint_sha256": logged_sha256,
-        "medsynth.data_manifest_sha256": str(checkpoint.get("data_manifest_sha256", "")),
-    })
+        client.create_registered_model(
+            registered_name, description="medsynth generator (pyfunc): seed and condition in, image and label out"
+        )
+    version = client.create_model_version(
+        registered_name,
+        source,
+        run_id=run_id,
+        tags={
+            "medsynth.step": str(checkpoint.get("step", "")),
+            "medsynth.source_checkpoint_sha256": file_sha256(checkpoint_path),
+            "medsynth.checkpoint_sha256": logged_sha256,
+            "medsynth.data_manifest_sha256": str(checkpoint.get("data_manifest_sha256", "")),
+        },
+    )
     return f"models:/{registered_name}/{version.version}"
 
 
@@ -239,8 +265,8 @@ def resolve_checkpoint(source: str | os.PathLike[str], *, tracking_uri: str, dow
     if _RUN_ID.match(text):
         return _run_checkpoint(client, text, tracking_uri, Path(download_dir))
     raise MedsynthError(
-        f"checkpoint {text!r} is neither a file nor an MLflow run id (32 hex digits), runs:/<run_id> "
-        "or models:/<name>/<version>")
+        f"checkpoint {text!r} is neither a file nor an MLflow run id (32 hex digits), runs:/<run_id> or models:/<name>/<version>"
+    )
 
 
 def _not_found(err: MlflowException, tracking_uri: str, *, codes: Sequence[str] = ("RESOURCE_DOES_NOT_EXIST",)) -> None:
@@ -284,11 +310,13 @@ def _run_checkpoint(client: MlflowClient, run_id: str, tracking_uri: str, downlo
         raise MedsynthError(
             f"MLflow run {run_id} has no logged generator or checkpoint artifact"
             + (f", and {candidate} does not exist" if candidate else "")
-            + "; is it a train run? Log one with medsynth.tracking.registry.log_generator")
+            + "; is it a train run? Log one with medsynth.tracking.registry.log_generator"
+        )
     owner = load_checkpoint(candidate).get("run_id")
     if owner and owner != run_id:
         raise MedsynthError(
-            f"{candidate} now holds a checkpoint of MLflow run {owner}, not of run {run_id}: a later training wrote over it")
+            f"{candidate} now holds a checkpoint of MLflow run {owner}, not of run {run_id}: a later training wrote over it"
+        )
     return candidate
 
 
@@ -324,22 +352,27 @@ def _registered_checkpoint(client: MlflowClient, uri: str, tracking_uri: str, do
         _not_found(err, tracking_uri)
         known = sorted(m.name for m in client.search_registered_models(max_results=50))
         raise MedsynthError(
-            f"no registered model {name!r} in mlflow.tracking_uri={tracking_uri}; registered: {known or 'none'}") from None
+            f"no registered model {name!r} in mlflow.tracking_uri={tracking_uri}; registered: {known or 'none'}"
+        ) from None
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, str(version))
     except MlflowException as err:
-        _not_found(err, tracking_uri, codes=("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"))  # a missing alias is "invalid"
+        _not_found(
+            err, tracking_uri, codes=("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+        )  # a missing alias is "invalid"
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
         aliases = sorted(getattr(registered, "aliases", None) or {})
         raise MedsynthError(
             f"registered model {name!r} has no {'alias ' + repr(alias) if alias else 'version ' + repr(version)}; "
-            f"versions: {versions or 'none'}" + (f", aliases: {aliases}" if aliases else "")) from None
+            f"versions: {versions or 'none'}" + (f", aliases: {aliases}" if aliases else "")
+        ) from None
     location = client.get_model_version_download_uri(name, found.version).rstrip("/")
     try:
         return _download(f"{location}/artifacts/{CHECKPOINT_ARTIFACT}", download_dir, tracking_uri)
     except (MlflowException, OSError) as err:
         raise MedsynthError(
-            f"{uri} (version {found.version}, {location}) holds no medsynth generator checkpoint: {str(err)[:200]}") from None
+            f"{uri} (version {found.version}, {location}) holds no medsynth generator checkpoint: {str(err)[:200]}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------- audit of a version
@@ -430,8 +463,9 @@ def find_model_version(source: str, *, checkpoint_sha256: str, train_run_id: str
     return None
 
 
-def mark_audit(name: str, version: str, *, passed: bool, evaluate_run_id: str, metrics_sha256: str,
-               tracking_uri: str) -> AuditStatus:
+def mark_audit(
+    name: str, version: str, *, passed: bool, evaluate_run_id: str, metrics_sha256: str, tracking_uri: str
+) -> AuditStatus:
     """Record an audit on a registered model version: tags, and the ``audited`` alias on a PASS.
 
     A FAIL also takes the ``audited`` alias away from this version if it held it.
@@ -481,12 +515,31 @@ def audit_status(name: str, version: str, *, tracking_uri: str) -> AuditStatus:
         found = _registry(tracking_uri).get_model_version(name, str(version))
     except MlflowException as err:
         _not_found(err, tracking_uri)
-        raise MedsynthError(f"no registered model version models:/{name}/{version} in mlflow.tracking_uri={tracking_uri}") from None
+        raise MedsynthError(
+            f"no registered model version models:/{name}/{version} in mlflow.tracking_uri={tracking_uri}"
+        ) from None
     tags = found.tags or {}
     verdict = tags.get(AUDIT_TAGS[0], "")
-    return AuditStatus(name, str(version), verdict if verdict in ("pass", "fail") else "",
-                       tags.get(AUDIT_TAGS[1], ""), tags.get(AUDIT_TAGS[2], ""))
+    return AuditStatus(
+        name,
+        str(version),
+        verdict if verdict in ("pass", "fail") else "",
+        tags.get(AUDIT_TAGS[1], ""),
+        tags.get(AUDIT_TAGS[2], ""),
+    )
 
 
-__all__ = ["AUDITED_ALIAS", "AUDIT_TAGS", "CHECKPOINT_ARTIFACT", "AuditStatus", "audit_status", "find_model_version",
-           "generator_signature", "log_generator", "mark_audit", "parse_model_uri", "resolve_checkpoint", "serving_config"]
+__all__ = [
+    "AUDITED_ALIAS",
+    "AUDIT_TAGS",
+    "CHECKPOINT_ARTIFACT",
+    "AuditStatus",
+    "audit_status",
+    "find_model_version",
+    "generator_signature",
+    "log_generator",
+    "mark_audit",
+    "parse_model_uri",
+    "resolve_checkpoint",
+    "serving_config",
+]

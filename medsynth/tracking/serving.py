@@ -299,13 +299,16 @@ def _stopped(why: str, *, done: int, total: int, time_limit: float) -> RequestSt
     if why == "time":
         return RequestStopped(
             f"the request ran past the serving time limit of {time_limit:g} s (MEDSYNTH_SERVE_TIME_LIMIT) with "
-            f"{progress}; send fewer rows or steps per request")
+            f"{progress}; send fewer rows or steps per request"
+        )
     if why == "shutdown":
         return RequestStopped(f"the server is shutting down; the request was stopped with {progress}: send it again")
     if why == "client":
         return RequestStopped(f"the client closed the connection; stopped with {progress}", error_code=CANCELLED)
-    return RequestStopped(f"the request was cancelled by the server (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT); "
-                          f"stopped with {progress}", error_code=CANCELLED)
+    return RequestStopped(
+        f"the request was cancelled by the server (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT); stopped with {progress}",
+        error_code=CANCELLED,
+    )
 
 
 def _interruptible(scheduler: Any, budget: RequestBudget) -> Any:
@@ -375,8 +378,9 @@ class GeneratorModel(PythonModel):
         if _in_scoring_server():
             install_serving_hooks(self)
 
-    def load(self, path: str | os.PathLike[str], *, device: torch.device | str | None = None,
-             limits: ServeLimits | None = None) -> GeneratorModel:
+    def load(
+        self, path: str | os.PathLike[str], *, device: torch.device | str | None = None, limits: ServeLimits | None = None
+    ) -> GeneratorModel:
         """Load the checkpoint at ``path`` (what :meth:`load_context` does with the logged artifact).
 
         Args:
@@ -403,8 +407,12 @@ class GeneratorModel(PythonModel):
     def settings(self) -> dict[str, Any]:
         """The checkpoint's sampling defaults: ``steps``, ``eta``, ``guidance_scale``; and ``batch_size``."""
         s = self.generator.sampling
-        return {"steps": int(s.steps), "eta": float(s.eta), "guidance_scale": float(s.guidance_scale),
-                "batch_size": int(self.limits.batch_size)}
+        return {
+            "steps": int(s.steps),
+            "eta": float(s.eta),
+            "guidance_scale": float(s.guidance_scale),
+            "batch_size": int(self.limits.batch_size),
+        }
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -413,8 +421,9 @@ class GeneratorModel(PythonModel):
         skip |= {"label_map"} if self.generator.conditioning != "mask" else set()
         return tuple(c for c in INPUT_COLUMNS if c not in skip)
 
-    def predict(self, context: PythonModelContext | None, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: PythonModelContext | None, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         """Generate one sample per input row.
 
         Args:
@@ -440,8 +449,9 @@ class GeneratorModel(PythonModel):
             raise GeneratorInputError(str(err)) from None
         except Exception as err:
             _logger.exception("the generator failed on a request")
-            raise MlflowException("the generator failed on this request; the server's log has the detail",
-                                  error_code=INTERNAL_ERROR) from err
+            raise MlflowException(
+                "the generator failed on this request; the server's log has the detail", error_code=INTERNAL_ERROR
+            ) from err
 
     def generate(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """:meth:`predict` on plain row dicts; returns plain row dicts."""
@@ -455,8 +465,11 @@ class GeneratorModel(PythonModel):
         groups: dict[tuple[int, float], list[int]] = {}
         for i, item in enumerate(prepared):
             groups.setdefault((item["steps"], item["guidance_scale"]), []).append(i)
-        chunks = [members[start : start + defaults["batch_size"]] for members in groups.values()
-                  for start in range(0, len(members), defaults["batch_size"])]
+        chunks = [
+            members[start : start + defaults["batch_size"]]
+            for members in groups.values()
+            for start in range(0, len(members), defaults["batch_size"])
+        ]
         out: list[dict[str, Any]] = [{} for _ in rows]
         done = 0
         try:
@@ -473,8 +486,9 @@ class GeneratorModel(PythonModel):
             raise error from None
         return out
 
-    def _draw(self, chunk: list[int], prepared: list[dict[str, Any]], out: list[dict[str, Any]], eta: float,
-              budget: RequestBudget) -> None:
+    def _draw(
+        self, chunk: list[int], prepared: list[dict[str, Any]], out: list[dict[str, Any]], eta: float, budget: RequestBudget
+    ) -> None:
         """Sample the rows ``chunk`` (same steps and guidance) in one batch into ``out``."""
         budget.check()
         generator = self.generator
@@ -482,8 +496,15 @@ class GeneratorModel(PythonModel):
         seeds = [prepared[i]["seed"] for i in chunk]
         given = torch.stack([prepared[i]["label"] for i in chunk]) if generator.conditioning == "mask" else None
         codes = torch.cat([prepared[i]["codes"] for i in chunk]) if generator.guided else None
-        drawn = generator.sample(seeds, labels=given, codes=codes, steps=first["steps"], eta=eta,
-                                 guidance_scale=first["guidance_scale"], sampler=_interruptible(generator.sampler(), budget))
+        drawn = generator.sample(
+            seeds,
+            labels=given,
+            codes=codes,
+            steps=first["steps"],
+            eta=eta,
+            guidance_scale=first["guidance_scale"],
+            sampler=_interruptible(generator.sampler(), budget),
+        )
         for k, i in enumerate(chunk):
             image = _unbatch(drawn.images[k]) if drawn.images is not None else None
             label = drawn.labels[k, 0].numpy().astype(np.int64) if drawn.labels is not None else None
@@ -510,10 +531,12 @@ class GeneratorModel(PythonModel):
             raise GeneratorInputError(f"{where}: steps must be >= 1, got {steps}")
         max_steps = int(_resolved(self.limits.max_steps, "max_steps"))
         if steps > max_steps:
-            raise GeneratorInputError(_too_many_steps(where, steps, max_steps,
-                                                      int(self.generator.scheduler.num_train_timesteps)))
-        item: dict[str, Any] = {"seed": seed, "steps": steps,
-                                "guidance_scale": self._guidance_scale(row, where, defaults, guided)}
+            raise GeneratorInputError(_too_many_steps(where, steps, max_steps, int(self.generator.scheduler.num_train_timesteps)))
+        item: dict[str, Any] = {
+            "seed": seed,
+            "steps": steps,
+            "guidance_scale": self._guidance_scale(row, where, defaults, guided),
+        }
         prompt = str(row["prompt"]) if _given(row.get("prompt")) else None
         if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
             raise GeneratorInputError(f"{where}: prompt has {len(prompt)} characters; at most {MAX_PROMPT_CHARS}")
@@ -521,7 +544,8 @@ class GeneratorModel(PythonModel):
             item["codes"] = self._codes(prompt, where)
         elif prompt:
             raise GeneratorInputError(
-                f"{where}: this model ({self.generator.conditioning!r} conditioning) takes no prompt, got {prompt!r}")
+                f"{where}: this model ({self.generator.conditioning!r} conditioning) takes no prompt, got {prompt!r}"
+            )
         label_map = row.get("label_map")
         has_label = _given(label_map)
         if self.generator.conditioning == "mask":
@@ -529,11 +553,11 @@ class GeneratorModel(PythonModel):
                 raise GeneratorInputError(
                     f"{where}: this model generates an image for a given label map: give label_map, a nested "
                     f"list of shape {list(self.image_size)} with values 0..{len(self.label_names) - 1} "
-                    f"({', '.join(self.label_names)})")
+                    f"({', '.join(self.label_names)})"
+                )
             item["label"] = self._label_map(label_map, where)
         elif has_label:
-            raise GeneratorInputError(
-                f"{where}: this model ({self.generator.conditioning!r} conditioning) takes no label_map")
+            raise GeneratorInputError(f"{where}: this model ({self.generator.conditioning!r} conditioning) takes no label_map")
         return item
 
     def _guidance_scale(self, row: Mapping[str, Any], where: str, defaults: Mapping[str, Any], guided: bool) -> float:
@@ -549,7 +573,8 @@ class GeneratorModel(PythonModel):
         if not guided and scale != 1.0:
             raise GeneratorInputError(
                 f"{where}: guidance_scale applies to class/attributes models; this one uses "
-                f"{self.generator.conditioning!r} conditioning")
+                f"{self.generator.conditioning!r} conditioning"
+            )
         return scale
 
     def _codes(self, prompt: str | None, where: str) -> torch.Tensor:
@@ -568,19 +593,23 @@ class GeneratorModel(PythonModel):
         try:
             array = np.asarray(_nested(value), dtype=np.float64)
         except (TypeError, ValueError, OverflowError):
-            raise GeneratorInputError(f"{where}: label_map must be a nested list of integers of shape {list(self.image_size)}") from None
+            raise GeneratorInputError(
+                f"{where}: label_map must be a nested list of integers of shape {list(self.image_size)}"
+            ) from None
         if array.shape == (1, *self.image_size):
             array = array[0]
         if array.shape != self.image_size:
             raise GeneratorInputError(
-                f"{where}: label_map has shape {list(array.shape)}, the model generates {list(self.image_size)}")
+                f"{where}: label_map has shape {list(array.shape)}, the model generates {list(self.image_size)}"
+            )
         if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
             raise GeneratorInputError(f"{where}: label_map must hold integer label values")
         low, high = int(array.min()), int(array.max())
         if low < 0 or high >= len(self.label_names):
             raise GeneratorInputError(
                 f"{where}: label_map values must be in 0..{len(self.label_names) - 1} ({', '.join(self.label_names)}), "
-                f"got {low}..{high}")
+                f"got {low}..{high}"
+            )
         return torch.from_numpy(array.astype(np.int64))[None]
 
 
@@ -589,8 +618,11 @@ def _too_many_rows(rows: int, limit: int) -> str:
 
 
 def _too_many_steps(where: str, steps: int, limit: int, timesteps: int) -> str:
-    why = (f"the training schedule has {timesteps} timesteps" if limit == timesteps
-           else f"the serving limit is {limit} (MEDSYNTH_SERVE_MAX_STEPS)")
+    why = (
+        f"the training schedule has {timesteps} timesteps"
+        if limit == timesteps
+        else f"the serving limit is {limit} (MEDSYNTH_SERVE_MAX_STEPS)"
+    )
     return f"{where}: steps must be at most {limit} ({why}), got {steps}"
 
 
@@ -638,7 +670,8 @@ def _rows(model_input: Any) -> list[dict[str, Any]]:
     if isinstance(model_input, Sequence) and all(isinstance(r, Mapping) for r in model_input):
         return [dict(r) for r in model_input]
     raise GeneratorInputError(
-        f"the generator takes a table of rows (a DataFrame, a list of dicts or a dict of columns), got {type(model_input).__name__}")
+        f"the generator takes a table of rows (a DataFrame, a list of dicts or a dict of columns), got {type(model_input).__name__}"
+    )
 
 
 # ------------------------------------------------------------------------- the HTTP request check
@@ -646,10 +679,20 @@ def _rows(model_input: Any) -> list[dict[str, Any]]:
 DATA_KEYS: tuple[str, ...] = ("dataframe_split", "dataframe_records", "inputs", "instances")
 """The JSON keys that carry rows (MLflow's scoring protocol); a body has exactly one of them."""
 
-_JSON_TYPES: dict[str, tuple[type, ...]] = {"seed": (int,), "steps": (int,), "guidance_scale": (int, float),
-                                            "prompt": (str,), "label_map": (list,)}
-_TYPE_NAMES = {"seed": "an integer", "steps": "an integer", "guidance_scale": "a number", "prompt": "a string",
-               "label_map": "a nested list of integers"}
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "seed": (int,),
+    "steps": (int,),
+    "guidance_scale": (int, float),
+    "prompt": (str,),
+    "label_map": (list,),
+}
+_TYPE_NAMES = {
+    "seed": "an integer",
+    "steps": "an integer",
+    "guidance_scale": "a number",
+    "prompt": "a string",
+    "label_map": "a nested list of integers",
+}
 
 
 def _refuse_constant(name: str) -> Any:
@@ -672,7 +715,8 @@ def decode_request(body: bytes, content_type: str | None) -> Any:
     mime, *parameters = [part.strip().lower() for part in (content_type or "").split(";")]
     if mime != "application/json":
         raise GeneratorInputError(
-            f"send the rows as JSON with Content-Type: application/json, got Content-Type {content_type or 'none'!r}")
+            f"send the rows as JSON with Content-Type: application/json, got Content-Type {content_type or 'none'!r}"
+        )
     charset = dict(p.partition("=")[::2] for p in parameters).get("charset", "utf-8").strip('"')
     if charset not in ("utf-8", "utf8"):
         raise GeneratorInputError(f"the body must be UTF-8 JSON, got charset {charset!r}")
@@ -705,9 +749,11 @@ def request_rows(payload: Any) -> list[Mapping[str, Any]]:
     found = [k for k in keys if k in DATA_KEYS]
     if len(found) != 1 or len(keys) != 1:
         extra = [k[:40] for k in keys if k not in DATA_KEYS][:5]
-        raise GeneratorInputError(f"the body must be {layouts} and nothing else"
-                                  + (f"; it has {extra}" if extra else f"; it has {found or 'none'}")
-                                  + ("; settings are per-row columns, not params" if "params" in keys else ""))
+        raise GeneratorInputError(
+            f"the body must be {layouts} and nothing else"
+            + (f"; it has {extra}" if extra else f"; it has {found or 'none'}")
+            + ("; settings are per-row columns, not params" if "params" in keys else "")
+        )
     key = found[0]
     data = payload[key]
     if key == "dataframe_split":
@@ -719,8 +765,10 @@ def request_rows(payload: Any) -> list[Mapping[str, Any]]:
         if len(lengths) > 1:
             raise GeneratorInputError(f"{key}: columns have different lengths")
         return [{k: v[i] for k, v in data.items()} for i in range(lengths.pop() if lengths else 0)]
-    raise GeneratorInputError(f"{key} must be a list of row objects" + ("" if key == "dataframe_records" else
-                                                                         " or an object of equal-length column lists"))
+    raise GeneratorInputError(
+        f"{key} must be a list of row objects"
+        + ("" if key == "dataframe_records" else " or an object of equal-length column lists")
+    )
 
 
 def _split_rows(data: Any) -> list[Mapping[str, Any]]:
@@ -744,8 +792,16 @@ def _json_kind(value: Any) -> str:
     return "null"
 
 
-def check_request(payload: Any, *, columns: Sequence[str], required: Sequence[str], image_size: Sequence[int],
-                  max_rows: int, max_steps: int | None = None, num_train_timesteps: int | None = None) -> int:
+def check_request(
+    payload: Any,
+    *,
+    columns: Sequence[str],
+    required: Sequence[str],
+    image_size: Sequence[int],
+    max_rows: int,
+    max_steps: int | None = None,
+    num_train_timesteps: int | None = None,
+) -> int:
     """Check a decoded request before MLflow parses it: layout, row count, column names, JSON types and steps.
 
     MLflow's own parsing casts (a seed of 1.5 becomes 1), drops unknown columns and cannot parse
@@ -790,8 +846,7 @@ def check_request(payload: Any, *, columns: Sequence[str], required: Sequence[st
             if steps < 1:
                 raise GeneratorInputError(f"row {index}: steps must be >= 1, got {steps}")
             if steps > max_steps:
-                raise GeneratorInputError(_too_many_steps(f"row {index}", steps, max_steps,
-                                                          num_train_timesteps or max_steps))
+                raise GeneratorInputError(_too_many_steps(f"row {index}", steps, max_steps, num_train_timesteps or max_steps))
         if row.get("label_map") is not None:
             _check_grid(row["label_map"], tuple(image_size), f"row {index}: label_map")
     return len(rows)
@@ -808,7 +863,9 @@ def _check_grid(value: list[Any], shape: tuple[int, ...], where: str) -> None:
     if array.shape != shape:
         raise GeneratorInputError(f"{where} has shape {list(array.shape)}, the model generates {list(shape)}")
     if array.dtype.kind not in "iu":
-        raise GeneratorInputError(f"{where} must hold integers, got {'booleans' if array.dtype.kind == 'b' else array.dtype.name}")
+        raise GeneratorInputError(
+            f"{where} must hold integers, got {'booleans' if array.dtype.kind == 'b' else array.dtype.name}"
+        )
 
 
 # ------------------------------------------------------------------------ hooks into MLflow's server
@@ -947,8 +1004,9 @@ def guard_endpoint(endpoint: Callable[..., Awaitable[Any]], model: GeneratorMode
             return _error_response(err)
         except Exception:
             _logger.exception("unexpected error while serving a request")
-            return _error_response(MlflowException("the server failed on this request; its log has the detail",
-                                                   error_code=INTERNAL_ERROR))
+            return _error_response(
+                MlflowException("the server failed on this request; its log has the detail", error_code=INTERNAL_ERROR)
+            )
         finally:
             _REQUEST_BUDGET.reset(token)
             watcher.cancel()
@@ -963,10 +1021,15 @@ _INLINE_CHECK_BYTES = 2**20
 def _check_body(model: GeneratorModel, body: bytes, content_type: str | None) -> None:
     """:func:`decode_request` and :func:`check_request` of a body against ``model``'s columns and limits."""
     limits = model.limits
-    check_request(decode_request(body, content_type), columns=model.columns,
-                  required=[c for c in ("seed", "label_map") if c in model.columns], image_size=model.image_size,
-                  max_rows=int(limits.max_rows), max_steps=int(_resolved(limits.max_steps, "max_steps")),
-                  num_train_timesteps=int(model.generator.scheduler.num_train_timesteps))
+    check_request(
+        decode_request(body, content_type),
+        columns=model.columns,
+        required=[c for c in ("seed", "label_map") if c in model.columns],
+        image_size=model.image_size,
+        max_rows=int(limits.max_rows),
+        max_steps=int(_resolved(limits.max_steps, "max_steps")),
+        num_train_timesteps=int(model.generator.scheduler.num_train_timesteps),
+    )
 
 
 async def _read_body(request: Any, limit: int) -> bytes:
@@ -1021,10 +1084,30 @@ def _error_response(err: MlflowException) -> Any:
     return Response(content=body, status_code=err.get_http_status_code(), media_type="application/json")
 
 
-__all__ = ["BATCH_SIZE", "DATA_KEYS", "INPUT_COLUMNS", "LIMIT_KEYS", "MAX_GUIDANCE_SCALE", "MAX_PROMPT_CHARS", "MAX_SEED",
-           "OUTPUT_COLUMNS", "GeneratorInputError", "GeneratorModel", "RequestBudget", "RequestStopped", "SamplingTurns",
-           "ServeLimits", "check_request", "decode_request", "guard_endpoint", "install_serving_hooks", "limit_variable",
-           "parse_prompt", "request_rows", "serve_limits"]
+__all__ = [
+    "BATCH_SIZE",
+    "DATA_KEYS",
+    "INPUT_COLUMNS",
+    "LIMIT_KEYS",
+    "MAX_GUIDANCE_SCALE",
+    "MAX_PROMPT_CHARS",
+    "MAX_SEED",
+    "OUTPUT_COLUMNS",
+    "GeneratorInputError",
+    "GeneratorModel",
+    "RequestBudget",
+    "RequestStopped",
+    "SamplingTurns",
+    "ServeLimits",
+    "check_request",
+    "decode_request",
+    "guard_endpoint",
+    "install_serving_hooks",
+    "limit_variable",
+    "parse_prompt",
+    "request_rows",
+    "serve_limits",
+]
 
 
 def _resolved(value: float | None, name: str) -> float:

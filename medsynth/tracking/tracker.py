@@ -163,8 +163,9 @@ class Tracker:
         else:
             self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
-    def log_dataset(self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str,
-                    num_records: int | None = None) -> None:
+    def log_dataset(
+        self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str, num_records: int | None = None
+    ) -> None:
         """Record a dataset as an input of the run (the MLflow UI lists it under the run's datasets).
 
         Args:
@@ -177,8 +178,13 @@ class Tracker:
             num_records: How many records it holds, shown in its profile.
         """
         profile = {"sha256": sha256, **({"num_records": int(num_records)} if num_records is not None else {})}
-        dataset = Dataset(name=name, digest=sha256[:16], source_type="local",
-                          source=json.dumps({"uri": Path(source).resolve().as_uri()}), profile=json.dumps(profile))
+        dataset = Dataset(
+            name=name,
+            digest=sha256[:16],
+            source_type="local",
+            source=json.dumps({"uri": Path(source).resolve().as_uri()}),
+            profile=json.dumps(profile),
+        )
         self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
@@ -192,8 +198,14 @@ class NullTracker:
     tracking_uri = ""
 
     @contextlib.contextmanager
-    def run(self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-            resume_run_id: str | None = None) -> Iterator[str]:
+    def run(
+        self,
+        name: str,
+        *,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
+    ) -> Iterator[str]:
         yield ""
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -211,8 +223,9 @@ class NullTracker:
     def log_artifact(self, run_id: str, path: str | os.PathLike[str], *, artifact_path: str | None = None) -> None:
         pass
 
-    def log_dataset(self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str,
-                    num_records: int | None = None) -> None:
+    def log_dataset(
+        self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str, num_records: int | None = None
+    ) -> None:
         pass
 
 
@@ -222,8 +235,14 @@ class TrackerLike(Protocol):
 
     tracking_uri: str
 
-    def run(self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-            resume_run_id: str | None = None) -> contextlib.AbstractContextManager[str]: ...
+    def run(
+        self,
+        name: str,
+        *,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
+    ) -> contextlib.AbstractContextManager[str]: ...
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
 
@@ -235,5 +254,6 @@ class TrackerLike(Protocol):
 
     def log_artifact(self, run_id: str, path: str | os.PathLike[str], *, artifact_path: str | None = None) -> None: ...
 
-    def log_dataset(self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str,
-                    num_records: int | None = None) -> None: ...
+    def log_dataset(
+        self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str, num_records: int | None = None
+    ) -> None: ...

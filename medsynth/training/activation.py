@@ -36,7 +36,7 @@ def enable_activation_checkpointing(network: nn.Module, *, blocks: Sequence[str]
         raise ValueError(f"{type(network).__name__} has none of {list(blocks)}; cannot checkpoint its activations")
     changed = 0
     for holder in found:
-        for block in (holder if isinstance(holder, nn.ModuleList) else [holder]):
+        for block in holder if isinstance(holder, nn.ModuleList) else [holder]:
             if not getattr(type(block), "_activation_checkpointed", False):
                 block.__class__ = _checkpointed(type(block))
                 changed += 1
@@ -57,7 +57,10 @@ def _checkpointed(cls: type[nn.Module]) -> type[nn.Module]:
             return checkpoint(parent, *args, use_reentrant=False, **kwargs)
         return parent(*args, **kwargs)
 
-    subclass = type(cls.__name__, (cls,), {"forward": forward, "_activation_checkpointed": True,
-                                           "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    subclass = type(
+        cls.__name__,
+        (cls,),
+        {"forward": forward, "_activation_checkpointed": True, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+    )
     _CHECKPOINTED[cls] = subclass
     return subclass

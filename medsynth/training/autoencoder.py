@@ -57,8 +57,9 @@ def train_autoencoder(
     optimizer = torch.optim.Adam(autoencoder.parameters(), lr=settings.lr)
     adversarial = settings.adversarial_weight > 0
     if adversarial:
-        discriminator = PatchDiscriminator(spatial_dims=spatial_dims, in_channels=data.images.shape[1],
-                                           channels=32, num_layers_d=2).to(device)
+        discriminator = PatchDiscriminator(
+            spatial_dims=spatial_dims, in_channels=data.images.shape[1], channels=32, num_layers_d=2
+        ).to(device)
         d_optimizer = torch.optim.Adam(discriminator.parameters(), lr=settings.lr)
         criterion = PatchAdversarialLoss(criterion="least_squares")
 
@@ -72,17 +73,29 @@ def train_autoencoder(
         if adversarial:
             # discriminator step on real images and detached reconstructions
             d_optimizer.zero_grad(set_to_none=True)
-            d_loss = 0.5 * (criterion(discriminator(reconstruction.detach())[-1], target_is_real=False, for_discriminator=True)
-                            + criterion(discriminator(x)[-1], target_is_real=True, for_discriminator=True))
+            d_loss = 0.5 * (
+                criterion(discriminator(reconstruction.detach())[-1], target_is_real=False, for_discriminator=True)
+                + criterion(discriminator(x)[-1], target_is_real=True, for_discriminator=True)
+            )
             d_loss.backward()
             d_optimizer.step()
             # the autoencoder is rewarded for reconstructions the discriminator takes for real
             loss = loss + settings.adversarial_weight * criterion(
-                discriminator(reconstruction)[-1], target_is_real=True, for_discriminator=False)
+                discriminator(reconstruction)[-1], target_is_real=True, for_discriminator=False
+            )
         return loss
 
-    return train(autoencoder, loss_fn=loss_fn, batches=batches, optimizer=optimizer, max_steps=settings.max_steps,
-                 grad_clip=1.0, on_step=on_step, progress=progress, desc="autoencoder")
+    return train(
+        autoencoder,
+        loss_fn=loss_fn,
+        batches=batches,
+        optimizer=optimizer,
+        max_steps=settings.max_steps,
+        grad_clip=1.0,
+        on_step=on_step,
+        progress=progress,
+        desc="autoencoder",
+    )
 
 
 def fit_autoencoder(
@@ -131,8 +144,9 @@ def fit_autoencoder(
         log.info("train: autoencoder from %s", path)
     else:
         autoencoder.train().requires_grad_(True)
-        result = train_autoencoder(autoencoder, data, settings=settings, device=device, seed=seed, progress=progress,
-                                   on_step=on_step)
+        result = train_autoencoder(
+            autoencoder, data, settings=settings, device=device, seed=seed, progress=progress, on_step=on_step
+        )
         log.info("train: autoencoder %d steps in %.0f s, final L1+KL %.4f", result.steps, result.seconds, result.losses[-1])
         if save:
             save_checkpoint(path, {"weights": autoencoder.state_dict(), "config": wanted})
@@ -143,8 +157,9 @@ def fit_autoencoder(
     return scale
 
 
-def saved_autoencoder(path: str | os.PathLike[str], autoencoder: nn.Module, *,
-                      wanted: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+def saved_autoencoder(
+    path: str | os.PathLike[str], autoencoder: nn.Module, *, wanted: Mapping[str, Any]
+) -> dict[str, torch.Tensor] | None:
     """The weights ``checkpoints/autoencoder.pt`` keeps for ``autoencoder``, if it was trained with ``wanted``.
 
     The file is data: it must be a mapping of ``config`` (the network and training settings, plain
@@ -170,10 +185,11 @@ def saved_autoencoder(path: str | os.PathLike[str], autoencoder: nn.Module, *,
 
     saved = load_checkpoint(path)
     config = saved.get("config")
-    if (not {"config", "weights"} <= set(saved) or not isinstance(config, Mapping)
-            or set(config) != {"network", "settings"}):
-        raise MedsynthError(f"{path} is not a medsynth autoencoder (a mapping of config with network and settings, and "
-                            "weights): delete it to train the autoencoder again")
+    if not {"config", "weights"} <= set(saved) or not isinstance(config, Mapping) or set(config) != {"network", "settings"}:
+        raise MedsynthError(
+            f"{path} is not a medsynth autoencoder (a mapping of config with network and settings, and "
+            "weights): delete it to train the autoencoder again"
+        )
     try:
         check_targets(config["network"], key="model.autoencoder")
         check_targets(config["settings"], key="trainer.autoencoder")

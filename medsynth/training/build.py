@@ -68,8 +68,12 @@ def build_optimizer(options: Mapping[str, Any], params: Iterable[torch.nn.Parame
     kwargs = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in options.items() if k not in ("_target_", "_partial_")}
     for key, value in kwargs.items():
         values = value if isinstance(value, list) else [value]
-        check(all(isinstance(v, (bool, int, float, str)) for v in values), f"trainer.optimizer.{key}",
-              "a number, flag or list of numbers", value)
+        check(
+            all(isinstance(v, (bool, int, float, str)) for v in values),
+            f"trainer.optimizer.{key}",
+            "a number, flag or list of numbers",
+            value,
+        )
     try:
         return cls(list(params), **{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
     except TypeError as err:

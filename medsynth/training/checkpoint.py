@@ -183,8 +183,10 @@ def check_state_dict(module: nn.Module, state: Any, *, where: str) -> dict[str, 
         if value.dtype != want.dtype:
             raise MedsynthError(f"{where}[{key!r}] has dtype {value.dtype}, expected {want.dtype}")
         if value.shape != want.shape:
-            raise MedsynthError(f"{where}[{key!r}] has shape {list(value.shape)}, expected {list(want.shape)}: the "
-                                "weights do not fit the network its config describes")
+            raise MedsynthError(
+                f"{where}[{key!r}] has shape {list(value.shape)}, expected {list(want.shape)}: the "
+                "weights do not fit the network its config describes"
+            )
     return {key: state[key] for key in expected}
 
 
@@ -230,8 +232,10 @@ def _plain_with_keys_of(current: Mapping[str, Any], state: Any, *, where: str) -
     """Refuse ``state`` unless it is plain data with exactly the keys of ``current``; return ``current``."""
     check_plain(state, where=where)
     if not isinstance(state, Mapping) or set(state) != set(current):
-        raise MedsynthError(f"{where} must be a mapping with keys {sorted(current)}, got {_kind(state)}"
-                            + (f" with keys {sorted(map(str, state))}" if isinstance(state, Mapping) else ""))
+        raise MedsynthError(
+            f"{where} must be a mapping with keys {sorted(current)}, got {_kind(state)}"
+            + (f" with keys {sorted(map(str, state))}" if isinstance(state, Mapping) else "")
+        )
     return current
 
 
@@ -257,14 +261,23 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, *, where
     for i, (group, own) in enumerate(zip(groups, mine)):
         at = f"{where}['param_groups'][{i}]"
         if not isinstance(group, Mapping) or set(group) != set(own):
-            raise MedsynthError(f"{at} must have the options {sorted(own)} of {type(optimizer).__name__}, got {_kind(group)}"
-                                + (f" with {sorted(map(str, group))}" if isinstance(group, Mapping) else ""))
+            raise MedsynthError(
+                f"{at} must have the options {sorted(own)} of {type(optimizer).__name__}, got {_kind(group)}"
+                + (f" with {sorted(map(str, group))}" if isinstance(group, Mapping) else "")
+            )
         ids = group["params"]
-        if (not isinstance(ids, (list, tuple)) or len(ids) != len(own["params"])
-                or not all(isinstance(p, int) and not isinstance(p, bool) for p in ids)):
+        if (
+            not isinstance(ids, (list, tuple))
+            or len(ids) != len(own["params"])
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in ids)
+        ):
             raise MedsynthError(f"{at}['params'] must list {len(own['params'])} parameter indices, got {_kind(ids)}")
-    params = dict(zip(itertools.chain.from_iterable(g["params"] for g in groups),
-                      itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    params = dict(
+        zip(
+            itertools.chain.from_iterable(g["params"] for g in groups),
+            itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups),
+        )
+    )
     per_param = state["state"]
     if not isinstance(per_param, Mapping):
         raise MedsynthError(f"{where}['state'] must be a mapping of parameter indices, got {_kind(per_param)}")
@@ -278,8 +291,10 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, *, where
         for name, value in entry.items():
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 if value.shape != param.shape or value.dtype != param.dtype:
-                    raise MedsynthError(f"{at}[{name!r}] has shape {list(value.shape)} and dtype {value.dtype}, "
-                                        f"its parameter {list(param.shape)} and {param.dtype}")
+                    raise MedsynthError(
+                        f"{at}[{name!r}] has shape {list(value.shape)} and dtype {value.dtype}, "
+                        f"its parameter {list(param.shape)} and {param.dtype}"
+                    )
 
 
 def check_lr_scheduler_state(scheduler: Any, state: Any, *, where: str) -> None:
@@ -298,8 +313,9 @@ def check_lr_scheduler_state(scheduler: Any, state: Any, *, where: str) -> None:
     """
     current = _plain_with_keys_of(scheduler.state_dict(), state, where=where)
     if "lr_lambdas" in current and state["lr_lambdas"] != current["lr_lambdas"]:
-        raise MedsynthError(f"{where}['lr_lambdas'] must be {current['lr_lambdas']!r} (the schedule's own), got "
-                            f"{_kind(state['lr_lambdas'])}")
+        raise MedsynthError(
+            f"{where}['lr_lambdas'] must be {current['lr_lambdas']!r} (the schedule's own), got {_kind(state['lr_lambdas'])}"
+        )
     for key in ("last_epoch", "_step_count"):
         if key in state and (not isinstance(state[key], int) or isinstance(state[key], bool)):
             raise MedsynthError(f"{where}[{key!r}] must be an integer, got {_kind(state[key])}")
@@ -357,9 +373,7 @@ def prune_checkpoints(folder: str | os.PathLike[str], *, keep: int, pattern: str
     return doomed
 
 
-def save_step_checkpoint(
-    folder: str | os.PathLike[str], step: int, state: dict[str, Any], *, best: bool, keep: int
-) -> Path:
+def save_step_checkpoint(folder: str | os.PathLike[str], step: int, state: dict[str, Any], *, best: bool, keep: int) -> Path:
     """Write ``step_<step>.pt``, point ``best.pt`` (when ``best``) and ``last.pt`` at it, keep the newest ``keep`` steps.
 
     ``best.pt`` moves before ``last.pt``: a run killed between the two resumes from the step
@@ -396,8 +410,14 @@ def _last_good(folder: Path) -> str:
     last = folder / "last.pt"
     if not last.is_file():
         return "there is no earlier checkpoint to continue from"
-    step = next((m.group(1) for p in sorted(folder.glob(STEP_PATTERN), reverse=True)
-                 if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)) and same_file(p, last)), None)
+    step = next(
+        (
+            m.group(1)
+            for p in sorted(folder.glob(STEP_PATTERN), reverse=True)
+            if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)) and same_file(p, last)
+        ),
+        None,
+    )
     at = f" (step {int(step)})" if step is not None else ""
     return f"the last good checkpoint {last}{at} is intact: rerun with trainer.resume=auto to continue from it"
 

@@ -125,8 +125,9 @@ class NoisedInputs:
     weights: torch.Tensor
 
 
-def noised_inputs(model: Denoiser, scheduler: Scheduler, batch: PatientBatch, *, seed: int, draw: int,
-                  device: torch.device) -> NoisedInputs:
+def noised_inputs(
+    model: Denoiser, scheduler: Scheduler, batch: PatientBatch, *, seed: int, draw: int, device: torch.device
+) -> NoisedInputs:
     """Noise every record of ``batch`` as :func:`medsynth.diffusion.diffusion_loss` does, outside the vectorised pass.
 
     Args:
@@ -156,8 +157,9 @@ def noised_inputs(model: Denoiser, scheduler: Scheduler, batch: PatientBatch, *,
     x_t = scheduler.add_noise(original_samples=x0, noise=eps, timesteps=t)
     target = prediction_target(scheduler, x0, eps, t)
     unflat = lambda x: x.reshape(p, k, *x.shape[1:])  # noqa: E731
-    return NoisedInputs(unflat(x_t), unflat(t), None if condition is None else unflat(condition), unflat(target),
-                        batch.weights.to(device))
+    return NoisedInputs(
+        unflat(x_t), unflat(t), None if condition is None else unflat(condition), unflat(target), batch.weights.to(device)
+    )
 
 
 class _Forward(nn.Module):
@@ -175,8 +177,9 @@ class _Forward(nn.Module):
         return self.model(x, t, condition)
 
 
-def patient_gradients(model: Denoiser, inputs: NoisedInputs, *, chunk: int | None = None
-                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def patient_gradients(
+    model: Denoiser, inputs: NoisedInputs, *, chunk: int | None = None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Each patient's gradient of its records' summed loss, and every record's loss.
 
     Args:
@@ -192,15 +195,22 @@ def patient_gradients(model: Denoiser, inputs: NoisedInputs, *, chunk: int | Non
     params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     frozen = {**{n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}, **dict(module.named_buffers())}
 
-    def patient_loss(weights_: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None,
-                     target: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def patient_loss(
+        weights_: dict[str, torch.Tensor],
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        condition: torch.Tensor | None,
+        target: torch.Tensor,
+        weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         prediction = functional_call(module, (weights_, frozen), (x_t, t, condition))
         errors = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         return (errors * weight).sum(), errors
 
     in_dims = (None, 0, 0, None if inputs.condition is None else 0, 0, 0)
     grads, errors = vmap(grad(patient_loss, has_aux=True), in_dims=in_dims, chunk_size=chunk)(
-        params, inputs.x_t, inputs.t, inputs.condition, inputs.target, inputs.weights)
+        params, inputs.x_t, inputs.t, inputs.condition, inputs.target, inputs.weights
+    )
     return {name.removeprefix("model."): g for name, g in grads.items()}, errors
 
 

@@ -33,10 +33,17 @@ class FeatureEncoder(nn.Module):
         blocks: list[nn.Module] = []
         previous = in_channels
         for width in channels:
-            blocks.append(Convolution(
-                spatial_dims, previous, width, strides=2, kernel_size=3,
-                norm=("group", {"num_groups": min(8, width)}), act="SWISH",
-            ))
+            blocks.append(
+                Convolution(
+                    spatial_dims,
+                    previous,
+                    width,
+                    strides=2,
+                    kernel_size=3,
+                    norm=("group", {"num_groups": min(8, width)}),
+                    act="SWISH",
+                )
+            )
             previous = width
         self.body = nn.Sequential(*blocks)
         self.feature_dim = previous
@@ -112,8 +119,15 @@ def train_encoder(
         v1, v2 = random_views(images, generator=augment), random_views(images, generator=augment)
         return nt_xent(m(v1.to(device)), m(v2.to(device)), temperature=temperature)
 
-    train(model, loss_fn=loss_fn, batches=batches, optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
-          max_steps=steps, progress=progress, desc="encoder")
+    train(
+        model,
+        loss_fn=loss_fn,
+        batches=batches,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
+        max_steps=steps,
+        progress=progress,
+        desc="encoder",
+    )
     return model.encoder.cpu().eval()
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import os
+import pickle
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -50,8 +50,15 @@ def cache_key(model: Denoiser, data: LabelledArrays, flip_dims: Sequence[int]) -
 
 
 @torch.no_grad()
-def encode_training_set(model: Denoiser, data: LabelledArrays, *, flip_dims: Sequence[int], device: torch.device,
-                        batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+def encode_training_set(
+    model: Denoiser,
+    data: LabelledArrays,
+    *,
+    flip_dims: Sequence[int],
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
     """The scaled latents of every training image in every flip orientation.
 
     Returns:
@@ -76,8 +83,16 @@ def encode_training_set(model: Denoiser, data: LabelledArrays, *, flip_dims: Seq
     return out
 
 
-def latent_cache(model: Denoiser, data: LabelledArrays, *, flip_dims: Sequence[int], device: torch.device,
-                 folder: str | os.PathLike[str], save: bool = True, progress: bool = False) -> torch.Tensor:
+def latent_cache(
+    model: Denoiser,
+    data: LabelledArrays,
+    *,
+    flip_dims: Sequence[int],
+    device: torch.device,
+    folder: str | os.PathLike[str],
+    save: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
     """The cached latents of ``data`` for ``model``'s autoencoder: read from ``folder`` when its hash matches, else encoded.
 
     Args:
@@ -109,21 +124,20 @@ def latent_cache(model: Denoiser, data: LabelledArrays, *, flip_dims: Sequence[i
                 torch.save({"key": key, "latents": latents}, tmp)
         except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError
             log.warning("train: could not keep the latent cache at %s (%s); a resumed run encodes again", path, err)
-    log.info("train: %d training images encoded once (%d flip orientations) -> %s", len(data),
-             latents.shape[0], path)
+    log.info("train: %d training images encoded once (%d flip orientations) -> %s", len(data), latents.shape[0], path)
     return latents
 
 
-def cached_latent_batches(latents: torch.Tensor, data: LabelledArrays, *, batch_size: int, seed: int,
-                          flip_dims: Sequence[int], start_step: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+def cached_latent_batches(
+    latents: torch.Tensor, data: LabelledArrays, *, batch_size: int, seed: int, flip_dims: Sequence[int], start_step: int = 0
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """``(latents, labels, codes)`` batches: the draws of :func:`medsynth.data.infinite_batches`, latents from the cache.
 
     Each example's latent is the one encoded from its image in the orientation the step's flips
     give it; its label map is flipped the same way.
     """
     weights = torch.tensor([1 << i for i in range(len(flip_dims))], dtype=torch.long)
-    for idx, flips in batch_draws(len(data), batch_size=batch_size, seed=seed, flip_dims=flip_dims,
-                                  start_step=start_step):
+    for idx, flips in batch_draws(len(data), batch_size=batch_size, seed=seed, flip_dims=flip_dims, start_step=start_step):
         variant = (torch.stack(flips, dim=1).long() * weights).sum(dim=1) if flips else torch.zeros(len(idx), dtype=torch.long)
         labels = data.labels[idx]
         for axis, flip in zip(flip_dims, flips):

@@ -43,12 +43,12 @@ def denoising_objective(
     def loss_fn(module: nn.Module, batch: tuple[torch.Tensor, ...], draw: int) -> torch.Tensor:
         images, labels = (x.to(device).contiguous(memory_format=memory_format) for x in batch[:2])
         # classifier-free guidance: drop conditions at the configured rate, fixed by the draw
-        condition = model.drop_condition(model.condition(labels, batch[2].to(device)),
-                                         generator=step_generator(seed, draw, stream=4))
+        condition = model.drop_condition(
+            model.condition(labels, batch[2].to(device)), generator=step_generator(seed, draw, stream=4)
+        )
         # the diffusion loss at a random timestep with noise fixed by the draw
         x0 = images if encoded else model.to_sample(images, labels)
-        return diffusion_loss(module, x0, condition, scheduler,
-                              generator=step_generator(seed, draw, stream=3))
+        return diffusion_loss(module, x0, condition, scheduler, generator=step_generator(seed, draw, stream=3))
 
     return loss_fn
 
@@ -58,8 +58,15 @@ def validation_timesteps(fractions: Sequence[float], num_train_timesteps: int) -
     return sorted({int(f * (num_train_timesteps - 1)) for f in fractions})
 
 
-def validation_loss(model: Denoiser, data: LabelledArrays, scheduler: Scheduler, *, timesteps: Sequence[int], seed: int,
-                    on_batch: Callable[[int], object] | None = None) -> float:
+def validation_loss(
+    model: Denoiser,
+    data: LabelledArrays,
+    scheduler: Scheduler,
+    *,
+    timesteps: Sequence[int],
+    seed: int,
+    on_batch: Callable[[int], object] | None = None,
+) -> float:
     """Mean denoising error of ``model`` on ``data`` at fixed timesteps and fixed noise: lower is better,
     and comparable across the checkpoints of a run.
 
@@ -74,5 +81,8 @@ def validation_loss(model: Denoiser, data: LabelledArrays, scheduler: Scheduler,
     Returns:
         The mean error.
     """
-    return float(denoising_errors(model, data.images, data.labels, scheduler, timesteps=list(timesteps), codes=data.codes,
-                                  seed=seed, on_batch=on_batch).mean())
+    return float(
+        denoising_errors(
+            model, data.images, data.labels, scheduler, timesteps=list(timesteps), codes=data.codes, seed=seed, on_batch=on_batch
+        ).mean()
+    )

@@ -109,8 +109,9 @@ def read_privacy(value: Any, *, where: str) -> PrivacyRecord | None:
     fields["delta"] = float(check_number(value["delta"], where=f"{at}.delta", low=1e-300, high=0.999999))
     fields["sample_rate"] = float(check_number(value["sample_rate"], where=f"{at}.sample_rate", low=1e-12, high=1.0))
     cap = value["records_per_patient"]
-    fields["records_per_patient"] = None if cap is None else int(
-        check_number(cap, where=f"{at}.records_per_patient", integer=True, low=1))
+    fields["records_per_patient"] = (
+        None if cap is None else int(check_number(cap, where=f"{at}.records_per_patient", integer=True, low=1))
+    )
     if not all(math.isfinite(v) for v in fields.values() if isinstance(v, float)):
         raise MedsynthError(f"{at} holds a value that is not finite")
     return PrivacyRecord(**fields)
@@ -189,11 +190,21 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                              steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=0.01,
+                )
+            )
     except ValueError as err:
-        raise ConfigError(f"trainer.privacy.target_epsilon={target_epsilon} cannot be reached with delta={delta:g}, "
-                          f"sample rate {sample_rate:.4g} and {steps} steps: {err}") from None
+        raise ConfigError(
+            f"trainer.privacy.target_epsilon={target_epsilon} cannot be reached with delta={delta:g}, "
+            f"sample rate {sample_rate:.4g} and {steps} steps: {err}"
+        ) from None
 
 
 def patient_groups(cases: Sequence[str]) -> list[list[int]]:
@@ -224,11 +235,19 @@ class PrivatePlan:
 
     def record(self, accountant: PatientAccountant) -> PrivacyRecord:
         """The guarantee after the steps ``accountant`` has seen."""
-        return PrivacyRecord(accountant=accountant.name, epsilon=accountant.epsilon(self.delta), delta=self.delta,
-                             target_epsilon=self.settings.target_epsilon, noise_multiplier=self.noise_multiplier,
-                             sample_rate=self.sample_rate, max_grad_norm=self.settings.max_grad_norm,
-                             steps=accountant.steps, max_steps=self.max_steps, train_patients=self.train_patients,
-                             records_per_patient=self.settings.records_per_patient)
+        return PrivacyRecord(
+            accountant=accountant.name,
+            epsilon=accountant.epsilon(self.delta),
+            delta=self.delta,
+            target_epsilon=self.settings.target_epsilon,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            max_grad_norm=self.settings.max_grad_norm,
+            steps=accountant.steps,
+            max_steps=self.max_steps,
+            train_patients=self.train_patients,
+            records_per_patient=self.settings.records_per_patient,
+        )
 
 
 def private_plan(settings: DifferentialPrivacySettings, *, train_patients: int, max_steps: int) -> PrivatePlan:
@@ -247,19 +266,24 @@ def private_plan(settings: DifferentialPrivacySettings, *, train_patients: int, 
             a delta not below 1 / patients, or a budget no noise reaches.
     """
     if train_patients < settings.min_patients:
-        raise ConfigError(f"trainer.privacy.enabled=true needs at least trainer.privacy.min_patients="
-                          f"{settings.min_patients} training patients, the dataset has {train_patients}: on so few patients "
-                          "the noise that hides each one drowns what they share, and the samples stay noise-like (lower "
-                          "trainer.privacy.min_patients to train anyway; the demo cohort: data.subjects=30 leaves 21)")
+        raise ConfigError(
+            f"trainer.privacy.enabled=true needs at least trainer.privacy.min_patients="
+            f"{settings.min_patients} training patients, the dataset has {train_patients}: on so few patients "
+            "the noise that hides each one drowns what they share, and the samples stay noise-like (lower "
+            "trainer.privacy.min_patients to train anyway; the demo cohort: data.subjects=30 leaves 21)"
+        )
     rate = settings.expected_batch_patients / train_patients
     if rate > 1.0:
-        raise ConfigError(f"trainer.privacy.expected_batch_patients must be at most the {train_patients} training "
-                          f"patients, got {settings.expected_batch_patients}")
+        raise ConfigError(
+            f"trainer.privacy.expected_batch_patients must be at most the {train_patients} training "
+            f"patients, got {settings.expected_batch_patients}"
+        )
     delta = settings.delta if settings.delta is not None else 1.0 / (10 * train_patients)
     if delta >= 1.0 / train_patients:
         raise ConfigError(f"trainer.privacy.delta must be below 1 / training patients ({1.0 / train_patients:.3g}), got {delta}")
-    noise = calibrate_noise(target_epsilon=settings.target_epsilon, delta=delta, sample_rate=rate, steps=max_steps,
-                            accountant=settings.accountant)
+    noise = calibrate_noise(
+        target_epsilon=settings.target_epsilon, delta=delta, sample_rate=rate, steps=max_steps, accountant=settings.accountant
+    )
     return PrivatePlan(settings, train_patients, rate, noise, delta, max_steps)
 
 
@@ -278,25 +302,37 @@ def resumed_accountant(plan: PrivatePlan, saved: Mapping[str, Any] | None, *, wh
         MedsynthError: For a checkpoint trained without DP (its weights would enter the private
             run unaccounted), or one whose noise or sample rate differ from this run's.
     """
-    fresh = PatientAccountant(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                              accountant=plan.settings.accountant)
+    fresh = PatientAccountant(
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, accountant=plan.settings.accountant
+    )
     if saved is None:
         return fresh
     record = read_privacy(saved.get("privacy"), where=where)
     if record is None:
-        raise MedsynthError(f"cannot resume DP training from {where}: it was trained without trainer.privacy, and its "
-                            "weights (and their EMA) would carry non-private training into the private run")
-    same = (math.isclose(record.noise_multiplier, plan.noise_multiplier, rel_tol=1e-9)
-            and math.isclose(record.sample_rate, plan.sample_rate, rel_tol=1e-9)
-            and math.isclose(record.delta, plan.delta, rel_tol=1e-9) and record.max_steps == plan.max_steps)
+        raise MedsynthError(
+            f"cannot resume DP training from {where}: it was trained without trainer.privacy, and its "
+            "weights (and their EMA) would carry non-private training into the private run"
+        )
+    same = (
+        math.isclose(record.noise_multiplier, plan.noise_multiplier, rel_tol=1e-9)
+        and math.isclose(record.sample_rate, plan.sample_rate, rel_tol=1e-9)
+        and math.isclose(record.delta, plan.delta, rel_tol=1e-9)
+        and record.max_steps == plan.max_steps
+    )
     if not same:
-        raise MedsynthError(f"cannot resume DP training from {where}: it was calibrated for noise "
-                            f"{record.noise_multiplier:.4g}, sample rate {record.sample_rate:.4g}, delta {record.delta:.3g} "
-                            f"and {record.max_steps} steps, this run for {plan.noise_multiplier:.4g}, "
-                            f"{plan.sample_rate:.4g}, {plan.delta:.3g} and {plan.max_steps}: keep trainer.privacy, "
-                            "trainer.max_steps and the dataset as they were")
-    return PatientAccountant(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=record.steps,
-                             accountant=plan.settings.accountant)
+        raise MedsynthError(
+            f"cannot resume DP training from {where}: it was calibrated for noise "
+            f"{record.noise_multiplier:.4g}, sample rate {record.sample_rate:.4g}, delta {record.delta:.3g} "
+            f"and {record.max_steps} steps, this run for {plan.noise_multiplier:.4g}, "
+            f"{plan.sample_rate:.4g}, {plan.delta:.3g} and {plan.max_steps}: keep trainer.privacy, "
+            "trainer.max_steps and the dataset as they were"
+        )
+    return PatientAccountant(
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=record.steps,
+        accountant=plan.settings.accountant,
+    )
 
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
@@ -311,8 +347,10 @@ def check_private_model(model: nn.Module) -> None:
     """
     for name, module in model.named_modules():
         if isinstance(module, _BATCH_NORMS):
-            raise ConfigError(f"trainer.privacy.enabled=true cannot train a model with batch normalisation "
-                              f"({name}: {type(module).__name__}); use group normalisation")
+            raise ConfigError(
+                f"trainer.privacy.enabled=true cannot train a model with batch normalisation "
+                f"({name}: {type(module).__name__}); use group normalisation"
+            )
 
 
 def check_private_run(*, distributed: bool) -> None:
@@ -322,6 +360,7 @@ def check_private_run(*, distributed: bool) -> None:
         ConfigError: When ``distributed``.
     """
     if distributed:
-        raise ConfigError("trainer.privacy.enabled=true runs on one process: launch without torchrun (each rank would "
-                          "sample patients and add noise on its own, which the accountant does not cover)")
-
+        raise ConfigError(
+            "trainer.privacy.enabled=true runs on one process: launch without torchrun (each rank would "
+            "sample patients and add noise on its own, which the accountant does not cover)"
+        )

@@ -86,8 +86,13 @@ def _newest_whole(folder: Path) -> tuple[Path, Checkpoint] | None:
             damaged.append(path)
             continue
         if damaged:
-            log.warning("trainer.resume=auto: %s cannot be used; resuming from %s, the newest checkpoint that reads back "
-                        "whole", ", ".join(str(p) for p in damaged), path)
+            log.warning(
+                "trainer.resume=auto: %s cannot be used; resuming from %s, the newest checkpoint that reads back whole",
+                ", ".join(str(p) for p in damaged),
+                path,
+            )
         return path, state
-    raise MedsynthError(f"trainer.resume=auto: {last} is damaged and no step checkpoint in {folder} reads back whole: "
-                        "delete them to train from the start, or set trainer.resume to a good checkpoint")
+    raise MedsynthError(
+        f"trainer.resume=auto: {last} is damaged and no step checkpoint in {folder} reads back whole: "
+        "delete them to train from the start, or set trainer.resume to a good checkpoint"
+    )

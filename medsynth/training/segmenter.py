@@ -49,8 +49,12 @@ def train_segmenter(
     """
     torch.manual_seed(seed)
     model = UNet(
-        spatial_dims=spatial_dims, in_channels=data.images.shape[1], out_channels=num_classes,
-        channels=tuple(channels), strides=(2,) * (len(channels) - 1), num_res_units=1,
+        spatial_dims=spatial_dims,
+        in_channels=data.images.shape[1],
+        out_channels=num_classes,
+        channels=tuple(channels),
+        strides=(2,) * (len(channels) - 1),
+        num_res_units=1,
     ).to(device)
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
     batches = infinite_batches(data, batch_size=batch_size, seed=seed, flip_dims=flip_dims)
@@ -59,8 +63,15 @@ def train_segmenter(
         images, labels, _ = batch
         return criterion(m(images.to(device)), labels.to(device))
 
-    train(model, loss_fn=loss_fn, batches=batches, optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
-          max_steps=steps, progress=progress, desc=desc)
+    train(
+        model,
+        loss_fn=loss_fn,
+        batches=batches,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
+        max_steps=steps,
+        progress=progress,
+        desc=desc,
+    )
     return model.cpu().eval()
 
 
@@ -69,5 +80,7 @@ def segment(model: nn.Module, images: torch.Tensor, *, batch_size: int = 64) -> 
     """Label maps ``(N, 1, *spatial)`` predicted for ``(N, C, *spatial)`` images (argmax over classes)."""
     model.eval()
     device = next(model.parameters()).device
-    out = [model(images[i : i + batch_size].to(device)).argmax(dim=1, keepdim=True).cpu() for i in range(0, len(images), batch_size)]
+    out = [
+        model(images[i : i + batch_size].to(device)).argmax(dim=1, keepdim=True).cpu() for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out)

@@ -61,9 +61,15 @@ class TrainingState:
             The state at step 0.
         """
         optimizer = build_optimizer(trainer.optimizer, [p for p in model.parameters() if p.requires_grad])
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-            warmup_cosine, warmup_steps=trainer.warmup_steps, max_steps=trainer.max_steps, min_factor=trainer.min_lr_factor,
-        ))
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            functools.partial(
+                warmup_cosine,
+                warmup_steps=trainer.warmup_steps,
+                max_steps=trainer.max_steps,
+                min_factor=trainer.min_lr_factor,
+            ),
+        )
         scaler = torch.amp.GradScaler(device.type) if trainer.precision == "fp16" else None
         return cls(model, EMA(model, decay=trainer.ema_decay), optimizer, lr_scheduler, scaler)
 
@@ -71,9 +77,13 @@ class TrainingState:
         """The checkpoint's training part: ``model``, ``ema``, ``optimizer``, ``lr_scheduler``, ``scaler``,
         ``step`` and ``best_val_loss``."""
         return {
-            "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
-            "step": self.step, "best_val_loss": self.best_val_loss,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "step": self.step,
+            "best_val_loss": self.best_val_loss,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], *, where: str | None = None) -> None:

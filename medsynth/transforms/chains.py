@@ -34,9 +34,7 @@ class ForegroundPercentileScaled(MapTransform):
     labelled region makes the scaling follow the tissue. Values are clipped to [0, 1].
     """
 
-    def __init__(
-        self, keys: KeysCollection, *, mask_key: str = "label", lower: float = 0.5, upper: float = 99.5
-    ) -> None:
+    def __init__(self, keys: KeysCollection, *, mask_key: str = "label", lower: float = 0.5, upper: float = 99.5) -> None:
         super().__init__(keys)
         if not 0.0 <= lower < upper <= 100.0:
             raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {lower}, {upper}")
@@ -76,9 +74,7 @@ def intensity_scaling(
     if intensity == "window":
         if window is None or len(window) != 2 or not float(window[0]) < float(window[1]):
             raise ValueError(f"the window intensity mode needs window=(low, high) with low < high, got {window}")
-        return ScaleIntensityRanged(
-            keys="image", a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0, clip=True
-        )
+        return ScaleIntensityRanged(keys="image", a_min=float(window[0]), a_max=float(window[1]), b_min=0.0, b_max=1.0, clip=True)
     return ForegroundPercentileScaled(keys="image", lower=lower_percentile, upper=upper_percentile)
 
 
@@ -117,8 +113,7 @@ def volume_preprocessing(
     Raises:
         ValueError: On an unknown intensity mode or a window that is not ``low < high``.
     """
-    scaling = intensity_scaling(intensity, window=window, lower_percentile=lower_percentile,
-                                upper_percentile=upper_percentile)
+    scaling = intensity_scaling(intensity, window=window, lower_percentile=lower_percentile, upper_percentile=upper_percentile)
     steps: list = [
         Orientationd(keys=KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         # float64 would double the peak (MONAI takes a torch dtype here, though its annotation names numpy's)

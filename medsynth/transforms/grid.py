@@ -85,8 +85,7 @@ def source_positions(xform: np.ndarray, shape: Sequence[int], out_shape: Sequenc
     thereby decided as the MONAI chain decides them.
     """
     theta = torch.as_tensor(xform, dtype=torch.float64).to(torch.float32)[None]
-    theta = to_norm_affine(theta, src_size=tuple(shape), dst_size=tuple(out_shape), align_corners=False,
-                           zero_centered=False)
+    theta = to_norm_affine(theta, src_size=tuple(shape), dst_size=tuple(out_shape), align_corners=False, zero_centered=False)
     reverse = torch.as_tensor([2, 1, 0])
     theta[:, :3] = theta[:, reverse]
     theta[:, :, :3] = theta[:, :, reverse]
