@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -306,7 +306,7 @@ class _Progress:
     """
 
     path: Path
-    limits: dict[str, dict[str, float | None]]
+    limits: Mapping[str, Mapping[str, float | None]]
     base: dict[str, Any]
     figures: list[Figure] = dataclasses.field(default_factory=list)
     doing: str = "starting"

@@ -47,11 +47,31 @@ def _run_stages(settings: PipelineSettings, *, tracker: TrackerLike) -> str:
     start = time.perf_counter()
     with tracker.run(f"{settings.name}-pipeline", tags=stage_tags(run, "pipeline")) as run_id:
         log_config(tracker, run_id, to_mapping(settings), folder=run.paths.output)
-        nested = {"run": run, "tracker": tracker, "parent_run_id": run_id}
-        preprocess(settings=settings.data, **nested)
-        train(model=settings.model, scheduler=settings.scheduler, trainer=settings.trainer, **nested)
-        generate(settings=settings.generate, encoder=settings.encoder, privacy=settings.privacy, **nested)
-        evaluate(settings=settings.evaluate, encoder=settings.encoder, privacy=settings.privacy, **nested)
+        preprocess(settings=settings.data, run=run, tracker=tracker, parent_run_id=run_id)
+        train(
+            model=settings.model,
+            scheduler=settings.scheduler,
+            trainer=settings.trainer,
+            run=run,
+            tracker=tracker,
+            parent_run_id=run_id,
+        )
+        generate(
+            settings=settings.generate,
+            encoder=settings.encoder,
+            privacy=settings.privacy,
+            run=run,
+            tracker=tracker,
+            parent_run_id=run_id,
+        )
+        evaluate(
+            settings=settings.evaluate,
+            encoder=settings.encoder,
+            privacy=settings.privacy,
+            run=run,
+            tracker=tracker,
+            parent_run_id=run_id,
+        )
         tracker.log_metrics(run_id, {"pipeline_seconds": time.perf_counter() - start})
     print(f"\nmedsynth run finished in {time.perf_counter() - start:.0f} s; outputs in {run.paths.output}")
     print(f"MLflow run id: {run_id} (experiment '{run.mlflow.experiment_name}')")
