@@ -87,7 +87,7 @@ def test_unknown_key_is_rejected() -> None:
     [
         (["trainer.max_stepz=3"], r"^unknown config key trainer\.max_stepz; trainer accepts: .*max_steps"),
         (["+trainer.max_stepz=3"], r"^unknown config key trainer\.max_stepz; trainer accepts: .*max_steps"),
-        (["data=foo"], r"^unknown option data=foo; data accepts: demo, demo_cohort, dicom, folder, nifti, nnunet$"),
+        (["data=foo"], r"^unknown option data=foo; data accepts: demo, demo_cohort, dicom, dicomweb, folder, nifti, nnunet$"),
         (["model.network.chanels=[8]"], r"^unknown config key model\.network\.chanels; .*\+model\.network\.chanels="),
         (["generate.guidance_scale=-1"], r"^generate\.guidance_scale must be a number >= 0, got -1"),
         (["scheduler=rflow", "trainer.sampling.sampler=ddpm"], r"^trainer\.sampling\.sampler must be .*rflow"),

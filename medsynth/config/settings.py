@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from medsynth import ConfigError
 from medsynth.config.modes import check_mode, default_output, parse_prompt
 from medsynth.config.schema import check
 
@@ -71,9 +73,12 @@ def sampler_target(sampler: str, scheduler_target: str, *, key: str) -> str:
         return SAMPLERS["rflow"] if is_flow(scheduler_target) else SAMPLERS["ddim"]
     check(sampler in SAMPLERS, key, f"one of auto, {', '.join(SAMPLERS)}", sampler)
     target = SAMPLERS[sampler]
-    check(is_flow(target) == is_flow(scheduler_target), key,
-          f"a sampler for {scheduler_target.rsplit('.', 1)[-1]} (rflow for rectified flow, ddim or ddpm otherwise)",
-          sampler)
+    check(
+        is_flow(target) == is_flow(scheduler_target),
+        key,
+        f"a sampler for {scheduler_target.rsplit('.', 1)[-1]} (rflow for rectified flow, ddim or ddpm otherwise)",
+        sampler,
+    )
     return target
 
 
@@ -94,8 +99,14 @@ class PathsSettings:
     @classmethod
     def under(cls, output: str, *, input: str | None = None) -> PathsSettings:
         """Every stage folder under one output root, as ``conf/paths/default.yaml`` lays them out."""
-        return cls(input=input, output=output, data=f"{output}/data", checkpoints=f"{output}/checkpoints",
-                   synthetic=f"{output}/synthetic", evaluation=f"{output}/evaluation")
+        return cls(
+            input=input,
+            output=output,
+            data=f"{output}/data",
+            checkpoints=f"{output}/checkpoints",
+            synthetic=f"{output}/synthetic",
+            evaluation=f"{output}/evaluation",
+        )
 
 
 @dataclass(kw_only=True)
@@ -134,10 +145,18 @@ class IntensitySettings:
     window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0])
 
     def __post_init__(self) -> None:
-        check(0.0 <= self.lower < self.upper <= 100.0, "data.intensity.lower/upper",
-              "percentiles with 0 <= lower < upper <= 100", [self.lower, self.upper])
-        check(len(self.window) == 2 and self.window[0] < self.window[1], "data.intensity.window",
-              "[low, high] with low < high", self.window)
+        check(
+            0.0 <= self.lower < self.upper <= 100.0,
+            "data.intensity.lower/upper",
+            "percentiles with 0 <= lower < upper <= 100",
+            [self.lower, self.upper],
+        )
+        check(
+            len(self.window) == 2 and self.window[0] < self.window[1],
+            "data.intensity.window",
+            "[low, high] with low < high",
+            self.window,
+        )
 
 
 @dataclass(kw_only=True)
@@ -164,16 +183,26 @@ class SplitSettings:
     gap: int = 2
 
     def __post_init__(self) -> None:
-        check(set(self.fractions) == {"train", "validation", "holdout"}, "data.splits.fractions",
-              "shares for train, validation and holdout", self.fractions)
-        check(all(v >= 0 for v in self.fractions.values()) and sum(self.fractions.values()) > 0,
-              "data.splits.fractions", "non-negative shares with a positive sum", self.fractions)
+        check(
+            set(self.fractions) == {"train", "validation", "holdout"},
+            "data.splits.fractions",
+            "shares for train, validation and holdout",
+            self.fractions,
+        )
+        check(
+            all(v >= 0 for v in self.fractions.values()) and sum(self.fractions.values()) > 0,
+            "data.splits.fractions",
+            "non-negative shares with a positive sum",
+            self.fractions,
+        )
         check(self.block >= 1, "data.splits.block", "an integer >= 1", self.block)
         check(self.gap >= 0, "data.splits.gap", "an integer >= 0", self.gap)
 
 
-SHARD_FORMS = ("K/N with 1 <= K <= N (preprocess shard K of N), merge/N or merge (write the manifest from the N "
-               "shards' results), or null (the whole input)")
+SHARD_FORMS = (
+    "K/N with 1 <= K <= N (preprocess shard K of N), merge/N or merge (write the manifest from the N "
+    "shards' results), or null (the whole input)"
+)
 """What ``data.shard`` accepts, for its error message."""
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 _MERGE = re.compile(r"^\s*merge\s*(?:/\s*(\d+)\s*)?$")
@@ -230,18 +259,84 @@ def parse_shard(value: str | None) -> Shard | None:
         check(1 <= index <= count, "data.shard", SHARD_FORMS, value)
         return Shard(index, count)
     if (found := _MERGE.match(text)) is not None:
-        count = int(found[1]) if found[1] is not None else None
-        check(count is None or count >= 1, "data.shard", SHARD_FORMS, value)
-        return Shard(None, count)
+        merge_count = int(found[1]) if found[1] is not None else None
+        check(merge_count is None or merge_count >= 1, "data.shard", SHARD_FORMS, value)
+        return Shard(None, merge_count)
     check(False, "data.shard", SHARD_FORMS, value)
     return None
+
+
+def check_dicomweb_url(url: str | None, key: str, *, required: bool) -> None:
+    """Refuse a DICOMweb URL that is not an http(s) base URL, or that holds credentials.
+
+    Credentials in a URL would be logged with the config (to MLflow, among others); they come from
+    the environment or a netrc file (docs/pacs.md). The message never repeats such a URL.
+
+    Args:
+        url: The configured URL.
+        key: Its dotted config key.
+        required: Whether it must be set.
+
+    Raises:
+        ConfigError: Naming ``key`` and what it accepts.
+    """
+    accepts = "the http(s) base URL of a DICOMweb service, e.g. https://research-pacs.example.org/dicom-web"
+    if url is None or url == "":
+        check(not required, key, f"{accepts} (docs/pacs.md)", url)
+        return
+    try:
+        parts = urllib.parse.urlsplit(str(url))
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError:
+        raise ConfigError(f"{key} must be {accepts}; it cannot be parsed as a URL") from None
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{key} must not hold credentials (user:password@host): the config is logged; set "
+            "MEDSYNTH_DICOMWEB_USER and MEDSYNTH_DICOMWEB_PASSWORD, or a netrc entry for the host "
+            "(docs/pacs.md)"
+        )
+    if parts.query or parts.fragment:  # not repeated: a query may carry a token
+        raise ConfigError(
+            f"{key} must be {accepts}, without a query (?...) or fragment (#...); credentials come from "
+            "the environment or a netrc entry (docs/pacs.md)"
+        )
+    check(parts.scheme in ("http", "https") and bool(parts.hostname), key, accepts, url)
+
+
+_DICOM_DATE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+
+
+@dataclass(kw_only=True)
+class DicomwebSourceSettings:
+    """The DICOMweb server and search of ``data=dicomweb`` (``data.dicomweb``; docs/pacs.md)."""
+
+    url: str | None = None
+    study_date: str | None = None
+    study_description: str | None = None
+    series_description: str | None = None
+    accession_list: str | None = None
+    folder: str | None = None  # default: <paths.output>/dicomweb
+    keep: bool = False
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_dicomweb_url(self.url, "data.dicomweb.url", required=False)
+        if self.study_date is not None:
+            date = str(self.study_date)
+            check(
+                bool(_DICOM_DATE.match(date)) and date not in ("", "-"),
+                "data.dicomweb.study_date",
+                "a date YYYYMMDD or a range YYYYMMDD-YYYYMMDD (one end may be left open)",
+                self.study_date,
+            )
+        check(self.timeout > 0, "data.dicomweb.timeout", "a positive number of seconds", self.timeout)
 
 
 @dataclass(kw_only=True)
 class DataSettings:
     """What to read and how to cut it into records (``conf/data``)."""
 
-    source: Literal["mni152", "mni152_cohort", "nifti", "dicom", "nnunet", "folder"] = "mni152"
+    source: Literal["mni152", "mni152_cohort", "nifti", "dicom", "nnunet", "folder", "dicomweb"] = "mni152"
     image: str | None = None
     label: str | None = None
     case_id: str | None = "mni152"
@@ -264,25 +359,41 @@ class DataSettings:
     subjects: int = 12
     max_image_gb: float = 4.0  # largest image a case may declare, or need while it is resampled, in GB of float32
     shard: str | None = None  # K/N: preprocess only shard K of N (a SLURM array task); merge or merge/N: the merge
+    dicomweb: DicomwebSourceSettings = field(default_factory=DicomwebSourceSettings)
 
     def __post_init__(self) -> None:
         parse_shard(self.shard)
-        check(self.subjects >= 3, "data.subjects", "an integer >= 3 (data=demo_cohort fills train, validation and holdout)",
-              self.subjects)
+        if self.source == "dicomweb":
+            check_dicomweb_url(self.dicomweb.url, "data.dicomweb.url", required=True)
+        check(
+            self.subjects >= 3,
+            "data.subjects",
+            "an integer >= 3 (data=demo_cohort fills train, validation and holdout)",
+            self.subjects,
+        )
         if self.source == "nifti":
             for key in ("image", "label", "label_names"):
                 check(getattr(self, key) is not None, f"data.{key}", "set for data=nifti (see conf/data/nifti.yaml)", None)
-        check(len(self.spacing) == 3 and all(s > 0 for s in self.spacing), "data.spacing", "3 positive numbers (mm)",
-              self.spacing)
-        check(len(self.size) == self.spatial_dims and all(s >= 1 for s in self.size), "data.size",
-              f"{self.spatial_dims} positive sizes for data.spatial_dims={self.spatial_dims}", self.size)
+        check(
+            len(self.spacing) == 3 and all(s > 0 for s in self.spacing), "data.spacing", "3 positive numbers (mm)", self.spacing
+        )
+        check(
+            len(self.size) == self.spatial_dims and all(s >= 1 for s in self.size),
+            "data.size",
+            f"{self.spatial_dims} positive sizes for data.spatial_dims={self.spatial_dims}",
+            self.size,
+        )
         check(0.0 <= self.min_foreground <= 1.0, "data.min_foreground", "a fraction in [0, 1]", self.min_foreground)
         check(self.level_bands >= 0, "data.level_bands", "an integer >= 0", self.level_bands)
         check(self.margin >= 0, "data.margin", "an integer >= 0", self.margin)
         check(self.max_image_gb > 0, "data.max_image_gb", "a positive number of GB", self.max_image_gb)
         check(self.workers >= 0, "data.workers", "an integer >= 0", self.workers)
-        check(self.label_names is None or len(self.label_names) >= 2, "data.label_names",
-              "at least background and one label", self.label_names)
+        check(
+            self.label_names is None or len(self.label_names) >= 2,
+            "data.label_names",
+            "at least background and one label",
+            self.label_names,
+        )
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -299,8 +410,15 @@ class AutoencoderModelSettings:
 
 
 def _demo_network() -> dict[str, Any]:
-    return {"_target_": "monai.networks.nets.DiffusionModelUNet", "spatial_dims": 2, "channels": [32, 64, 64],
-            "attention_levels": [False, False, True], "num_res_blocks": 1, "num_head_channels": 32, "norm_num_groups": 16}
+    return {
+        "_target_": "monai.networks.nets.DiffusionModelUNet",
+        "spatial_dims": 2,
+        "channels": [32, 64, 64],
+        "attention_levels": [False, False, True],
+        "num_res_blocks": 1,
+        "num_head_channels": 32,
+        "norm_num_groups": 16,
+    }
 
 
 @dataclass(kw_only=True)
@@ -323,10 +441,13 @@ class ModelSettings:
         check(target in NETWORKS, "model.network._target_", f"one of {', '.join(NETWORKS)}", target)
         check(self.image_channels >= 1, "model.image_channels", "an integer >= 1", self.image_channels)
         check(self.context_dim >= 1, "model.context_dim", "an integer >= 1", self.context_dim)
-        check(0.0 <= self.condition_dropout < 1.0, "model.condition_dropout", "a probability in [0, 1)",
-              self.condition_dropout)
-        check(self.autoencoder is None or self.conditioning != "joint", "model.conditioning",
-              "mask, class, attributes or none for latent diffusion (joint needs pixel space)", self.conditioning)
+        check(0.0 <= self.condition_dropout < 1.0, "model.condition_dropout", "a probability in [0, 1)", self.condition_dropout)
+        check(
+            self.autoencoder is None or self.conditioning != "joint",
+            "model.conditioning",
+            "mask, class, attributes or none for latent diffusion (joint needs pixel space)",
+            self.conditioning,
+        )
 
     @property
     def spatial_dims(self) -> int:
@@ -343,7 +464,9 @@ class SchedulerSettings:
 
     _target_: str = "monai.networks.schedulers.DDPMScheduler"
     num_train_timesteps: int = 1000
-    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] | None = None  # DDPM/DDIM default: linear_beta
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] | None = (
+        None  # DDPM/DDIM default: linear_beta
+    )
     prediction_type: Literal["epsilon", "sample", "v_prediction"] | None = None  # DDPM/DDIM default: sample
     clip_sample: bool | None = None  # DDPM/DDIM default: true
 
@@ -353,8 +476,12 @@ class SchedulerSettings:
         defaults = {"schedule": "linear_beta", "prediction_type": "sample", "clip_sample": True}
         for key, default in defaults.items():
             if is_flow(self._target_):
-                check(getattr(self, key) is None, f"scheduler.{key}", "unset for rectified flow (it predicts velocity)",
-                      getattr(self, key))
+                check(
+                    getattr(self, key) is None,
+                    f"scheduler.{key}",
+                    "unset for rectified flow (it predicts velocity)",
+                    getattr(self, key),
+                )
             elif getattr(self, key) is None:
                 setattr(self, key, default)
 
@@ -373,10 +500,18 @@ class ValidationSettings:
     max_records: int | None = 256  # validation loss on at most this many records, evenly spaced (null: all)
 
     def __post_init__(self) -> None:
-        check(bool(self.timestep_fractions) and all(0.0 <= f <= 1.0 for f in self.timestep_fractions),
-              "trainer.validation.timestep_fractions", "fractions in [0, 1]", self.timestep_fractions)
-        check(self.max_records is None or self.max_records >= 1, "trainer.validation.max_records",
-              "an integer >= 1 or null (all records)", self.max_records)
+        check(
+            bool(self.timestep_fractions) and all(0.0 <= f <= 1.0 for f in self.timestep_fractions),
+            "trainer.validation.timestep_fractions",
+            "fractions in [0, 1]",
+            self.timestep_fractions,
+        )
+        check(
+            self.max_records is None or self.max_records >= 1,
+            "trainer.validation.max_records",
+            "an integer >= 1 or null (all records)",
+            self.max_records,
+        )
 
 
 @dataclass(kw_only=True)
@@ -421,8 +556,7 @@ class AutoencoderTrainingSettings:
         check(self.batch_size >= 1, "trainer.autoencoder.batch_size", "an integer >= 1", self.batch_size)
         check(self.lr > 0, "trainer.autoencoder.lr", "a number > 0", self.lr)
         check(self.kl_weight >= 0, "trainer.autoencoder.kl_weight", "a number >= 0", self.kl_weight)
-        check(self.adversarial_weight >= 0, "trainer.autoencoder.adversarial_weight", "a number >= 0",
-              self.adversarial_weight)
+        check(self.adversarial_weight >= 0, "trainer.autoencoder.adversarial_weight", "a number >= 0", self.adversarial_weight)
 
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp",)
@@ -451,18 +585,33 @@ class DifferentialPrivacySettings:
 
     def __post_init__(self) -> None:
         check(self.target_epsilon > 0, "trainer.privacy.target_epsilon", "a number > 0", self.target_epsilon)
-        check(self.delta is None or 0.0 < self.delta < 1.0, "trainer.privacy.delta",
-              "null (1 / (10 x training patients)) or a number in (0, 1)", self.delta)
+        check(
+            self.delta is None or 0.0 < self.delta < 1.0,
+            "trainer.privacy.delta",
+            "null (1 / (10 x training patients)) or a number in (0, 1)",
+            self.delta,
+        )
         check(self.max_grad_norm > 0, "trainer.privacy.max_grad_norm", "a number > 0", self.max_grad_norm)
-        check(self.expected_batch_patients > 0, "trainer.privacy.expected_batch_patients", "a number > 0",
-              self.expected_batch_patients)
-        check(self.records_per_patient is None or self.records_per_patient >= 1, "trainer.privacy.records_per_patient",
-              "null (all of a patient's records) or an integer >= 1", self.records_per_patient)
+        check(
+            self.expected_batch_patients > 0,
+            "trainer.privacy.expected_batch_patients",
+            "a number > 0",
+            self.expected_batch_patients,
+        )
+        check(
+            self.records_per_patient is None or self.records_per_patient >= 1,
+            "trainer.privacy.records_per_patient",
+            "null (all of a patient's records) or an integer >= 1",
+            self.records_per_patient,
+        )
         check(self.min_patients >= 2, "trainer.privacy.min_patients", "an integer >= 2", self.min_patients)
-        check(self.accountant in ACCOUNTANTS, "trainer.privacy.accountant", f"one of {', '.join(ACCOUNTANTS)}",
-              self.accountant)
-        check(self.patients_per_pass is None or self.patients_per_pass >= 1, "trainer.privacy.patients_per_pass",
-              "null (all sampled patients at once) or an integer >= 1", self.patients_per_pass)
+        check(self.accountant in ACCOUNTANTS, "trainer.privacy.accountant", f"one of {', '.join(ACCOUNTANTS)}", self.accountant)
+        check(
+            self.patients_per_pass is None or self.patients_per_pass >= 1,
+            "trainer.privacy.patients_per_pass",
+            "null (all sampled patients at once) or an integer >= 1",
+            self.patients_per_pass,
+        )
 
 
 def _adamw() -> dict[str, Any]:
@@ -506,8 +655,12 @@ class TrainerSettings:
         check(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", "a number > 0 or null", self.grad_clip)
         target = self.optimizer.get("_target_")
         check(target in OPTIMIZERS, "trainer.optimizer._target_", f"one of {', '.join(OPTIMIZERS)}", target)
-        check(self.resume in (None, "", "auto") or self.resume.endswith(".pt"), "trainer.resume",
-              "null, auto or the path of a .pt checkpoint", self.resume)
+        check(
+            self.resume in (None, "", "auto") or self.resume.endswith(".pt"),
+            "trainer.resume",
+            "null, auto or the path of a .pt checkpoint",
+            self.resume,
+        )
         if isinstance(self.privacy, str):  # trainer.privacy=dp: DP-SGD with the default settings
             self.privacy = DifferentialPrivacySettings(enabled=self.privacy == "dp")
         if self.privacy.enabled:
@@ -516,14 +669,22 @@ class TrainerSettings:
     def _check_private(self) -> None:
         """Refuse the options that would break patient-level DP-SGD's guarantee (see docs/how-it-works.md)."""
         dp = "with trainer.privacy.enabled=true"
-        check(self.accumulate == 1, "trainer.accumulate", f"1 {dp} (each step already samples its own patients)",
-              self.accumulate)
-        check(self.precision != "fp16", "trainer.precision",
-              f"fp32 or bf16 {dp} (the fp16 gradient scaler skips and rescales noised steps)", self.precision)
-        check(not self.gradient_checkpointing, "trainer.gradient_checkpointing",
-              f"false {dp} (per-patient gradients are computed with torch.func)", self.gradient_checkpointing)
-        check(not self.compile, "trainer.compile", f"false {dp} (per-patient gradients are computed with torch.func)",
-              self.compile)
+        check(self.accumulate == 1, "trainer.accumulate", f"1 {dp} (each step already samples its own patients)", self.accumulate)
+        check(
+            self.precision != "fp16",
+            "trainer.precision",
+            f"fp32 or bf16 {dp} (the fp16 gradient scaler skips and rescales noised steps)",
+            self.precision,
+        )
+        check(
+            not self.gradient_checkpointing,
+            "trainer.gradient_checkpointing",
+            f"false {dp} (per-patient gradients are computed with torch.func)",
+            self.gradient_checkpointing,
+        )
+        check(
+            not self.compile, "trainer.compile", f"false {dp} (per-patient gradients are computed with torch.func)", self.compile
+        )
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -542,11 +703,19 @@ class LabelSourceSettings:
 
     def __post_init__(self) -> None:
         if self.source == "generator":
-            check(bool(self.generator), "generate.labels.generator",
-                  "the checkpoint of a label-map model for generate.labels.source=generator", self.generator)
+            check(
+                bool(self.generator),
+                "generate.labels.generator",
+                "the checkpoint of a label-map model for generate.labels.source=generator",
+                self.generator,
+            )
         if self.source == "folder":
-            check(bool(self.folder), "generate.labels.folder",
-                  "a folder of NIfTI label maps for generate.labels.source=folder", self.folder)
+            check(
+                bool(self.folder),
+                "generate.labels.folder",
+                "a folder of NIfTI label maps for generate.labels.source=folder",
+                self.folder,
+            )
         check(0.0 <= self.flip_prob <= 1.0, "generate.labels.flip_prob", "a probability in [0, 1]", self.flip_prob)
         for key in ("rotate_range", "scale_range", "translate_range"):
             check(getattr(self, key) >= 0, f"generate.labels.{key}", "a number >= 0", getattr(self, key))
@@ -561,11 +730,15 @@ def require_label_source(conditioning: str, labels: LabelSourceSettings) -> None
     Raises:
         ConfigError: For ``conditioning == "mask"`` with ``generate.labels.source`` unset.
     """
-    check(conditioning != "mask" or labels.source is not None, "generate.labels.source",
-          "a choice for a model that draws images for given label maps (model.conditioning=mask): generator "
-          "(a label-map model: generate.labels.generator=CHECKPOINT), folder (your NIfTI label maps: "
-          "generate.labels.folder=DIR) or train (augmented training maps: each image then sits near a training "
-          "patient's, and the privacy gate may reject many; docs/own-data.md)", labels.source)
+    check(
+        conditioning != "mask" or labels.source is not None,
+        "generate.labels.source",
+        "a choice for a model that draws images for given label maps (model.conditioning=mask): generator "
+        "(a label-map model: generate.labels.generator=CHECKPOINT), folder (your NIfTI label maps: "
+        "generate.labels.folder=DIR) or train (augmented training maps: each image then sits near a training "
+        "patient's, and the privacy gate may reject many; docs/own-data.md)",
+        labels.source,
+    )
 
 
 @dataclass(kw_only=True)
@@ -574,8 +747,25 @@ class DicomOutputSettings:
     intensity_range: list[float] | None = None
 
     def __post_init__(self) -> None:
-        check(self.intensity_range is None or (len(self.intensity_range) == 2 and self.intensity_range[0] < self.intensity_range[1]),
-              "generate.dicom.intensity_range", "null or [low, high] with low < high", self.intensity_range)
+        check(
+            self.intensity_range is None
+            or (len(self.intensity_range) == 2 and self.intensity_range[0] < self.intensity_range[1]),
+            "generate.dicom.intensity_range",
+            "null or [low, high] with low < high",
+            self.intensity_range,
+        )
+
+
+@dataclass(kw_only=True)
+class DicomwebTargetSettings:
+    """The DICOMweb server ``generate.push=dicomweb`` stores the synthetic set on (``generate.dicomweb``)."""
+
+    url: str | None = None
+    timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        check_dicomweb_url(self.url, "generate.dicomweb.url", required=False)
+        check(self.timeout > 0, "generate.dicomweb.timeout", "a positive number of seconds", self.timeout)
 
 
 @dataclass(kw_only=True)
@@ -610,18 +800,32 @@ class GenerateSettings:
     dicom: DicomOutputSettings = field(default_factory=DicomOutputSettings)
     privacy_gate: PrivacyGateSettings = field(default_factory=PrivacyGateSettings)
     require_audited: bool = False  # refuse a generator that is not a registered version with a PASS audit
+    push: Literal["dicomweb"] | None = None  # dicomweb: store the DICOM series and SEGs on generate.dicomweb.url
+    dicomweb: DicomwebTargetSettings = field(default_factory=DicomwebTargetSettings)
 
     def __post_init__(self) -> None:
         for key in ("num_samples", "batch_size", "steps"):
             check(getattr(self, key) >= 1, f"generate.{key}", "an integer >= 1", getattr(self, key))
+        if self.push == "dicomweb":
+            check(
+                "dicom" in self.formats,
+                "generate.formats",
+                "a list with dicom for generate.push=dicomweb (the DICOM series and SEGs are what is stored)",
+                self.formats,
+            )
+            check_dicomweb_url(self.dicomweb.url, "generate.dicomweb.url", required=True)
         check(self.eta >= 0.0, "generate.eta", "a number >= 0", self.eta)
         check(self.guidance_scale >= 0.0, "generate.guidance_scale", "a number >= 0", self.guidance_scale)
         check(self.seed >= 0, "generate.seed", "an integer >= 0", self.seed)
         check(bool(self.formats), "generate.formats", "a non-empty list of nifti, dicom, png", self.formats)
         if self.class_distribution is not None:
             weights = list(self.class_distribution.values())
-            check(all(w >= 0 for w in weights) and sum(weights) > 0, "generate.class_distribution",
-                  "non-negative weights with a positive sum", self.class_distribution)
+            check(
+                all(w >= 0 for w in weights) and sum(weights) > 0,
+                "generate.class_distribution",
+                "non-negative weights with a positive sum",
+                self.class_distribution,
+            )
         if self.prompt:
             parse_prompt(self.prompt)
 
@@ -641,10 +845,18 @@ class PrivacySettings:
     features: bool = True
 
     def __post_init__(self) -> None:
-        check(0.0 < self.memorisation_threshold <= 1.0, "privacy.memorisation_threshold", "a number in (0, 1]",
-              self.memorisation_threshold)
-        check(0.0 < self.holdout_quantile <= 0.5, "privacy.holdout_quantile",
-              "a fraction in (0, 0.5] (the share of real holdout images counted as too close)", self.holdout_quantile)
+        check(
+            0.0 < self.memorisation_threshold <= 1.0,
+            "privacy.memorisation_threshold",
+            "a number in (0, 1]",
+            self.memorisation_threshold,
+        )
+        check(
+            0.0 < self.holdout_quantile <= 0.5,
+            "privacy.holdout_quantile",
+            "a fraction in (0, 0.5] (the share of real holdout images counted as too close)",
+            self.holdout_quantile,
+        )
         check(self.metric in ("rms", "correlation"), "privacy.metric", "rms or correlation", self.metric)
 
 
@@ -662,12 +874,19 @@ class EncoderSettings:
     temperature: float = 0.2
 
     def __post_init__(self) -> None:
-        check(bool(self.channels) and all(c >= 1 for c in self.channels), "encoder.channels",
-              "a list of positive widths", self.channels)
-        check(self.steps >= 1 and self.batch_size >= 2, "encoder.steps/batch_size",
-              "steps >= 1 and batch_size >= 2", [self.steps, self.batch_size])
-        check(self.lr > 0 and self.temperature > 0, "encoder.lr/temperature", "positive numbers",
-              [self.lr, self.temperature])
+        check(
+            bool(self.channels) and all(c >= 1 for c in self.channels),
+            "encoder.channels",
+            "a list of positive widths",
+            self.channels,
+        )
+        check(
+            self.steps >= 1 and self.batch_size >= 2,
+            "encoder.steps/batch_size",
+            "steps >= 1 and batch_size >= 2",
+            [self.steps, self.batch_size],
+        )
+        check(self.lr > 0 and self.temperature > 0, "encoder.lr/temperature", "positive numbers", [self.lr, self.temperature])
 
 
 @dataclass(kw_only=True)
@@ -678,10 +897,18 @@ class SegmenterSettings:
     lr: float = 2.0e-3
 
     def __post_init__(self) -> None:
-        check(bool(self.channels) and all(c >= 1 for c in self.channels), "evaluate.segmenter.channels",
-              "a list of positive widths", self.channels)
-        check(self.steps >= 1 and self.batch_size >= 1 and self.lr > 0, "evaluate.segmenter.steps/batch_size/lr",
-              "positive values", [self.steps, self.batch_size, self.lr])
+        check(
+            bool(self.channels) and all(c >= 1 for c in self.channels),
+            "evaluate.segmenter.channels",
+            "a list of positive widths",
+            self.channels,
+        )
+        check(
+            self.steps >= 1 and self.batch_size >= 1 and self.lr > 0,
+            "evaluate.segmenter.steps/batch_size/lr",
+            "positive values",
+            [self.steps, self.batch_size, self.lr],
+        )
 
 
 @dataclass(kw_only=True)
@@ -691,12 +918,24 @@ class MembershipSettings:
     max_records: int | None = 128
 
     def __post_init__(self) -> None:
-        check(bool(self.timesteps) and all(t >= 0 for t in self.timesteps), "evaluate.membership.timesteps",
-              "a list of timesteps >= 0", self.timesteps)
-        check(self.max_records is None or self.max_records >= 2, "evaluate.membership.max_records",
-              "an integer >= 2 or null", self.max_records)
-        check(bool(self.attacks) and set(self.attacks) <= {"loss", "pia"} and len(set(self.attacks)) == len(self.attacks),
-              "evaluate.membership.attacks", "a non-empty list of loss, pia without repeats", self.attacks)
+        check(
+            bool(self.timesteps) and all(t >= 0 for t in self.timesteps),
+            "evaluate.membership.timesteps",
+            "a list of timesteps >= 0",
+            self.timesteps,
+        )
+        check(
+            self.max_records is None or self.max_records >= 2,
+            "evaluate.membership.max_records",
+            "an integer >= 2 or null",
+            self.max_records,
+        )
+        check(
+            bool(self.attacks) and set(self.attacks) <= {"loss", "pia"} and len(set(self.attacks)) == len(self.attacks),
+            "evaluate.membership.attacks",
+            "a non-empty list of loss, pia without repeats",
+            self.attacks,
+        )
 
 
 @dataclass(kw_only=True)
@@ -710,12 +949,15 @@ VERDICT_GROUPS: tuple[str, ...] = ("privacy", "realism", "utility")
 
 
 def _default_limits() -> dict[str, LimitSettings | None]:
-    return {"privacy/rule_violations_count": LimitSettings(max=0), "privacy/memorised_count": LimitSettings(max=0),
-            "privacy/membership_auc": LimitSettings(max=0.75),
-            "privacy/closer_to_train_fraction_feature": LimitSettings(max=0.75),
-            "realism/fid_features_ratio": LimitSettings(max=4.0),
-            "realism/label_consistency_dice_ratio": LimitSettings(min=0.7),
-            "utility/dice_synthetic_only_ratio": LimitSettings(min=0.5)}
+    return {
+        "privacy/rule_violations_count": LimitSettings(max=0),
+        "privacy/memorised_count": LimitSettings(max=0),
+        "privacy/membership_auc": LimitSettings(max=0.75),
+        "privacy/closer_to_train_fraction_feature": LimitSettings(max=0.75),
+        "realism/fid_features_ratio": LimitSettings(max=4.0),
+        "realism/label_consistency_dice_ratio": LimitSettings(min=0.7),
+        "utility/dice_synthetic_only_ratio": LimitSettings(min=0.5),
+    }
 
 
 @dataclass(kw_only=True)
@@ -733,18 +975,28 @@ class EvaluateSettings:
     def __post_init__(self) -> None:
         check(self.sheet_rows >= 0, "evaluate.sheet_rows", "an integer >= 0", self.sheet_rows)
         check(self.max_ssim_pairs >= 1, "evaluate.max_ssim_pairs", "an integer >= 1", self.max_ssim_pairs)
-        check(0.0 <= self.min_reference_dice < 1.0, "evaluate.min_reference_dice", "a Dice in [0, 1)",
-              self.min_reference_dice)
+        check(0.0 <= self.min_reference_dice < 1.0, "evaluate.min_reference_dice", "a Dice in [0, 1)", self.min_reference_dice)
         for name, lim in self.limits.items():
-            check(name.split("/", 1)[0] in VERDICT_GROUPS and "/" in name, f"evaluate.limits.{name}",
-                  f"a figure named <group>/<figure> with group one of {list(VERDICT_GROUPS)}", name)
-            check(lim is None or lim.min is not None or lim.max is not None, f"evaluate.limits.{name}",
-                  "null, {min: x}, {max: x} or both", None if lim is None else dataclasses.asdict(lim))
+            check(
+                name.split("/", 1)[0] in VERDICT_GROUPS and "/" in name,
+                f"evaluate.limits.{name}",
+                f"a figure named <group>/<figure> with group one of {list(VERDICT_GROUPS)}",
+                name,
+            )
+            check(
+                lim is None or lim.min is not None or lim.max is not None,
+                f"evaluate.limits.{name}",
+                "null, {min: x}, {max: x} or both",
+                None if lim is None else dataclasses.asdict(lim),
+            )
 
     def limit_table(self) -> dict[str, dict[str, float]]:
         """The verdict's limits as ``{figure: {"min"|"max": value}}``, disabled (null) ones left out."""
-        return {name: {k: v for k, v in (("min", lim.min), ("max", lim.max)) if v is not None}
-                for name, lim in self.limits.items() if lim is not None}
+        return {
+            name: {k: v for k, v in (("min", lim.min), ("max", lim.max)) if v is not None}
+            for name, lim in self.limits.items()
+            if lim is not None
+        }
 
 
 # ------------------------------------------------------------------------------------------- whole
@@ -763,13 +1015,25 @@ def check_training(model: ModelSettings, scheduler: SchedulerSettings, trainer: 
     Raises:
         ConfigError: Naming the key that does not fit.
     """
-    check(model.spatial_dims == spatial_dims, "model.network.spatial_dims", f"the dataset's spatial_dims ({spatial_dims})",
-          model.spatial_dims)
-    check(model.autoencoder is None or not trainer.privacy.enabled, "model.autoencoder",
-          "null with trainer.privacy.enabled=true (latent diffusion's autoencoder and latent scale are fitted to the "
-          "training set without privacy)", "set")
-    check(model.autoencoder is None or not scheduler.clip_sample, "scheduler.clip_sample",
-          "false for latent diffusion (latents are not confined to [-1, 1])", scheduler.clip_sample)
+    check(
+        model.spatial_dims == spatial_dims,
+        "model.network.spatial_dims",
+        f"the dataset's spatial_dims ({spatial_dims})",
+        model.spatial_dims,
+    )
+    check(
+        model.autoencoder is None or not (isinstance(trainer.privacy, DifferentialPrivacySettings) and trainer.privacy.enabled),
+        "model.autoencoder",
+        "null with trainer.privacy.enabled=true (latent diffusion's autoencoder and latent scale are fitted to the "
+        "training set without privacy)",
+        "set",
+    )
+    check(
+        model.autoencoder is None or not scheduler.clip_sample,
+        "scheduler.clip_sample",
+        "false for latent diffusion (latents are not confined to [-1, 1])",
+        scheduler.clip_sample,
+    )
     sampler_target(trainer.sampling.sampler, scheduler._target_, key="trainer.sampling.sampler")
 
 
@@ -792,11 +1056,16 @@ class PipelineSettings(RunSettings):
         check_training(self.model, self.scheduler, self.trainer, spatial_dims=self.data.spatial_dims)
         sampler_target(self.generate.sampler, self.scheduler._target_, key="generate.sampler")
         T = self.scheduler.num_train_timesteps
-        check(all(t < T for t in self.evaluate.membership.timesteps), "evaluate.membership.timesteps",
-              f"timesteps below scheduler.num_train_timesteps ({T})", self.evaluate.membership.timesteps)
+        check(
+            all(t < T for t in self.evaluate.membership.timesteps),
+            "evaluate.membership.timesteps",
+            f"timesteps below scheduler.num_train_timesteps ({T})",
+            self.evaluate.membership.timesteps,
+        )
 
     @property
     def run(self) -> RunSettings:
         """The options all stages share."""
-        return RunSettings(name=self.name, seed=self.seed, device=self.device, progress=self.progress,
-                           paths=self.paths, mlflow=self.mlflow)
+        return RunSettings(
+            name=self.name, seed=self.seed, device=self.device, progress=self.progress, paths=self.paths, mlflow=self.mlflow
+        )

@@ -17,12 +17,15 @@ the dicom3tools validator that Debian ships (2022) rejects it as an unknown stan
 and the objects must validate cleanly. Add it to the image and SEG datasets once that validator
 knows it.
 
-UIDs: every Study, Series, SOP Instance and Frame of Reference UID is new and lies under
+UIDs: every Study, Series, SOP Instance and Frame of Reference UID lies under
 :data:`MEDSYNTH_UID_ROOT`, ``1.2.826.0.1.3680043.8.498.41760002.``: a fixed arc under pydicom's
 UID root (``1.2.826.0.1.3680043.8.498.``, which pydicom offers to its users), numbered from the
 first digits of the SHA-256 of ``b"medsynth"``. pydicom's own random UIDs put a single integer after
-its root, so they never share this arc. The rest of each UID is random (about 95 bits). A hospital
-with its own registered root passes it as ``uid_root``.
+its root, so they never share this arc. The rest of each UID (about 95 bits) is random, or, given a
+``uid_seed`` (the identity of the synthetic set and the sample), derived from it by a hash
+(:func:`derived_uid`): the same sample of the same set written again gets the same UIDs, so a
+PACS that receives it twice keeps one copy. A hospital with its own registered root passes it as
+``uid_root``.
 
 Geometry follows nibabel: a volume is indexed ``[i, j, k]`` (``i`` the column index along the row
 direction, ``j`` the row index, ``k`` the slice) and its 4x4 affine maps ``(i, j, k)`` to RAS+ world
@@ -49,8 +52,8 @@ from typing import Any
 import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -68,14 +71,37 @@ MODALITIES: dict[str, str] = {"CT": CTImageStorage, "MR": MRImageStorage}
 """The image series :func:`write_image_series` writes: modality -> SOP Class UID."""
 
 # Attributes that describe pixels, geometry or identity; ``extra`` may not replace them.
-_PROTECTED = frozenset({
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
-    "Modality", "Rows", "Columns", "PixelData", "BitsAllocated", "BitsStored", "HighBit",
-    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation", "RescaleSlope",
-    "RescaleIntercept", "RescaleType", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
-    "SliceThickness", "SpacingBetweenSlices", "SliceLocation", "InstanceNumber", "ImageType",
-    "BurnedInAnnotation",
-})
+_PROTECTED = frozenset(
+    {
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "FrameOfReferenceUID",
+        "Modality",
+        "Rows",
+        "Columns",
+        "PixelData",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "RescaleType",
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "SliceLocation",
+        "InstanceNumber",
+        "ImageType",
+        "BurnedInAnnotation",
+    }
+)
 _SAMPLE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,53}")
 _LEVELS = 65535  # uint16 stored values
 _ORTHOGONAL_TOL = 1e-4
@@ -94,6 +120,8 @@ class SyntheticStudy:
         date: Generation date, ``YYYYMMDD``: Study, Series and Content Date.
         time: Generation time, ``HHMMSS``.
         uid_root: Root under which the series and instance UIDs of this study are made.
+        uid_seed: The identity the study's UIDs are derived from (:func:`derived_uid`); ``None``:
+            random UIDs.
     """
 
     patient_id: str
@@ -104,6 +132,11 @@ class SyntheticStudy:
     date: str
     time: str
     uid_root: str = MEDSYNTH_UID_ROOT
+    uid_seed: str | None = None
+
+    def uid(self, *parts: object) -> str:
+        """A UID under the study's root: derived from ``uid_seed`` and ``parts``, or random without a seed."""
+        return new_uid(self.uid_root) if self.uid_seed is None else derived_uid(self.uid_seed, *parts, uid_root=self.uid_root)
 
 
 def new_uid(uid_root: str = MEDSYNTH_UID_ROOT) -> str:
@@ -118,8 +151,26 @@ def new_uid(uid_root: str = MEDSYNTH_UID_ROOT) -> str:
     return str(generate_uid(prefix=_check_uid_root(uid_root)))
 
 
+def derived_uid(seed: str, *parts: object, uid_root: str = MEDSYNTH_UID_ROOT) -> str:
+    """The UID that ``seed`` and ``parts`` stand for: the SHA-512 of them, in decimal, under ``uid_root``.
+
+    The same arguments always give the same UID, and different ones (in practice) never the same,
+    so a synthetic set written twice carries the same UIDs both times.
+
+    Args:
+        seed: The identity of what is named (a synthetic set's fingerprint and a sample id).
+        parts: What is named within it (``"series", 1``, ``"instance", 3``, ...).
+        uid_root: UID prefix ending in a dot.
+
+    Returns:
+        A UID of at most 64 characters (about 95 bits after :data:`MEDSYNTH_UID_ROOT`).
+    """
+    text = "\x1f".join([seed, *(str(p) for p in parts)])  # a separator no part holds, so parts never run together
+    return str(generate_uid(prefix=_check_uid_root(uid_root), entropy_srcs=[text]))
+
+
 def new_study(
-    sample_id: str, *, uid_root: str = MEDSYNTH_UID_ROOT, when: _dt.datetime | None = None
+    sample_id: str, *, uid_root: str = MEDSYNTH_UID_ROOT, when: _dt.datetime | None = None, uid_seed: str | None = None
 ) -> SyntheticStudy:
     """A new synthetic patient and study for one sample.
 
@@ -127,9 +178,11 @@ def new_study(
         sample_id: The sample's id; becomes the Patient ID and part of the Patient's Name.
         uid_root: UID prefix ending in a dot (default :data:`MEDSYNTH_UID_ROOT`).
         when: Generation time (default: now).
+        uid_seed: The identity of the set and the sample; its Study, Frame of Reference, Series and
+            Instance UIDs are derived from it (:func:`derived_uid`). ``None``: random UIDs.
 
     Returns:
-        The study, with new UIDs.
+        The study, with its UIDs.
 
     Raises:
         ConfigError: If ``sample_id`` or ``uid_root`` is not allowed.
@@ -140,12 +193,15 @@ def new_study(
     return SyntheticStudy(
         patient_id=sample_id,
         patient_name=f"SYNTHETIC^{sample_id}",
-        study_instance_uid=new_uid(uid_root),
-        frame_of_reference_uid=new_uid(uid_root),
+        study_instance_uid=new_uid(uid_root) if uid_seed is None else derived_uid(uid_seed, "study", uid_root=uid_root),
+        frame_of_reference_uid=(
+            new_uid(uid_root) if uid_seed is None else derived_uid(uid_seed, "frame-of-reference", uid_root=uid_root)
+        ),
         study_id="1",
         date=when.strftime("%Y%m%d"),
         time=when.strftime("%H%M%S"),
         uid_root=uid_root,
+        uid_seed=uid_seed,
     )
 
 
@@ -185,7 +241,9 @@ def write_image_series(
             units (medsynth's images are normalised, so the HU scale must come from the user).
             Default for MR: the intensities as they are.
         seed: Sampling seed, recorded in Image Comments.
-        study: Patient and study to put the series in (default: a new one from ``sample_id``).
+        study: Patient and study to put the series in (default: a new one from ``sample_id``). When
+            it was made with a ``uid_seed``, the Series and SOP Instance UIDs derive from that seed
+            and ``series_number``: give each series of such a study its own number.
         series_number: Series Number.
         extra: More attributes by DICOM keyword, set on every file (for example
             ``{"PatientPosition": "HFS", "InstitutionName": "..."}``). Attributes that carry
@@ -245,7 +303,7 @@ def write_image_series(
             "remove them or write to an empty folder so the series is not mixed with an older one"
         )
 
-    series_uid = new_uid(study.uid_root)
+    series_uid = study.uid("series", series_number)
     now = _dt.datetime.now()
     comments = f"{SYNTHETIC_NOTE}; sample {sample_id}" + (f", seed {seed}" if seed is not None else "")
     vmin, vmax = float(data.min()), float(data.max())
@@ -253,7 +311,7 @@ def write_image_series(
         for k, path in enumerate(paths):
             ds = _image_dataset(modality, study, series_uid, series_number, series_description, now)
             ds.InstanceNumber = k + 1
-            ds.SOPInstanceUID = new_uid(study.uid_root)
+            ds.SOPInstanceUID = study.uid("series", series_number, "instance", k + 1)
             ds.ImageComments = comments
             geometry.set_slice(ds, k)
             ds.Rows, ds.Columns = data.shape[1], data.shape[0]
@@ -282,6 +340,7 @@ def write_segmentation(
     series_number: int | None = None,
     property_codes: Mapping[str, tuple[Code, Code]] | None = None,
     uid_root: str = MEDSYNTH_UID_ROOT,
+    uid_seed: str | None = None,
 ) -> Path:
     """Write an integer label map as a DICOM SEG (BINARY) that references the image series it labels.
 
@@ -303,6 +362,8 @@ def write_segmentation(
             SNOMED CT codes from ``pydicom.sr.codedict.codes``). Default for every name: SCT
             85756007 "Tissue" as both.
         uid_root: UID prefix of the SEG's new Series and SOP Instance UIDs.
+        uid_seed: The identity the SEG's Series and SOP Instance UIDs are derived from (the one
+            its image series' study was made with, :func:`new_study`); ``None``: random UIDs.
 
     Returns:
         The destination path.
@@ -330,8 +391,7 @@ def write_segmentation(
     values = values.astype(np.int64)
     if values.min() < 0 or values.max() >= len(names):
         raise MedsynthError(
-            f"label map values {sorted(set(np.unique(values).tolist()))} are outside 0..{len(names) - 1} "
-            f"(label_names {names})"
+            f"label map values {sorted(set(np.unique(values).tolist()))} are outside 0..{len(names) - 1} (label_names {names})"
         )
     sources = _read_sources(source_files)
     rows, columns = int(sources[0].Rows), int(sources[0].Columns)
@@ -365,9 +425,11 @@ def write_segmentation(
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments,
-        series_instance_uid=new_uid(uid_root),
+        series_instance_uid=new_uid(uid_root) if uid_seed is None else derived_uid(uid_seed, "seg", uid_root=uid_root),
         series_number=int(series_number if series_number is not None else int(first.SeriesNumber or 0) + 100),
-        sop_instance_uid=new_uid(uid_root),
+        sop_instance_uid=(
+            new_uid(uid_root) if uid_seed is None else derived_uid(uid_seed, "seg", "instance", 1, uid_root=uid_root)
+        ),
         instance_number=1,
         manufacturer="medsynth",
         manufacturer_model_name="medsynth",
@@ -383,9 +445,7 @@ def write_segmentation(
     return Path(out_path)
 
 
-def read_segmentation(
-    path: str | os.PathLike[str], source_files: Sequence[str | os.PathLike[str]]
-) -> np.ndarray:
+def read_segmentation(path: str | os.PathLike[str], source_files: Sequence[str | os.PathLike[str]]) -> np.ndarray:
     """Read a DICOM SEG written by :func:`write_segmentation` back into an integer label map.
 
     Args:
@@ -443,8 +503,11 @@ class _Geometry:
                 f"row, column and slice directions:\n{np.round(a, 4)}"
             )
         return cls(
-            origin=lps[:3, 3], step=axes[:, 2], orientation=[*unit[:, 0], *unit[:, 1]],
-            pixel_spacing=[float(spacing[1]), float(spacing[0])], slice_spacing=float(spacing[2]),
+            origin=lps[:3, 3],
+            step=axes[:, 2],
+            orientation=[*unit[:, 0], *unit[:, 1]],
+            pixel_spacing=[float(spacing[1]), float(spacing[0])],
+            slice_spacing=float(spacing[2]),
             normal=normal,
         )
 
@@ -460,7 +523,11 @@ class _Geometry:
 
 
 def _image_dataset(
-    modality: str, study: SyntheticStudy, series_uid: str, series_number: int, description: str,
+    modality: str,
+    study: SyntheticStudy,
+    series_uid: str,
+    series_number: int,
+    description: str,
     now: _dt.datetime,
 ) -> Dataset:
     """The attributes every slice of a synthetic series shares."""
@@ -570,7 +637,7 @@ def _ds(value: float) -> str:
 def _read_sources(files: Sequence[str | os.PathLike[str]], *, pixels: bool = True) -> list[Dataset]:
     if len(files) == 0:
         raise MedsynthError("source_files is empty; pass the files of the image series")
-    sources = []
+    sources: list[Dataset] = []
     for f in files:
         try:
             sources.append(pydicom.dcmread(str(f), stop_before_pixels=not pixels))

@@ -35,15 +35,41 @@ log = logging.getLogger("medsynth")
 
 _FILE_COLUMNS = FILE_COLUMNS  # image, label, dicom_series (a folder), dicom_seg, preview
 
-DP_COLUMNS = ("dp_epsilon", "dp_delta", "dp_accountant", "dp_noise_multiplier", "dp_sample_rate", "dp_max_grad_norm",
-              "dp_steps", "dp_unit")
+DP_COLUMNS = (
+    "dp_epsilon",
+    "dp_delta",
+    "dp_accountant",
+    "dp_noise_multiplier",
+    "dp_sample_rate",
+    "dp_max_grad_norm",
+    "dp_steps",
+    "dp_unit",
+)
 """The generator's differential-privacy record (empty for a generator trained without DP)."""
 
 MANIFEST_COLUMNS = (
-    "sample_id", *_FILE_COLUMNS, *(hash_column(c) for c in _FILE_COLUMNS), "seed", "label_source", "attributes",
-    "checkpoint", "checkpoint_sha256", "train_run_id", "data_manifest_sha256", "sampler", "steps", "eta",
-    "guidance_scale", "label_generator_sha256", "privacy_gate", "gate_pixel_nearness", "gate_feature_distance", "draws",
-    "gate_method", *DP_COLUMNS, "medsynth_version",
+    "sample_id",
+    *_FILE_COLUMNS,
+    *(hash_column(c) for c in _FILE_COLUMNS),
+    "seed",
+    "label_source",
+    "attributes",
+    "checkpoint",
+    "checkpoint_sha256",
+    "train_run_id",
+    "data_manifest_sha256",
+    "sampler",
+    "steps",
+    "eta",
+    "guidance_scale",
+    "label_generator_sha256",
+    "privacy_gate",
+    "gate_pixel_nearness",
+    "gate_feature_distance",
+    "draws",
+    "gate_method",
+    *DP_COLUMNS,
+    "medsynth_version",
 )
 """Columns of ``synthetic/manifest.csv``, one row per sample."""
 
@@ -66,6 +92,8 @@ class SyntheticWriter:
         rows: The manifest rows of the complete samples.
         previews: Preview columns of the first samples, for ``samples.png``.
         privacy: The generator's DP guarantee in one line, written into DICOM files (``None``: trained without DP).
+        uid_seed: The set's identity (the settings fingerprint :meth:`resume` records); each sample's DICOM
+            UIDs are derived from it and the sample id, so the same set written again has the same UIDs.
     """
 
     out: Path
@@ -77,6 +105,7 @@ class SyntheticWriter:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     previews: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
     privacy: str | None = None
+    uid_seed: str | None = None
 
     @property
     def manifest(self) -> Path:
@@ -94,6 +123,7 @@ class SyntheticWriter:
             How many samples are done already.
         """
         self.rows = done_rows(self.out, fingerprint)
+        self.uid_seed = fingerprint
         if self.rows:
             log.info("generate: continuing after %d samples already in %s", len(self.rows), self.manifest)
             if self.previews_wanted:
@@ -163,7 +193,8 @@ class SyntheticWriter:
             for path in sorted((self.out / sub).glob("*")) if (self.out / sub).is_dir() else []:
                 relative = path.relative_to(self.out).as_posix()
                 if _SAMPLE_NAME.match(path.name) and not any(
-                        name == relative or name.startswith(relative + "/") for name in listed):
+                    name == relative or name.startswith(relative + "/") for name in listed
+                ):
                     stale.append(path)
         for path in stale:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -180,22 +211,49 @@ class SyntheticWriter:
         known = self.vocabulary
         return " ".join(f"{k}={v}" for k, v in sorted(cand.attributes.items()) if not known or k in known)
 
-    def _write_sample(self, sample_id: str, image: np.ndarray | None, label: np.ndarray | None, cand: Candidate, *,
-                      preview: list[np.ndarray] | None) -> dict[str, Any]:
+    def _write_sample(
+        self,
+        sample_id: str,
+        image: np.ndarray | None,
+        label: np.ndarray | None,
+        cand: Candidate,
+        *,
+        preview: list[np.ndarray] | None,
+    ) -> dict[str, Any]:
         """Write one sample in every requested format; returns its manifest row (files relative to ``out``)."""
         out, g = self.out, self.settings
-        row: dict[str, Any] = {"sample_id": sample_id, "seed": cand.seed,
-                               "label_source": cand.label_source or ("generated" if label is not None else "")}
+        row: dict[str, Any] = {
+            "sample_id": sample_id,
+            "seed": cand.seed,
+            "label_source": cand.label_source or ("generated" if label is not None else ""),
+        }
         if "nifti" in g.formats:  # nnU-Net v2 raw layout
             if image is not None:
-                row["image"] = save_nifti(out / "imagesTr" / f"{sample_id}_0000.nii.gz", image, cand.affine,
-                                          dtype=np.float32).relative_to(out).as_posix()
+                row["image"] = (
+                    save_nifti(out / "imagesTr" / f"{sample_id}_0000.nii.gz", image, cand.affine, dtype=np.float32)
+                    .relative_to(out)
+                    .as_posix()
+                )
             if label is not None:
-                row["label"] = save_nifti(out / "labelsTr" / f"{sample_id}.nii.gz", label, cand.affine,
-                                          dtype=np.uint8).relative_to(out).as_posix()
+                row["label"] = (
+                    save_nifti(out / "labelsTr" / f"{sample_id}.nii.gz", label, cand.affine, dtype=np.uint8)
+                    .relative_to(out)
+                    .as_posix()
+                )
         if "dicom" in g.formats and image is not None:
-            row.update(_write_dicom(out, sample_id, image, label, cand, settings=g, label_names=self.label_names,
-                                    privacy=self.privacy))
+            row.update(
+                _write_dicom(
+                    out,
+                    sample_id,
+                    image,
+                    label,
+                    cand,
+                    settings=g,
+                    label_names=self.label_names,
+                    privacy=self.privacy,
+                    uid_seed=f"{self.uid_seed}/{sample_id}" if self.uid_seed else None,
+                )
+            )
         if preview is not None:
             row["preview"] = save_png(out / "previews" / f"{sample_id}.png", picture_sheet([preview])).relative_to(out).as_posix()
         for column in _FILE_COLUMNS:
@@ -204,30 +262,55 @@ class SyntheticWriter:
         return row
 
 
-def _write_dicom(out: Path, sample_id: str, image: np.ndarray, label: np.ndarray | None, cand: Candidate, *,
-                 settings: GenerateSettings, label_names: list[str], privacy: str | None = None) -> dict[str, str]:
-    """One sample as a DICOM image series (and a SEG of its label map); returns its manifest columns."""
+def _write_dicom(
+    out: Path,
+    sample_id: str,
+    image: np.ndarray,
+    label: np.ndarray | None,
+    cand: Candidate,
+    *,
+    settings: GenerateSettings,
+    label_names: list[str],
+    privacy: str | None = None,
+    uid_seed: str | None = None,
+) -> dict[str, str]:
+    """One sample as a DICOM image series (and a SEG of its label map); returns its manifest columns.
+    With ``uid_seed`` (the set's identity and the sample id) the UIDs are derived from it, else random."""
     from medsynth.io.dicom_write import new_study, write_image_series, write_segmentation
 
     modality = settings.dicom.modality
     folder = out / "dicom" / sample_id
     files = write_image_series(
-        image, cand.affine, folder / "image", sample_id=sample_id, modality=modality, study=new_study(sample_id),
-        seed=cand.seed, series_description=f"medsynth synthetic {modality} {sample_id}",
-        intensity_range=tuple(settings.dicom.intensity_range) if settings.dicom.intensity_range else None,
+        image,
+        cand.affine,
+        folder / "image",
+        sample_id=sample_id,
+        modality=modality,
+        study=new_study(sample_id, uid_seed=uid_seed),
+        seed=cand.seed,
+        series_description=f"medsynth synthetic {modality} {sample_id}",
+        intensity_range=(float(settings.dicom.intensity_range[0]), float(settings.dicom.intensity_range[1]))
+        if settings.dicom.intensity_range
+        else None,
         privacy=privacy,
     )
     row = {"dicom_series": (folder / "image").relative_to(out).as_posix()}
     if label is not None:
-        row["dicom_seg"] = write_segmentation(label, files, folder / "seg.dcm", label_names=label_names).relative_to(out).as_posix()
+        row["dicom_seg"] = (
+            write_segmentation(label, files, folder / "seg.dcm", label_names=label_names, uid_seed=uid_seed)
+            .relative_to(out)
+            .as_posix()
+        )
     return row
 
 
 def _preview(image: np.ndarray | None, label: np.ndarray | None) -> list[np.ndarray]:
     """The label map (coloured) and the image of a 2D sample, a blank where one is missing."""
     blank = np.zeros((image if image is not None else label).shape, dtype=np.float32)  # type: ignore[union-attr]
-    return [colorize_labels(display_slice(label if label is not None else blank.astype(np.uint8))),
-            display_slice(image if image is not None else blank)]
+    return [
+        colorize_labels(display_slice(label if label is not None else blank.astype(np.uint8))),
+        display_slice(image if image is not None else blank),
+    ]
 
 
 def done_rows(out: Path, fingerprint: str) -> list[dict[str, Any]]:
@@ -270,15 +353,21 @@ def write_manifest(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def write_dataset_json(out: Path, *, label_names: list[str], num_training: int, modality: str) -> Path:
     """nnU-Net v2's ``dataset.json`` for the ``imagesTr`` / ``labelsTr`` folders."""
-    return write_json(out / "dataset.json", {
-        "channel_names": {"0": modality}, "labels": {name: value for value, name in enumerate(label_names)},
-        "numTraining": num_training, "file_ending": ".nii.gz",
-        "description": "medsynth synthetic dataset; synthetic/manifest.csv holds each sample's provenance",
-    })
+    return write_json(
+        out / "dataset.json",
+        {
+            "channel_names": {"0": modality},
+            "labels": {name: value for value, name in enumerate(label_names)},
+            "numTraining": num_training,
+            "file_ending": ".nii.gz",
+            "description": "medsynth synthetic dataset; synthetic/manifest.csv holds each sample's provenance",
+        },
+    )
 
 
-def sample_bytes(formats: Sequence[str], *, image_size: Sequence[int], num_classes: int, image: bool,
-                 label: bool) -> dict[str, int]:
+def sample_bytes(
+    formats: Sequence[str], *, image_size: Sequence[int], num_classes: int, image: bool, label: bool
+) -> dict[str, int]:
     """The least disk space one sample takes in each format, for generate's free-space check.
 
     Lower bounds, so that a refusal is never wrong: DICOM is written uncompressed (16-bit pixels, a
@@ -322,6 +411,13 @@ def dp_columns(record: Any) -> dict[str, Any]:
     (all empty for ``None``)."""
     if record is None:
         return {column: "" for column in DP_COLUMNS}
-    return {"dp_epsilon": f"{record.epsilon:.6g}", "dp_delta": f"{record.delta:.6g}", "dp_accountant": record.accountant,
-            "dp_noise_multiplier": f"{record.noise_multiplier:.6g}", "dp_sample_rate": f"{record.sample_rate:.6g}",
-            "dp_max_grad_norm": f"{record.max_grad_norm:.6g}", "dp_steps": record.steps, "dp_unit": record.unit}
+    return {
+        "dp_epsilon": f"{record.epsilon:.6g}",
+        "dp_delta": f"{record.delta:.6g}",
+        "dp_accountant": record.accountant,
+        "dp_noise_multiplier": f"{record.noise_multiplier:.6g}",
+        "dp_sample_rate": f"{record.sample_rate:.6g}",
+        "dp_max_grad_norm": f"{record.max_grad_norm:.6g}",
+        "dp_steps": record.steps,
+        "dp_unit": record.unit,
+    }
