@@ -101,6 +101,12 @@ def source_positions(xform: np.ndarray, shape: Sequence[int], out_shape: Sequenc
     return positions
 
 
+_ON_VOXEL = 1e-4
+"""A sample this close to an input voxel takes that voxel's value: MONAI's float32 grid puts the samples of a
+whole-voxel map up to ~2e-5 off, and interpolating with such a weight changes a value by that fraction of
+its neighbour's difference."""
+
+
 def resample_nearest(array: np.ndarray, positions: Sequence[np.ndarray], box: Sequence[tuple[int, int]]) -> np.ndarray:
     """Nearest-neighbour samples of ``array`` at output voxels ``box`` (``(start, stop)`` per axis), from
     the input coordinates of :func:`source_positions`."""
@@ -114,8 +120,8 @@ def resample_nearest(array: np.ndarray, positions: Sequence[np.ndarray], box: Se
 def resample_linear(array: np.ndarray, positions: Sequence[np.ndarray], box: Sequence[tuple[int, int]]) -> np.ndarray:
     """Trilinear samples (float32) of ``array`` at output voxels ``box``, one axis at a time.
 
-    An axis whose samples all fall on input voxels costs an index selection; the others a weighted sum
-    of two selections.
+    An axis whose samples all fall on input voxels (within :data:`_ON_VOXEL`, the float32 rounding of
+    MONAI's grid) costs an index selection, often a view; the others a weighted sum of two selections.
     """
     out = array
     for axis in _shrinking_first(array.shape, box):
@@ -124,7 +130,7 @@ def resample_linear(array: np.ndarray, positions: Sequence[np.ndarray], box: Seq
         position = positions[axis][start:stop].astype(np.float64)
         low = np.minimum(np.floor(position), max(size - 2, 0)).astype(np.intp)
         weight = position - low
-        if np.all((weight < 1e-6) | (weight > 1.0 - 1e-6)):
+        if np.all((weight < _ON_VOXEL) | (weight > 1.0 - _ON_VOXEL)):
             out = _select(out, np.minimum(np.rint(position).astype(np.intp), size - 1), axis)
             continue
         view = [1] * out.ndim
@@ -194,6 +200,7 @@ def preprocess_separable(
     size: Sequence[int] | None,
     margin: int,
     scaling: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    pointwise: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """What :func:`~medsynth.transforms.volume_preprocessing` makes of ``image`` and ``label``, by separable
     resampling of the label's box only.
@@ -206,6 +213,8 @@ def preprocess_separable(
         size: Pad/crop size per axis (-1 keeps an axis); ``None``: no pad/crop.
         margin: Voxels kept around the label's bounding box.
         scaling: The chain's intensity transform, called on ``{"image", "label"}`` channel-first tensors.
+        pointwise: ``scaling`` maps each voxel on its own (a fixed window): it is then applied a slab
+            at a time, so its temporaries stay small; otherwise (foreground percentiles) to the whole box.
 
     Returns:
         ``(volume, labels, affine)`` as the chain gives them: ``(1, X', Y', Z')`` float32 and uint8, and
@@ -225,8 +234,11 @@ def preprocess_separable(
     window = centre_window(box, size) if size is not None else list(box)
     labels = np.ascontiguousarray(labels[tuple(slice(a, b) for a, b in box)])
     volume = resample_linear(image, positions, box)
-    scaled = scaling({"image": torch.from_numpy(volume[None]), "label": torch.from_numpy(labels[None])})
-    volume = np.asarray(scaled["image"], dtype=np.float32)[0]
+    step = 8 if pointwise else volume.shape[-1]
+    for k in range(0, volume.shape[-1], step):
+        part = np.s_[..., k : k + step]
+        scaled = scaling({"image": torch.from_numpy(volume[part][None]), "label": torch.from_numpy(labels[part][None])})
+        volume[part] = np.asarray(scaled["image"], dtype=np.float32)[0]
 
     out_volume = np.zeros([b - a for a, b in window], dtype=np.float32)
     out_labels = np.zeros(out_volume.shape, dtype=np.uint8)
