@@ -813,10 +813,12 @@ def _parts(response: Any, folder: Path, *, max_bytes: int, received: Callable[[i
     """
     media, params = _media_type(response.headers.get("Content-Type", ""))
     stream = response.iter_content(_CHUNK)
+    body = [0]
 
     def chunks() -> Iterator[bytes]:
         for chunk in stream:
             received(len(chunk))
+            body[0] += len(chunk)
             yield chunk
 
     if media == "application/dicom":  # one instance sent bare (some servers do, against the standard)
@@ -830,6 +832,9 @@ def _parts(response: Any, folder: Path, *, max_bytes: int, received: Callable[[i
     while (start := buffer.find(delimiter)) < 0:
         del buffer[: max(0, len(buffer) - len(delimiter))]
         if not _fill(buffer, source):
+            declared = response.headers.get("Content-Length", "")
+            if body[0] == 0 or (declared.isdigit() and body[0] < int(declared)):
+                raise _Broken()  # the connection ended before the answer's first part: cut, not malformed
             raise _BadAnswer("the answer holds no part")
     del buffer[: start + len(delimiter)]
     while True:

@@ -37,6 +37,7 @@ from medsynth.training import train as fit
 from medsynth.training.activation import enable_activation_checkpointing
 from medsynth.training.autoencoder import fit_autoencoder
 from medsynth.training.build import condition_vocabulary
+from medsynth.training.checkpoint import prune_checkpoints
 from medsynth.training.distributed import Distributed, setup_distributed, teardown_distributed
 from medsynth.training.dp_sgd import PatientBatch, patient_batches, private_gradient
 from medsynth.training.grid import sample_sheet
@@ -313,6 +314,8 @@ def _train(
         start_step=start_step,
     )
     if ddp.is_main:
+        # a run killed between saving its last checkpoint and pruning the older ones finishes the pruning here
+        prune_checkpoints(folder, keep=t.keep_last)
         _report(result, tracker=tracker, run_id=run_id, trainer=t, last=folder / "last.pt", start_step=start_step)
         if plan is not None:
             _report_privacy(plan, accountant, tracker=tracker, run_id=run_id)
