@@ -31,7 +31,7 @@ from medsynth.data.manifest import Record, write_record
 from medsynth.io.dicom import load_dicom_seg, load_dicom_series
 from medsynth.io.nifti import MAX_IMAGE_BYTES, image_size_problem, load_nifti, one_line
 from medsynth.transforms import intensity_scaling, volume_preprocessing
-from medsynth.transforms.grid import preprocess_separable
+from medsynth.transforms.grid import foreground_box, preprocess_separable
 
 INTENSITY_MODES = ("auto", "percentile", "window")
 _MAX_LABEL = 2**31 - 1
@@ -175,13 +175,10 @@ def _fill_holes(mask: np.ndarray) -> None:
 
     order = np.argsort([-abs(s) for s in mask.strides], kind="stable")
     view = mask.transpose(order)
-    box = []
-    for axis in range(view.ndim):
-        hit = np.flatnonzero(view.any(axis=tuple(a for a in range(view.ndim) if a != axis)))
-        if hit.size == 0:
-            return
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    region = view[tuple(box)]
+    box = foreground_box(view, 0)
+    if box is None:
+        return
+    region = view[tuple(slice(start, stop) for start, stop in box)]
     try:  # 2 bytes a voxel while the background has fewer than 65536 pieces (4 otherwise)
         pieces, count = ndimage.label(~region, output=np.uint16)
     except RuntimeError:
