@@ -117,6 +117,7 @@ class MlflowSettings:
     experiment_name: str = "medsynth"
     artifact_location: str | None = None
     register_model: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

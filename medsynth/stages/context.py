@@ -14,6 +14,7 @@ import torch
 from medsynth import MedsynthError, __version__
 from medsynth.config.schema import to_mapping
 from medsynth.config.settings import RunSettings
+from medsynth.config.sweep import STAGE_FOLDERS
 from medsynth.io import output_lock, write_text
 from medsynth.io.lock import check_readable, check_writable
 from medsynth.tracking import Tracker, TrackerLike, flatten
@@ -37,18 +38,14 @@ def log_config(tracker: TrackerLike, run_id: str, config: Mapping[str, Any], *, 
 
 
 def stage_tags(run: RunSettings, stage: str) -> dict[str, str]:
-    """The tags every medsynth run carries: its stage, medsynth's version and the output folder."""
-    return {"medsynth.stage": stage, "medsynth.version": __version__, "medsynth.output": str(Path(run.paths.output).resolve())}
-
-
-STAGE_FOLDERS: dict[str, tuple[str, ...]] = {
-    "preprocess": ("data",),
-    "train": ("checkpoints",),
-    "generate": ("synthetic",),
-    "evaluate": ("evaluation",),
-    "run": ("data", "checkpoints", "synthetic", "evaluation"),
-}
-"""The folders of ``paths`` each stage writes into, besides ``paths.output`` itself."""
+    """The tags every medsynth run carries: its stage, medsynth's version, the output folder, and
+    ``mlflow.tags`` (a sweep's id among them, :mod:`medsynth.config.sweep`)."""
+    return {
+        **run.mlflow.tags,
+        "medsynth.stage": stage,
+        "medsynth.version": __version__,
+        "medsynth.output": str(Path(run.paths.output).resolve()),
+    }
 
 
 def check_folders(run: RunSettings, stage: str) -> None:
