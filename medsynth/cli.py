@@ -83,7 +83,33 @@ def run_stage(stage: str, cfg: Any) -> Any:
     logging.getLogger("medsynth").setLevel(logging.INFO)
     quiet_libraries()
     with user_errors(stage):
+        place_sweep_job(stage, cfg)
         return _call(stage, load_settings(resolve(cfg)))
+
+
+def place_sweep_job(stage: str, cfg: Any) -> None:
+    """In a job of a ``-m`` sweep, give it its own output folder and the sweep's tags
+    (:func:`medsynth.config.sweep.job_values`); outside a sweep, do nothing.
+
+    Args:
+        stage: The stage the job runs.
+        cfg: The job's composed config (a DictConfig), changed in place.
+    """
+    from omegaconf import OmegaConf, open_dict
+
+    from medsynth.config.sweep import current_job, job_values
+
+    job = current_job()
+    if job is None:
+        return
+    paths = resolve(cfg.paths)
+    raw = OmegaConf.to_container(cfg.paths, resolve=False)
+    with open_dict(cfg):
+        for key, value in job_values(job, stage, paths, raw).items():  # type: ignore[arg-type]
+            if key.startswith("mlflow.tags."):
+                cfg.mlflow.tags[key.removeprefix("mlflow.tags.")] = value
+            else:
+                OmegaConf.update(cfg, key, value, merge=False)
 
 
 # Libraries whose INFO records (highdicom: ~20 "copy attributes of module ..." lines per DICOM volume)
@@ -183,6 +209,9 @@ def hydra_entry(stage: str) -> Callable[[], Any]:
     hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(job)
 
     def entry() -> Any:
+        from medsynth.training.distributed import slurm_environment
+
+        os.environ.update(slurm_environment(os.environ))  # a task of a multi-task SLURM step: its rank, before the lock
         sys.argv[1:] = expand_aliases(sys.argv[1:])
         with claimed(stage, check_overrides(stage, sys.argv[1:])):
             return hydra_main()
@@ -242,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     if stage == "verify":
         return verify_command(overrides)
     if stage not in STAGES:
-        print(f"medsynth: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (or verify PATH)", file=sys.stderr)
+        print(
+            f"medsynth: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (or verify PATH)", file=sys.stderr
+        )
         return 2
     sys.argv = [f"medsynth-{stage}", *overrides]
     hydra_entry(stage)()

@@ -136,9 +136,14 @@ def test_ddp_with_two_gloo_processes(phantom, tmp_path: Path) -> None:
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "rank 0 of 2" in ddp.stderr + ddp.stdout and "rank 1 of 2" in ddp.stderr + ddp.stdout
-    final = torch.load(tmp_path / "out" / "checkpoints" / "last.pt", weights_only=True)
-    assert final["step"] == 4
+    assert_one_training(tmp_path / "out", uri, steps=4)
+
+
+def assert_one_training(output: Path, uri: str, *, steps: int) -> None:
+    """One checkpoint at ``steps`` under ``output`` and one FINISHED train run with every step's loss."""
+    final = torch.load(output / "checkpoints" / "last.pt", weights_only=True)
+    assert final["step"] == steps
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("medsynth").experiment_id], "tags.`medsynth.stage` = 'train'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == list(range(1, steps + 1))

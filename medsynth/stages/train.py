@@ -38,7 +38,7 @@ from medsynth.training.activation import enable_activation_checkpointing
 from medsynth.training.autoencoder import fit_autoencoder
 from medsynth.training.build import condition_vocabulary
 from medsynth.training.checkpoint import prune_checkpoints
-from medsynth.training.distributed import Distributed, setup_distributed, teardown_distributed
+from medsynth.training.distributed import Distributed, check_replicas, setup_distributed, teardown_distributed
 from medsynth.training.dp_sgd import PatientBatch, patient_batches, private_gradient
 from medsynth.training.grid import sample_sheet
 from medsynth.training.latent_cache import cached_latent_batches, latent_cache
@@ -313,6 +313,7 @@ def _train(
         progress=run.progress and ddp.is_main,
         start_step=start_step,
     )
+    check_replicas(model, ddp)
     if ddp.is_main:
         # a run killed between saving its last checkpoint and pruning the older ones finishes the pruning here
         prune_checkpoints(folder, keep=t.keep_last)
