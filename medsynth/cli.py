@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from medsynth import MedsynthError
@@ -23,11 +24,14 @@ STAGES = ("preprocess", "train", "generate", "evaluate", "run")
 
 USAGE = f"""usage: medsynth <stage> [key=value ...]
        medsynth verify PATH [--audit METRICS_JSON]
+       medsynth sync PATH
 
 stages: {" | ".join(STAGES)}   (run = all four in order)
 verify: is the synthetic set at PATH (a run's output folder or its synthetic folder) exactly the
         set its audit (evaluation/metrics.json) checked, and did it pass? Prints PASS or FAIL and
         why; exit status 0 on PASS, 1 on FAIL. Run it before data leaves the hospital.
+sync:   send what a tracking server outage left journaled under PATH (a run's paths.output) to
+        that server, into the same runs; exit status 0 once all is sent, 2 if it still does not answer.
 
 common overrides:
   experiment=NAME             a preset from conf/experiment (default: demo, CPU demo on MNI152 brain MRI)
@@ -126,6 +130,8 @@ def quiet_libraries() -> None:
         logger = logging.getLogger(name)
         if logger.level < logging.WARNING:
             logger.setLevel(logging.WARNING)
+    # urllib3 warns of each retry of a tracking server that is away; medsynth says it once (tracking.spool)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 @contextmanager
@@ -253,6 +259,39 @@ def verify_command(args: Sequence[str]) -> int:
     return 0 if result.passed else 1
 
 
+def sync_command(args: Sequence[str]) -> int:
+    """``medsynth sync PATH``: send a run's journaled MLflow writes (:func:`medsynth.tracking.spool.sync`).
+
+    Args:
+        args: The arguments after ``sync``.
+
+    Returns:
+        0 once everything is sent (or nothing was journaled), 2 for a usage error or a server that
+        does not answer or refuses.
+    """
+    if len(args) != 1 or args[0].startswith("-"):
+        print("medsynth sync: error: give one PATH (a run's paths.output); usage: medsynth sync PATH", file=sys.stderr)
+        return 2
+    from medsynth.io import output_lock
+    from medsynth.tracking.spool import SPOOL_FOLDER, sync
+
+    folder = Path(args[0])
+    output = folder.parent if folder.name == SPOOL_FOLDER else folder
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_libraries()
+    try:
+        if not output.is_dir():
+            raise MedsynthError(f"no folder {output}: give a run's paths.output")
+        with output_lock(output, stage="sync"):  # not while a stage of that run still writes to the journal
+            print(sync(output))
+    except MedsynthError as err:
+        if os.environ.get("MEDSYNTH_DEBUG"):
+            raise
+        print(f"medsynth sync: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``medsynth <stage> [overrides]`` to the stage's Hydra entry (``medsynth verify PATH``
     runs without Hydra: :func:`verify_command`).
@@ -270,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
     stage, overrides = args[0], args[1:]
     if stage == "verify":
         return verify_command(overrides)
+    if stage == "sync":
+        return sync_command(overrides)
     if stage not in STAGES:
         print(
-            f"medsynth: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (or verify PATH)", file=sys.stderr
+            f"medsynth: unknown stage {stage!r}; choose one of: {', '.join(STAGES)} (or verify PATH, sync PATH)", file=sys.stderr
         )
         return 2
     sys.argv = [f"medsynth-{stage}", *overrides]

@@ -118,6 +118,10 @@ class MlflowSettings:
     artifact_location: str | None = None
     register_model: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    retry_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        check(self.retry_seconds > 0, "mlflow.retry_seconds", "a number of seconds > 0", self.retry_seconds)
 
 
 @dataclass(kw_only=True)

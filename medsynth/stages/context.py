@@ -18,14 +18,22 @@ from medsynth.config.sweep import STAGE_FOLDERS
 from medsynth.io import output_lock, write_text
 from medsynth.io.lock import check_readable, check_writable
 from medsynth.tracking import Tracker, TrackerLike, flatten
+from medsynth.tracking.spool import SPOOL_FOLDER
 
 log = logging.getLogger("medsynth")
 
 
 def make_tracker(run: RunSettings) -> Tracker:
-    """The MLflow tracker that ``run.mlflow`` configures."""
+    """The MLflow tracker that ``run.mlflow`` configures; during a server outage it journals its
+    writes under ``paths.output/mlflow-spool`` (:mod:`medsynth.tracking.spool`)."""
     m = run.mlflow
-    return Tracker(m.tracking_uri, m.experiment_name, artifact_location=m.artifact_location)
+    return Tracker(
+        m.tracking_uri,
+        m.experiment_name,
+        artifact_location=m.artifact_location,
+        spool=Path(run.paths.output) / SPOOL_FOLDER,
+        retry_seconds=m.retry_seconds,
+    )
 
 
 def log_config(tracker: TrackerLike, run_id: str, config: Mapping[str, Any], *, folder: str | Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -15,11 +16,14 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlparse
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from medsynth import MedsynthError
+from medsynth.tracking.spool import FAST_FAIL, LOCAL_PREFIX, Spool, apply, is_unreachable, new_local_id, server_answers
+
+log = logging.getLogger("medsynth")
 
 _PARAM_BATCH = 100
 _METRIC_BATCH = 500
@@ -57,15 +61,32 @@ def _default_artifact_location(tracking_uri: str) -> str | None:
 class Tracker:
     """Logs to one MLflow experiment through an explicit run id.
 
+    With ``spool`` set (a folder) and a tracking server over HTTP, a server that stops answering
+    does not stop the work: writes are journaled in ``spool`` and sent in order once it answers
+    again (:mod:`medsynth.tracking.spool`), tried at most every ``retry_seconds``.
+
     Args:
         tracking_uri: MLflow tracking URI; a ``sqlite:///file.db`` URI needs no server.
         experiment: Experiment name; created if missing.
         artifact_location: Where a newly created experiment stores artifacts; by default beside
             a SQLite store, otherwise MLflow's default.
+        spool: Where to journal writes during a server outage (``paths.output/mlflow-spool``).
+        retry_seconds: How often to look for the server again during an outage.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | None = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        *,
+        artifact_location: str | None = None,
+        spool: str | os.PathLike[str] | None = None,
+        retry_seconds: float = 30.0,
+    ) -> None:
         self.tracking_uri = tracking_uri
+        remote = urlparse(tracking_uri).scheme in ("http", "https")
+        if remote:
+            os.environ.update({k: v for k, v in FAST_FAIL.items() if k not in os.environ})
         self.client = MlflowClient(tracking_uri=tracking_uri)
         try:
             found = self.client.get_experiment_by_name(experiment)
@@ -82,30 +103,114 @@ class Tracker:
             else:
                 self.experiment_id = found.experiment_id
         except Exception as err:  # mlflow raises many types for a bad store
-            raise MedsynthError(f"cannot open MLflow store mlflow.tracking_uri={tracking_uri}: {err}") from None
+            raise MedsynthError(f"cannot open MLflow store mlflow.tracking_uri={tracking_uri}: {_one_line(err)}") from None
         self._pending: dict[str, list[Metric]] = {}
+        self.spool = Spool(spool) if spool is not None and remote else None
+        self._retry_seconds = retry_seconds
+        self._next_try = 0.0
+
+    # ------------------------------------------------------------------ every write goes through here
+
+    def _write(self, entry: dict[str, Any]) -> str | None:
+        """Send one write (see :func:`medsynth.tracking.spool.apply`), or journal it while the server is away."""
+        if self.spool is None:
+            return apply(self.client, entry, ids={})
+        if self._online():
+            try:
+                return apply(self.client, entry, ids=self.spool.ids())
+            except Exception as err:
+                if not is_unreachable(err):
+                    raise
+                log.warning(
+                    "MLflow server %s does not answer (%s); journaling its writes in %s and going on",
+                    self.tracking_uri,
+                    _one_line(err),
+                    self.spool.folder,
+                )
+                self._next_try = time.monotonic() + self._retry_seconds
+        self.spool.add(entry, tracking_uri=self.tracking_uri)
+        return None
+
+    def _online(self, *, now: bool = False) -> bool:
+        """Whether writes may go straight to the server: nothing is journaled, or the journal was just sent."""
+        assert self.spool is not None
+        if not self.spool.journal.is_file():
+            return True
+        if not now and time.monotonic() < self._next_try:
+            return False
+        self._next_try = time.monotonic() + self._retry_seconds
+        if not server_answers(self.tracking_uri):
+            return False
+        pending, start = self.spool.pending(), time.perf_counter()
+        try:
+            self.spool.replay(self.client)
+        except Exception as err:
+            if not is_unreachable(err):
+                raise
+            return False
+        log.info(
+            "MLflow server %s answers again: sent %d journaled writes in %.1f s",
+            self.tracking_uri,
+            pending,
+            time.perf_counter() - start,
+        )
+        return True
+
+    def _run_id(self, run_id: str) -> str:
+        """A run id as the server knows it (a run created during an outage has a local id until sent)."""
+        return self.spool.server_id(run_id) if self.spool is not None else run_id
+
+    # ------------------------------------------------------------------------------------ runs
 
     def start_run(self, name: str, *, parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
         """Create a run and return its id; nested under ``parent_run_id`` when given."""
         all_tags = dict(tags or {})
         if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        return run.info.run_id
+            all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        local = new_local_id()
+        entry = {
+            "op": "create_run",
+            "local": local,
+            "experiment_id": self.experiment_id,
+            "name": name,
+            "tags": all_tags,
+            "time": int(time.time() * 1000),
+        }
+        return self._write(entry) or local
 
     def end_run(self, run_id: str, *, status: str = "FINISHED") -> None:
-        """Flush pending metrics and close the run with ``status`` (FINISHED, FAILED, KILLED)."""
-        self.flush(run_id)
-        self.client.set_terminated(run_id, status=status)
+        """Flush pending metrics and close the run with ``status`` (FINISHED, FAILED, KILLED).
 
-    def reopen_run(self, run_id: str) -> bool:
-        """Mark an existing run of this store RUNNING again (to continue it); False if it is not here."""
-        try:
-            self.client.get_run(run_id)
-        except Exception:  # mlflow raises its own error type for unknown ids
-            return False
-        self.client.update_run(run_id, status="RUNNING")
-        return True
+        After an outage, the journal is sent now if the server answers; if not, a warning says where it is.
+        """
+        self.flush(run_id)
+        self._write({"op": "status", "run": run_id, "status": status, "time": int(time.time() * 1000)})
+        if self.spool is not None and self.spool.journal.is_file() and not self._online(now=True):
+            log.warning(
+                "MLflow server %s still does not answer: %d writes are journaled in %s; send them with: medsynth sync %s",
+                self.tracking_uri,
+                self.spool.pending(),
+                self.spool.folder,
+                self.spool.folder.parent,
+            )
+
+    def reopen_run(self, run_id: str) -> str | None:
+        """Mark an existing run of this store RUNNING again (to continue it).
+
+        Returns:
+            Its id (as the server knows it, or a local id still journaled), or ``None`` if it is not here.
+        """
+        run_id = self._run_id(run_id)
+        if not run_id.startswith(LOCAL_PREFIX):
+            try:
+                self.client.get_run(run_id)
+            except Exception as err:  # mlflow raises its own error type for unknown ids
+                if self.spool is None or not is_unreachable(err):
+                    return None
+        elif self.spool is None or not any(e.get("local") == run_id for e in self.spool.entries()):
+            return None
+        self._write({"op": "status", "run": run_id, "status": "RUNNING"})
+        return run_id
 
     @contextlib.contextmanager
     def run(
@@ -120,10 +225,9 @@ class Tracker:
 
         With ``resume_run_id`` naming a run of this store, that run is continued instead of a new one started.
         """
-        if resume_run_id and self.reopen_run(resume_run_id):
-            run_id = resume_run_id
-        else:
-            run_id = self.start_run(name, parent_run_id=parent_run_id, tags=tags)
+        run_id = (self.reopen_run(resume_run_id) if resume_run_id else None) or self.start_run(
+            name, parent_run_id=parent_run_id, tags=tags
+        )
         try:
             yield run_id
         except BaseException:
@@ -131,15 +235,17 @@ class Tracker:
             raise
         self.end_run(run_id)
 
+    # ------------------------------------------------------------------------------------ logging
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log parameters in batches (values are stringified)."""
-        items = [Param(k, str(v)) for k, v in params.items()]
+        items = [[k, str(v)] for k, v in params.items()]
         for start in range(0, len(items), _PARAM_BATCH):
-            self.client.log_batch(run_id, params=items[start : start + _PARAM_BATCH])
+            self._write({"op": "batch", "run": run_id, "params": items[start : start + _PARAM_BATCH]})
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Set tags on a run."""
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._write({"op": "batch", "run": run_id, "tags": [[k, str(v)] for k, v in tags.items()]})
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int = 0, buffered: bool = False) -> None:
         """Log metrics at ``step``; ``buffered=True`` queues them until :meth:`flush` (for per-step losses)."""
@@ -151,17 +257,13 @@ class Tracker:
 
     def flush(self, run_id: str) -> None:
         """Send queued metrics of ``run_id``."""
-        items = self._pending.pop(run_id, [])
+        items = [[m.key, m.value, m.timestamp, m.step] for m in self._pending.pop(run_id, [])]
         for start in range(0, len(items), _METRIC_BATCH):
-            self.client.log_batch(run_id, metrics=items[start : start + _METRIC_BATCH])
+            self._write({"op": "batch", "run": run_id, "metrics": items[start : start + _METRIC_BATCH]})
 
     def log_artifact(self, run_id: str, path: str | os.PathLike[str], *, artifact_path: str | None = None) -> None:
         """Upload a file or folder as an artifact of the run."""
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
-        else:
-            self.client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        self._write({"op": "artifact", "run": run_id, "path": str(Path(path).absolute()), "artifact_path": artifact_path})
 
     def log_dataset(
         self, run_id: str, *, name: str, sha256: str, source: str | os.PathLike[str], context: str, num_records: int | None = None
@@ -178,14 +280,18 @@ class Tracker:
             num_records: How many records it holds, shown in its profile.
         """
         profile = {"sha256": sha256, **({"num_records": int(num_records)} if num_records is not None else {})}
-        dataset = Dataset(
-            name=name,
-            digest=sha256[:16],
-            source_type="local",
-            source=json.dumps({"uri": Path(source).resolve().as_uri()}),
-            profile=json.dumps(profile),
-        )
-        self.client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+        dataset = {
+            "name": name,
+            "digest": sha256[:16],
+            "source_type": "local",
+            "source": json.dumps({"uri": Path(source).resolve().as_uri()}),
+            "profile": json.dumps(profile),
+        }
+        self._write({"op": "dataset", "run": run_id, "dataset": dataset, "context": context})
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:400] or type(err).__name__
 
 
 class NullTracker:
