@@ -103,7 +103,7 @@ class Tracker:
             else:
                 self.experiment_id = found.experiment_id
         except Exception as err:  # mlflow raises many types for a bad store
-            raise MedsynthError(f"cannot open MLflow store mlflow.tracking_uri={tracking_uri}: {_one_line(err)}") from None
+            raise MedsynthError(store_error(tracking_uri, experiment, err)) from None
         self._pending: dict[str, list[Metric]] = {}
         self.spool = Spool(spool) if spool is not None and remote else None
         self._retry_seconds = retry_seconds
@@ -288,6 +288,25 @@ class Tracker:
             "profile": json.dumps(profile),
         }
         self._write({"op": "dataset", "run": run_id, "dataset": dataset, "context": context})
+
+
+def store_error(tracking_uri: str, experiment: str, err: BaseException) -> str:
+    """One line for a tracking store that cannot be opened: no answer, credentials refused, no permission, or else."""
+    code = getattr(err, "error_code", None)
+    if code == "UNAUTHENTICATED":
+        return (
+            f"the MLflow server at {tracking_uri} refused the credentials: set MLFLOW_TRACKING_USERNAME and "
+            f"MLFLOW_TRACKING_PASSWORD (or a netrc entry for its host) to an account of that server"
+        )
+    if code == "PERMISSION_DENIED":
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+        return (
+            f"the MLflow server at {tracking_uri} gives {user} no permission on experiment {experiment!r}: "
+            f"ask its administrator for EDIT on it, or pick another with mlflow.experiment_name"
+        )
+    if is_unreachable(err):
+        return f"the MLflow server at {tracking_uri} does not answer (mlflow.tracking_uri): {_one_line(err)}"
+    return f"cannot open MLflow store mlflow.tracking_uri={tracking_uri}: {_one_line(err)}"
 
 
 def _one_line(err: BaseException) -> str:
