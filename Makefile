@@ -14,7 +14,9 @@ TORCH_SPEC ?= $(if $(HAS_GPU),,torch==2.13.0)
 # Debian packages the tests use: dciodvfy (dicom3tools) validates the DICOM objects medsynth writes;
 # chromium and chromium-driver let tests/test_browser.py read the audit in MLflow's UI in a real browser
 # (with a font to lay text out); orthanc and orthanc-dicomweb give tests/test_dicomweb.py a real PACS (started
-# by the tests on loopback, never as the system service). Only what is missing is installed.
+# by the tests on loopback, never as the system service); slurm-wlm and munge give tests/test_slurm.py a one-node
+# SLURM, and postgresql the shared tracking server's database (tests/test_shared_server.py), both started by
+# the tests on loopback from their own config, never as system services. Only what is missing is installed.
 tools:
 	@missing=""; \
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
@@ -22,8 +24,11 @@ tools:
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	{ command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null 2>&1 || missing="$$missing orthanc"; \
 	test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	{ test -x /usr/sbin/slurmctld && test -x /usr/sbin/slurmd; } || missing="$$missing slurm-wlm"; \
+	test -x /usr/sbin/munged || missing="$$missing munge"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	[ -z "$$missing" ] || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; } \
-		|| echo "warning: could not install$$missing; install them to run the DICOM validation, browser and PACS tests"
+		|| echo "warning: could not install$$missing; install them to run the DICOM validation, browser, PACS, SLURM and shared-server tests"
 
 
 install: $(STAMP)

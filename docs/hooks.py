@@ -491,6 +491,8 @@ def commands_page(composer: Composer) -> str:
         sections.append("".join(section))
     rows.append(["[`medsynth verify PATH`](#verify)", "[`medsynth.cli.verify_command`][medsynth.cli.verify_command]",
                  "none (reads the run's files)"])
+    rows.append(["[`medsynth sync PATH`](#sync)", "[`medsynth.cli.sync_command`][medsynth.cli.sync_command]",
+                 "none (reads the run's spool)"])
     out.append(table(["command", "runs", "config it reads"], rows) + "\n")
     out.append("A stage composes the whole config, the [preset](presets.md) included, and checks every "
                "group before it starts: an unknown key or a bad value stops it even in a group it does not "
@@ -503,11 +505,19 @@ def commands_page(composer: Composer) -> str:
         out.append(" ".join(verify[1].split()) + "\n\n")
     out.append("It runs without Hydra and reads no config. What it checks: [chain of custody](../../custody.md).\n\n")
 
+    sync = re.search(r"^sync: (.*?)\n(?=\S|\n)", cli.USAGE, flags=re.S | re.M)
+    out.append("## `medsynth sync` {#sync}\n\n```text\nmedsynth sync PATH\n```\n\n")
+    if sync:
+        out.append(" ".join(sync[1].split()) + "\n\n")
+    out.append("It runs without Hydra; the server and the runs come from the spool itself. How an outage is "
+               "handled: [scale-out](../../scale-out.md#outage).\n\n")
+
     out.append("## Overrides {#overrides}\n\n")
     out.append("After the stage come Hydra overrides: `group=option` picks a config file of a group "
                "([config groups](config.md)), `group.key=value` sets a key, `experiment=NAME` picks a "
                "[preset](presets.md). Hydra's flags work too: `--help` lists the groups and their "
-               "options, `--cfg job` prints the composed config, `-m` runs a sweep.\n\n")
+               "options, `--cfg job` prints the composed config, `-m` runs a sweep "
+               "([sweeps and SLURM](../../scale-out.md)).\n\n")
     if ALIASES:
         out.append("Short forms, expanded before Hydra reads them:\n\n")
         out.append(table(["you type", "Hydra gets"], [[code(k), code(v)] for k, v in ALIASES.items()]) + "\n")

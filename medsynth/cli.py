@@ -86,9 +86,19 @@ def run_stage(stage: str, cfg: Any) -> Any:
     """
     logging.getLogger("medsynth").setLevel(logging.INFO)
     quiet_libraries()
+    adopt_slurm_task()  # a job the submitit launcher started: this process is one task of it
     with user_errors(stage):
         place_sweep_job(stage, cfg)
         return _call(stage, load_settings(resolve(cfg)))
+
+
+def adopt_slurm_task() -> None:
+    """In a task of a multi-task SLURM job step, set torchrun's variables from SLURM's
+    (:func:`medsynth.training.distributed.slurm_environment`), so the output lock and the process
+    group know this process's rank from the start."""
+    from medsynth.training.distributed import slurm_environment
+
+    os.environ.update(slurm_environment(os.environ))
 
 
 def place_sweep_job(stage: str, cfg: Any) -> None:
@@ -215,9 +225,7 @@ def hydra_entry(stage: str) -> Callable[[], Any]:
     hydra_main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(job)
 
     def entry() -> Any:
-        from medsynth.training.distributed import slurm_environment
-
-        os.environ.update(slurm_environment(os.environ))  # a task of a multi-task SLURM step: its rank, before the lock
+        adopt_slurm_task()
         sys.argv[1:] = expand_aliases(sys.argv[1:])
         with claimed(stage, check_overrides(stage, sys.argv[1:])):
             return hydra_main()

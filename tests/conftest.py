@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +47,28 @@ TINY = [
 ]
 SETTING = TINY[:3]
 """The data and conditioning pins of :data:`TINY`; ``tiny_config`` leaves them out when a test picks a preset."""
+
+
+NO_SKIPS = "MEDSYNTH_NO_SKIPS"
+"""Set to 1 (``.ci/run`` does): a test that skips fails instead, so CI proves every real service started."""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    _no_skip(outcome.get_result())  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    _no_skip(outcome.get_result())  # type: ignore[attr-defined]
+
+
+def _no_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if os.environ.get(NO_SKIPS) == "1" and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but {NO_SKIPS}=1 lets nothing skip: {report.longrepr}"
 
 
 def compose_config(overrides: list[str] | None = None) -> PipelineSettings:

@@ -149,3 +149,24 @@ def stop(process: subprocess.Popen, *, grace: float = 20.0) -> None:
             pass
         wait_group_gone(process, timeout=grace)
     process.wait()
+
+
+class TrackingServer:
+    """`mlflow server` over one SQLite store on a fixed loopback port, stopped and started at will."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = self.root / f"server-{self.starts}.log"
+        self.process = serve_tracking(f"sqlite:///{self.root / 'store.db'}", port=self.port, log_path=log, cwd=self.root)
+        wait_until_healthy(self.uri, self.process, log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+            self.process = None

@@ -14,28 +14,7 @@ from medsynth.tracking.spool import SPOOL_FOLDER, Spool
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, phantom_overrides
-from tests.servers import free_port, serve_tracking, stop, wait_until_healthy
-
-
-class TrackingServer:
-    """`mlflow server` over one SQLite store on a fixed loopback port, stopped and started at will."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = self.root / f"server-{self.starts}.log"
-        self.process = serve_tracking(f"sqlite:///{self.root / 'store.db'}", port=self.port, log_path=log, cwd=self.root)
-        wait_until_healthy(self.uri, self.process, log)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
-            self.process = None
+from tests.servers import TrackingServer
 
 
 @pytest.fixture

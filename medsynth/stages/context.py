@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,20 @@ def log_config(tracker: TrackerLike, run_id: str, config: Mapping[str, Any], *, 
 
 
 def stage_tags(run: RunSettings, stage: str) -> dict[str, str]:
-    """The tags every medsynth run carries: its stage, medsynth's version, the output folder, and
-    ``mlflow.tags`` (a sweep's id among them, :mod:`medsynth.config.sweep`)."""
-    return {
+    """The tags every medsynth run carries: its stage, medsynth's version, the output folder,
+    ``mlflow.tags`` (a sweep's id among them, :mod:`medsynth.config.sweep`), and under SLURM the job's id
+    (``<array job>_<task>`` for a task of an array), to find its log with ``sacct``/``scontrol``."""
+    tags = {
         **run.mlflow.tags,
         "medsynth.stage": stage,
         "medsynth.version": __version__,
         "medsynth.output": str(Path(run.paths.output).resolve()),
     }
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        tags["slurm.job_id"] = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    elif os.environ.get("SLURM_JOB_ID"):
+        tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
+    return tags
 
 
 def check_folders(run: RunSettings, stage: str) -> None:
