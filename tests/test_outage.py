@@ -28,6 +28,11 @@ def server(tmp_path: Path) -> Iterator[TrackingServer]:
         tracking.stop()
 
 
+def _journaled(output: Path) -> int:
+    """Writes waiting in the journals under ``output`` (one folder per process)."""
+    return sum(Spool(p).pending() for p in (output / SPOOL_FOLDER).glob("*") if p.is_dir())
+
+
 def _args(phantom: tuple[Path, Path], tmp_path: Path, uri: str, *extra: str) -> list[str]:
     return [*TINY, *phantom_overrides(*phantom), f"paths.output={tmp_path / 'out'}", f"mlflow.tracking_uri={uri}",
             "mlflow.retry_seconds=1", "device=cpu", *extra]
@@ -69,8 +74,7 @@ def test_training_goes_on_through_a_server_restart_and_every_step_arrives(phanto
     server.stop()
     _wait_for("step_0000090.pt", checkpoints, training)  # two checkpoints while the server is away
     assert training.poll() is None
-    spooled = Spool(tmp_path / "out" / SPOOL_FOLDER).pending()
-    assert spooled > 0
+    assert _journaled(tmp_path / "out") > 0
     server.start()
     output, _ = training.communicate(timeout=600)
     assert training.returncode == 0, output[-3000:]
@@ -82,7 +86,8 @@ def test_training_goes_on_through_a_server_restart_and_every_step_arrives(phanto
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [30, 60, 90, 120, 150]
     pictures = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {f"samples/samples_step{s:07d}.png" for s in (30, 60, 90, 120, 150)} <= pictures
-    assert not (tmp_path / "out" / SPOOL_FOLDER / "journal.jsonl").exists()  # all sent
+    assert (tmp_path / "out" / SPOOL_FOLDER).is_dir() and _journaled(tmp_path / "out") == 0  # all sent
+    assert not list((tmp_path / "out" / SPOOL_FOLDER).glob("*/journal.jsonl"))
 
 
 def test_a_server_still_away_at_the_end_is_synced_later(phantom, server: TrackingServer, tmp_path: Path) -> None:
@@ -96,7 +101,7 @@ def test_a_server_still_away_at_the_end_is_synced_later(phantom, server: Trackin
     output, _ = training.communicate(timeout=600)
     assert training.returncode == 0, output[-3000:]
     assert f"medsynth sync {tmp_path / 'out'}" in output
-    assert Spool(tmp_path / "out" / SPOOL_FOLDER).pending() > 0
+    assert _journaled(tmp_path / "out") > 0
 
     refused = subprocess.run([sys.executable, "-m", "medsynth.cli", "sync", str(tmp_path / "out")], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)

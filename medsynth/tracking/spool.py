@@ -2,10 +2,11 @@
 
 When the tracking server stops answering (stopped, restarting, unreachable), :class:`~medsynth.tracking.Tracker`
 stops waiting for it: every write from then on (metrics, params, tags, artifacts, new runs, run ends)
-is appended to a journal under ``paths.output/mlflow-spool/`` and training goes on. Once the server
+is appended to a journal under ``paths.output/mlflow-spool/<process>/`` (one per process, so the array
+tasks of a sharded preprocess never write into one file) and training goes on. Once the server
 answers again, the journal is sent in the order it was written, and writes go straight to the server
 again. If it is still gone when the stage ends, the stage finishes anyway and says where the journal
-is; ``medsynth sync PATH`` sends it later, into the same runs.
+is; ``medsynth sync PATH`` sends it, and any journal a killed process left, later into the same runs.
 
 The journal is one JSON object per line (``journal.jsonl``, flushed to disk line by line); ``sent``
 holds how many lines the server has (written atomically after each), so a sync that is itself cut
@@ -17,15 +18,18 @@ holds a credential: they come from the environment at send time.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +145,20 @@ class Spool:
 
     # ------------------------------------------------------------------------------------ writing
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the journal's lock: its process appending or sending it, or ``medsynth sync`` sending it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
     def add(self, entry: dict[str, Any], *, tracking_uri: str) -> None:
         """Append one write; an artifact's file is linked or copied into the spool first."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            self._add(entry, tracking_uri=tracking_uri)
+
+    def _add(self, entry: dict[str, Any], *, tracking_uri: str) -> None:
         if not (self.folder / "spool.json").is_file():
             write_json(self.folder / "spool.json", {"tracking_uri": tracking_uri})
         if entry["op"] == "artifact":
@@ -168,6 +183,10 @@ class Spool:
         Raises:
             Exception: What the client raises for the write that failed (the ones before it stay sent).
         """
+        with self._locked():
+            return self._replay(client)
+
+    def _replay(self, client: MlflowClient) -> int:
         entries, done = self.entries(), self.sent()
         ids = self.ids()
         for number in range(done, len(entries)):
@@ -236,9 +255,15 @@ def apply(client: MlflowClient, entry: Mapping[str, Any], *, ids: Mapping[str, s
     return None
 
 
+def process_folder(spool: str | os.PathLike[str]) -> Path:
+    """The journal folder of this process under ``spool``: its start time, host and pid, so that
+    folders sort in the order their processes started."""
+    return Path(spool) / f"{time.time_ns()}-{socket.gethostname()}-{os.getpid()}"
+
+
 def sync(output: str | os.PathLike[str]) -> str:
-    """``medsynth sync PATH``: send what a tracking outage spooled under ``PATH`` (a run's output
-    folder or its spool folder) to the server it was meant for.
+    """``medsynth sync PATH``: send what tracking outages journaled under ``PATH`` (a run's output
+    folder or its ``mlflow-spool`` folder) to the server each journal was meant for, oldest first.
 
     Args:
         output: ``paths.output`` of the run, or its ``mlflow-spool`` folder.
@@ -247,32 +272,37 @@ def sync(output: str | os.PathLike[str]) -> str:
         A one-line summary.
 
     Raises:
-        MedsynthError: No spool there, or the server still does not answer or refuses the writes.
+        MedsynthError: The server still does not answer or refuses the writes (what was sent stays sent).
     """
     folder = Path(output)
     if folder.name != SPOOL_FOLDER:
         folder = folder / SPOOL_FOLDER
-    spool = Spool(folder)
-    uri = spool.tracking_uri()
-    if uri is None or not spool.journal.is_file():
-        return f"nothing to send: no spooled MLflow writes under {folder}"
-    pending = spool.pending()
-    if not server_answers(uri):
-        raise MedsynthError(f"the MLflow server at {uri} does not answer; {pending} writes stay spooled in {folder}")
+    spools = [Spool(p) for p in sorted(folder.iterdir()) if (p / "journal.jsonl").is_file()] if folder.is_dir() else []
+    if not spools:
+        return f"nothing to send: no journaled MLflow writes under {folder}"
     os.environ.update({k: v for k, v in FAST_FAIL.items() if k not in os.environ})
-    start = time.perf_counter()
-    try:
-        sent = spool.replay(MlflowClient(tracking_uri=uri))
-    except Exception as err:
-        if is_unreachable(err):
+    start, sent, total = time.perf_counter(), 0, sum(spool.pending() for spool in spools)
+    uris = []
+    for spool in spools:
+        uri = spool.tracking_uri() or ""
+        uris.append(uri)
+        if not server_answers(uri):
+            left = sum(s.pending() for s in spools)
+            raise MedsynthError(f"the MLflow server at {uri} does not answer; {left} writes stay journaled in {folder}")
+        try:
+            sent += spool.replay(MlflowClient(tracking_uri=uri))
+        except Exception as err:
+            left = sum(s.pending() for s in spools)
+            if is_unreachable(err):
+                raise MedsynthError(
+                    f"the MLflow server at {uri} does not answer; {left} writes stay journaled in {folder}"
+                ) from None
             raise MedsynthError(
-                f"the MLflow server at {uri} does not answer; {spool.pending()} writes stay spooled in {folder}"
+                f"the MLflow server at {uri} refused a journaled write ({_first_line(err)}); {left} writes stay journaled in {folder}"
             ) from None
-        raise MedsynthError(
-            f"the MLflow server at {uri} refused a spooled write ({_first_line(err)}); "
-            f"{spool.pending()} writes stay spooled in {folder}"
-        ) from None
-    return f"sent {sent} of {pending} spooled MLflow writes to {uri} in {time.perf_counter() - start:.1f} s"
+    return (
+        f"sent {sent} of {total} journaled MLflow writes to {', '.join(sorted(set(uris)))} in {time.perf_counter() - start:.1f} s"
+    )
 
 
 def _first_line(err: BaseException) -> str:

@@ -21,7 +21,16 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from medsynth import MedsynthError
-from medsynth.tracking.spool import FAST_FAIL, LOCAL_PREFIX, Spool, apply, is_unreachable, new_local_id, server_answers
+from medsynth.tracking.spool import (
+    FAST_FAIL,
+    LOCAL_PREFIX,
+    Spool,
+    apply,
+    is_unreachable,
+    new_local_id,
+    process_folder,
+    server_answers,
+)
 
 log = logging.getLogger("medsynth")
 
@@ -70,7 +79,8 @@ class Tracker:
         experiment: Experiment name; created if missing.
         artifact_location: Where a newly created experiment stores artifacts; by default beside
             a SQLite store, otherwise MLflow's default.
-        spool: Where to journal writes during a server outage (``paths.output/mlflow-spool``).
+        spool: Where to journal writes during a server outage (``paths.output/mlflow-spool``; this
+            process's journal is a folder of its own in there).
         retry_seconds: How often to look for the server again during an outage.
     """
 
@@ -105,7 +115,7 @@ class Tracker:
         except Exception as err:  # mlflow raises many types for a bad store
             raise MedsynthError(store_error(tracking_uri, experiment, err)) from None
         self._pending: dict[str, list[Metric]] = {}
-        self.spool = Spool(spool) if spool is not None and remote else None
+        self.spool = Spool(process_folder(spool)) if spool is not None and remote else None
         self._retry_seconds = retry_seconds
         self._next_try = 0.0
 
@@ -191,7 +201,7 @@ class Tracker:
                 self.tracking_uri,
                 self.spool.pending(),
                 self.spool.folder,
-                self.spool.folder.parent,
+                self.spool.folder.parent.parent,
             )
 
     def reopen_run(self, run_id: str) -> str | None:
