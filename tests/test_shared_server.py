@@ -160,3 +160,15 @@ def test_a_user_without_permission_can_neither_log_nor_read(server: Server, pipe
         MlflowClient(tracking_uri=server.uri).get_run(run.info.run_id)
     server.grant(experiment_id, "visitor", "READ")  # the privacy officer's access: read, not write
     assert MlflowClient(tracking_uri=server.uri).get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_credentials_from_a_netrc_file(server: Server, pipeline: SimpleNamespace, tmp_path: Path) -> None:
+    """No MLFLOW_TRACKING_* variables: the login comes from ~/.netrc, as requests reads it."""
+    (tmp_path / ".netrc").write_text(f"machine 127.0.0.1 login {server.admin[0]} password {server.admin[1]}\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    image, label = write_phantom(tmp_path / "raw")
+    done = _medsynth("preprocess", *TINY, *phantom_overrides(image, label), f"paths.output={tmp_path / 'out'}",
+                     f"mlflow.tracking_uri={server.uri}", "mlflow.experiment_name=netrc", cwd=tmp_path,
+                     env={"HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert server.admin[1] not in done.stdout + done.stderr
