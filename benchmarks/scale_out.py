@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import TINY, phantom_overrides, write_phantom  # noqa: E402
-from tests.servers import TrackingServer  # noqa: E402
+from tests.servers import TrackingServer, processes_with_environment  # noqa: E402
 from tests.slurm import slurm_cluster, slurm_unavailable_reason  # noqa: E402
 
 if TYPE_CHECKING:
@@ -373,16 +373,12 @@ def spool(work: Path, *, repeats: int, points: int) -> list[Row]:
 
 def leftovers(marker: str) -> list[str]:
     """Processes other than this one whose environment holds ``MARKER=marker``: what this script started."""
-    needle = f"{MARKER}={marker}".encode()
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for pid in processes_with_environment(f"{MARKER}={marker}"):
         with contextlib.suppress(OSError):
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                if cmdline:  # zombies have none
-                    found.append(f"{entry.name} {cmdline[:160]}")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            if cmdline:
+                found.append(f"{pid} {cmdline[:160]}")
     return found
 
 

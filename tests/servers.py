@@ -151,6 +151,23 @@ def stop(process: subprocess.Popen, *, grace: float = 20.0) -> None:
     process.wait()
 
 
+def processes_with_environment(entry: str) -> list[int]:
+    """The processes other than this one whose environment holds ``entry`` (``NAME=VALUE``) exactly:
+    what a test or benchmark started with a marker in the environment. Zombies (no environment left)
+    and processes this user may not read are not listed."""
+    needle = entry.encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 class TrackingServer:
     """`mlflow server` over one SQLite store on a fixed loopback port, stopped and started at will."""
 

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.servers import processes_with_environment
+
 APT_PACKAGES = "slurm-wlm munge"
 """What ``apt-get install --no-install-recommends`` needs for this module (Debian 12: SLURM 22.05)."""
 
@@ -337,15 +339,7 @@ def stray_processes(conf: Path) -> list[int]:
     The daemons, ``slurmstepd`` and the jobs' processes (and any client run with :attr:`Cluster.env`);
     zombies, whose environment is gone, are not listed. Only processes this user may read are seen.
     """
-    needle = f"SLURM_CONF={conf}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-    return found
+    return processes_with_environment(f"SLURM_CONF={conf}")
 
 
 def write_config(folder: Path, *, node: str, cpus: int, memory_mb: int, partition: str, min_job_age: int = 120) -> Path:
