@@ -47,12 +47,9 @@ SPOOL_FOLDER = "mlflow-spool"
 LOCAL_PREFIX = "local-"
 
 # MLflow's client retries a dead server for about 4 minutes per call; a tracker whose server may be
-# away spools instead, so it gives up after a few seconds (unless the user set these).
-FAST_FAIL = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-}
+# away spools instead, so it gives up after a few seconds (unless the user set these). The timeout of
+# one request stays MLflow's (120 s): a large checkpoint's upload through the artifact proxy needs it.
+FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def is_unreachable(err: BaseException) -> bool:
