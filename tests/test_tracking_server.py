@@ -37,7 +37,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     reason = postgres_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    with shared_tracking_server(tmp_path_factory.mktemp("tracking-server")) as running:
+    # a checked login is cached for a minute, as docs/deploy.md sets it (a wrong password never is)
+    with shared_tracking_server(tmp_path_factory.mktemp("tracking-server"), auth_cache_seconds=60) as running:
         yield running
         processes = [running.postgres.process, running.process]
         pg_folder = running.postgres.folder
