@@ -3,6 +3,8 @@ was logged meanwhile reaches it in order once it is back (or with `medsynth sync
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from medsynth import MedsynthError
 from medsynth.tracking.spool import SPOOL_FOLDER, Spool
 from mlflow.tracking import MlflowClient
 
@@ -121,3 +124,41 @@ def test_a_server_still_away_at_the_end_is_synced_later(phantom, server: Trackin
     again = subprocess.run([sys.executable, "-m", "medsynth.cli", "sync", str(tmp_path / "out")], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1].startswith("nothing to send")
+
+
+class _NothingMaySend:
+    """A client that fails the test if the journal tries to send anything."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the journal called client.{name} for a line it should have refused")
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ({"op": "artifact", "run": "r", "path": "/etc/passwd", "artifact_path": None}, "an artifact outside the journal's files/"),
+    ({"op": "artifact", "run": "r", "path": "files/../../secret.txt", "artifact_path": None},
+     "an artifact outside the journal's files/"),
+    ({"op": "batch", "run": "r", "metrics": [["loss", "1.0", 0, 1]]}, "in the wrong shape"),
+    ({"op": "status", "run": "r", "status": "DELETED", "time": 0}, "a run status other than"),
+    ({"op": "exec", "run": "r"}, "unknown write 'exec'"),
+    (["not", "an", "object"], "not an object"),
+], ids=["absolute-path", "dot-dot", "metric-as-text", "status", "unknown-op", "not-object"])
+def test_a_tampered_journal_line_is_refused_before_anything_is_sent(tmp_path: Path, line: object, problem: str) -> None:
+    spool = Spool(tmp_path / SPOOL_FOLDER / "1-host-1")
+    spool.folder.mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("not for the tracking server")
+    spool.journal.write_text(json.dumps(line) + "\n")
+    with pytest.raises(MedsynthError, match=re.escape(problem)) as refused:
+        spool.replay(_NothingMaySend())  # type: ignore[arg-type]
+    assert "line 1 is not a write medsynth journals" in str(refused.value)
+    assert spool.pending() == 1  # kept for a person to look at
+
+
+def test_a_damaged_journal_is_named_and_a_line_cut_by_a_crash_is_dropped(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "1-host-1")
+    spool.folder.mkdir()
+    good = json.dumps({"op": "status", "run": "r", "status": "RUNNING"})
+    spool.journal.write_text(f"{good}\n{{\"op\": \"bat")  # the process died mid-write: only whole lines count
+    assert spool.pending() == 1
+    spool.journal.write_text(f"{good}\nnot json\n{good}\n")
+    with pytest.raises(MedsynthError, match="line 2 is not JSON; the journal was damaged"):
+        spool.pending()

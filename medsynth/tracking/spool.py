@@ -108,15 +108,21 @@ class Spool:
     # ------------------------------------------------------------------------------------ reading
 
     def entries(self) -> list[dict[str, Any]]:
-        """Every line of the journal, in order (a last line cut by a crash is dropped)."""
+        """Every line of the journal, in order (a last line cut by a crash mid-write is dropped).
+
+        Raises:
+            MedsynthError: A line before the last that is not JSON: the journal was damaged.
+        """
         if not self.journal.is_file():
             return []
+        lines = self.journal.read_text(errors="replace").splitlines()
         entries = []
-        for line in self.journal.read_text().splitlines():
+        for number, line in enumerate(lines, start=1):
             try:
                 entries.append(json.loads(line))
             except json.JSONDecodeError:
-                break  # a line cut by a crash mid-write: it and nothing after it was acknowledged
+                if number < len(lines):
+                    raise MedsynthError(f"{self.journal}: line {number} is not JSON; the journal was damaged") from None
         return entries
 
     def sent(self) -> int:
@@ -187,6 +193,12 @@ class Spool:
         entries, done = self.entries(), self.sent()
         ids = self.ids()
         for number in range(done, len(entries)):
+            problem = check_entry(entries[number], root=self.folder)
+            if problem:
+                raise MedsynthError(
+                    f"{self.journal}: line {number + 1} is not a write medsynth journals ({problem}); "
+                    f"the {number - done} writes before it were sent, nothing after it"
+                )
             created = apply(client, entries[number], ids=ids, root=self.folder)
             if created is not None:
                 ids[entries[number]["local"]] = created
@@ -207,6 +219,65 @@ class Spool:
 def new_local_id() -> str:
     """An id for a run created while the server is away."""
     return f"{LOCAL_PREFIX}{uuid.uuid4().hex}"
+
+
+_STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+_DATASET_KEYS = ("name", "digest", "source_type", "source", "profile")
+
+
+def _strings(value: Any, size: int) -> bool:
+    """Whether ``value`` is a list of ``size``-lists that start with a string (key, value[, time, step])."""
+    return isinstance(value, list) and all(isinstance(v, list) and len(v) == size and isinstance(v[0], str) for v in value)
+
+
+def check_entry(entry: Any, *, root: Path) -> str | None:
+    """What is wrong with one journal line, or ``None``: the journal is a file on disk like any other,
+    so its lines are checked before anything is sent, and a spooled artifact must lie in the
+    journal's own ``files/`` (a line naming any other file would upload it).
+
+    Args:
+        entry: The decoded line.
+        root: The journal's folder.
+
+    Returns:
+        The problem in a few words, or ``None`` for a well-formed write.
+    """
+    if not isinstance(entry, dict):
+        return "not an object"
+    op = entry.get("op")
+    if op != "create_run" and not isinstance(entry.get("run"), str):
+        return "no run id"
+    if op == "create_run":
+        fields = (entry.get("local"), entry.get("experiment_id"), entry.get("name"))
+        if not all(isinstance(f, str) for f in fields) or not str(entry.get("local")).startswith(LOCAL_PREFIX):
+            return "a new run without its local id, experiment or name"
+        tags = entry.get("tags")
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            return "run tags that are not strings"
+        return None if isinstance(entry.get("time"), int) else "a new run without its start time"
+    if op == "batch":
+        metrics = entry.get("metrics", [])
+        ok = _strings(metrics, 4) and _strings(entry.get("params", []), 2) and _strings(entry.get("tags", []), 2)
+        ok = ok and all(isinstance(v, (int, float)) and isinstance(t, int) and isinstance(n, int) for _, v, t, n in metrics)
+        ok = ok and all(isinstance(v, str) for _, v in [*entry.get("params", []), *entry.get("tags", [])])
+        return None if ok else "a batch of metrics, params or tags in the wrong shape"
+    if op == "artifact":
+        path, files = entry.get("path"), (root / "files").resolve()
+        if not isinstance(path, str) or not (root / path).resolve().is_relative_to(files):
+            return "an artifact outside the journal's files/"
+        return (
+            None if entry.get("artifact_path") is None or isinstance(entry.get("artifact_path"), str) else "a bad artifact path"
+        )
+    if op == "dataset":
+        dataset = entry.get("dataset")
+        if not isinstance(dataset, dict) or set(dataset) != set(_DATASET_KEYS) or not isinstance(entry.get("context"), str):
+            return "a dataset in the wrong shape"
+        return None
+    if op == "status":
+        if entry.get("status") not in _STATUSES:
+            return f"a run status other than {', '.join(_STATUSES)}"
+        return None if entry["status"] == "RUNNING" or isinstance(entry.get("time"), int) else "a run end without its time"
+    return f"unknown write {op!r}"
 
 
 def apply(client: MlflowClient, entry: Mapping[str, Any], *, ids: Mapping[str, str], root: Path | None = None) -> str | None:
@@ -288,6 +359,8 @@ def sync(output: str | os.PathLike[str]) -> str:
             raise MedsynthError(f"the MLflow server at {uri} does not answer; {left} writes stay journaled in {folder}")
         try:
             sent += spool.replay(MlflowClient(tracking_uri=uri))
+        except MedsynthError:
+            raise
         except Exception as err:
             left = sum(s.pending() for s in spools)
             if is_unreachable(err):
