@@ -126,3 +126,14 @@ def test_preset_trains_one_tiny_step(preset: str, tiny_config, phantom, tmp_path
     assert checkpoint["config"]["model"] == to_mapping(cfg.model)
     assert checkpoint["config"]["scheduler"] == to_mapping(cfg.scheduler)
     assert checkpoint["config"]["model"]["conditioning"] == composed.model.conditioning
+
+
+@pytest.mark.parametrize("uri", ["https://alice:s3cret@mlflow.hospital", "postgresql+psycopg2://mlflow:s3cret@db:5432/mlflow"])
+def test_a_tracking_uri_with_a_password_is_refused_without_repeating_it(uri: str) -> None:
+    with pytest.raises(ConfigError, match="mlflow.tracking_uri must not hold a password") as refused:
+        compose_config([f"mlflow.tracking_uri={uri}"])
+    assert "s3cret" not in str(refused.value)
+
+
+def test_a_tracking_uri_without_a_password_is_taken() -> None:
+    assert compose_config(["mlflow.tracking_uri=https://mlflow.hospital"]).run.mlflow.tracking_uri == "https://mlflow.hospital"

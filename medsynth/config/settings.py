@@ -122,6 +122,32 @@ class MlflowSettings:
 
     def __post_init__(self) -> None:
         check(self.retry_seconds > 0, "mlflow.retry_seconds", "a number of seconds > 0", self.retry_seconds)
+        check_tracking_uri(self.tracking_uri)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse a tracking URI that holds a password (``https://user:pw@host``, ``postgresql://user:pw@db/mlflow``).
+
+    The config is logged with every run, so a password in it would land in MLflow itself. The
+    message never repeats the URI.
+
+    Raises:
+        ConfigError: Saying where credentials go instead.
+    """
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return  # not a URL with a network location; MLflow judges it
+    if password is not None:
+        where = (
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or a netrc entry for the host"
+            if parts.scheme in ("http", "https")
+            else "the database's own password file (~/.pgpass for PostgreSQL), or run an mlflow server (docs/deploy.md)"
+        )
+        raise ConfigError(
+            f"mlflow.tracking_uri must not hold a password (user:password@host): the config is logged with every run; use {where}"
+        )
 
 
 @dataclass(kw_only=True)
