@@ -92,6 +92,25 @@ def run_stage(stage: str, cfg: Any) -> Any:
         return _call(stage, load_settings(resolve(cfg)))
 
 
+def check_launcher(args: Sequence[str]) -> None:
+    """Refuse ``hydra/launcher=slurm`` where it cannot submit: without ``-m`` (Hydra would run the
+    job right here, say on a login node) or without SLURM's ``sbatch`` and ``srun`` on PATH.
+
+    Raises:
+        MedsynthError: One line saying what to do.
+    """
+    import shutil
+
+    if "hydra/launcher=slurm" not in args:
+        return
+    if not any(a in ("-m", "--multirun") for a in args):
+        raise MedsynthError("hydra/launcher=slurm submits a sweep: add -m (a sweep of one job is fine), or it would run here")
+    if not (shutil.which("sbatch") and shutil.which("srun")):
+        raise MedsynthError(
+            "hydra/launcher=slurm submits to SLURM, but sbatch and srun are not on PATH: run it on a machine of the cluster"
+        )
+
+
 def adopt_slurm_task() -> None:
     """In a task of a multi-task SLURM job step, set torchrun's variables from SLURM's
     (:func:`medsynth.training.distributed.slurm_environment`), so the output lock and the process
@@ -227,6 +246,8 @@ def hydra_entry(stage: str) -> Callable[[], Any]:
     def entry() -> Any:
         adopt_slurm_task()
         sys.argv[1:] = expand_aliases(sys.argv[1:])
+        with user_errors(stage):
+            check_launcher(sys.argv[1:])
         with claimed(stage, check_overrides(stage, sys.argv[1:])):
             return hydra_main()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,19 @@ def test_a_bad_value_in_a_sweep_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("medsynth train: error:")
+
+
+def test_the_slurm_launcher_is_refused_where_it_cannot_submit(tmp_path: Path) -> None:
+    """Without -m Hydra would train right here (a login node); without sbatch and srun submitit has nothing to call."""
+    here = medsynth("train", "hydra/launcher=slurm", *TINY, f"paths.output={tmp_path / 'o'}", cwd=tmp_path)
+    assert here.returncode == 2
+    assert here.stderr.strip().splitlines() == [
+        "medsynth train: error: hydra/launcher=slurm submits a sweep: add -m (a sweep of one job is fine), or it would run here"]
+    no_slurm = subprocess.run(
+        [sys.executable, "-m", "medsynth.cli", "train", "-m", "hydra/launcher=slurm", *TINY, f"paths.output={tmp_path / 'o'}"],
+        cwd=tmp_path, env={**os.environ, "PATH": str(Path(sys.executable).parent)}, capture_output=True, text=True, timeout=300)
+    assert no_slurm.returncode == 2
+    assert no_slurm.stderr.strip().splitlines() == [
+        "medsynth train: error: hydra/launcher=slurm submits to SLURM, but sbatch and srun are not on PATH: "
+        "run it on a machine of the cluster"]
+    assert not (tmp_path / "o").exists()
