@@ -183,6 +183,8 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks that the suite runs")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole suite (default 480; 1500 for --dry-run: a CPU compiles slowly)")
+    parser.add_argument("--skip", action="append", default=[], metavar="NAME",
+                        help="leave out the sections whose name starts with NAME (e.g. tests/, which the test suite runs itself)")
     parser.add_argument("--log", type=Path, default=ROOT / "outputs" / "gpu_suite.log",
                         help="every section's full output")
     args = parser.parse_args()
@@ -195,7 +197,8 @@ def main() -> int:
     device_name = "cpu" if args.dry_run else torch.cuda.get_device_name(0)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
     budget = args.budget or (1500.0 if args.dry_run else 480.0)
-    results = sections(dry_run=args.dry_run, device=device, peak=peak)
+    skip = tuple(args.skip)
+    results = [s for s in sections(dry_run=args.dry_run, device=device, peak=peak) if not (skip and s.name.startswith(skip))]
     args.log.parent.mkdir(parents=True, exist_ok=True)
     with open(args.log, "w") as log:
         for section in results:

@@ -132,7 +132,7 @@ def test_a_preempted_and_a_timed_out_job_resume_from_their_checkpoints(setup: Si
     """SLURM requeues the job (preemption: the job is killed and starts again), then warns it of its time
     limit (USR2: submitit requeues it itself); each time it resumes with trainer.resume=auto."""
     output, cluster = setup.root / "requeue", setup.cluster
-    steps = 800  # about 20 s of training: a tiny network trains some 40 steps a second
+    steps = 500  # about 12 s of training: a tiny network trains some 40 steps a second
     sweep = _sweep(setup, "requeue", f"trainer.max_steps={steps}", "trainer.checkpoint_every=100", "trainer.keep_last=20",
                    "trainer.resume=auto", "hydra.launcher.max_num_timeout=3")
     checkpoints = lambda: _job_folders(output)[0] / "checkpoints"  # noqa: E731
@@ -145,7 +145,7 @@ def test_a_preempted_and_a_timed_out_job_resume_from_their_checkpoints(setup: Si
     cluster.run("scontrol", "requeue", job_id)  # preemption with PreemptMode=REQUEUE
     cluster.wait_state(job_id, {"PENDING"}, timeout=60)
     cluster.start_now(job_id)
-    _wait_for(checkpoints() / "step_0000500.pt", sweep)
+    _wait_for(checkpoints() / "step_0000300.pt", sweep)
     cluster.run("scancel", "--signal=USR2", job_id)  # the warning SLURM sends signal_delay_s before the time limit
     _finish(sweep)
 

@@ -28,23 +28,22 @@ def test_a_train_sweep_gives_each_job_its_folder_and_run_and_one_sweep_id(tmp_pa
     common = [*TINY, f"paths.output={out}", f"mlflow.tracking_uri=sqlite:///{db}"]
     assert medsynth("preprocess", *common, cwd=tmp_path).returncode == 0
 
-    result = medsynth("train", "-m", *common, "model.conditioning=mask,none", "trainer.max_steps=2,3", cwd=tmp_path)
+    result = medsynth("train", "-m", *common, "model.conditioning=mask,none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     (sweep,) = (out / "sweeps").iterdir()
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    assert [p.name for p in jobs] == ["0", "1"]
     for job in jobs:  # each job trained into its own folder, from the one dataset under paths.output
         assert (job / "checkpoints" / "last.pt").is_file()
         assert not (job / "data").exists()
     assert not (out / "checkpoints").exists()
 
     runs = _runs(db, "train")
-    assert len(runs) == 4
+    assert len(runs) == 2
     assert {r.data.tags[SWEEP_TAG] for r in runs} == {sweep.name}
-    assert sorted(int(r.data.tags[JOB_TAG]) for r in runs) == [0, 1, 2, 3]
-    assert {(r.data.params["model.conditioning"], r.data.params["trainer.max_steps"]) for r in runs} == {
-        ("mask", "2"), ("mask", "3"), ("none", "2"), ("none", "3")}
+    assert sorted(int(r.data.tags[JOB_TAG]) for r in runs) == [0, 1]
+    assert {r.data.params["model.conditioning"] for r in runs} == {"mask", "none"}
     assert {r.data.tags["medsynth.output"] for r in runs} == {str(j.resolve()) for j in jobs}
 
 
