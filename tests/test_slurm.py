@@ -143,8 +143,7 @@ def test_a_preempted_and_a_timed_out_job_resume_from_their_checkpoints(setup: Si
     _wait_for(checkpoints() / "step_0000100.pt", sweep)
     (job_id,) = cluster.jobs()
     cluster.run("scontrol", "requeue", job_id)  # preemption with PreemptMode=REQUEUE
-    cluster.wait_state(job_id, {"PENDING"}, timeout=60)
-    cluster.start_now(job_id)
+    cluster.wait_state(job_id, {"PENDING"}, timeout=60)  # SLURM holds it a few seconds (cred_expire + 1), then starts it
     _wait_for(checkpoints() / "step_0000300.pt", sweep)
     cluster.run("scancel", "--signal=USR2", job_id)  # the warning SLURM sends signal_delay_s before the time limit
     _finish(sweep)

@@ -72,8 +72,7 @@ def requeue_script(marker: Path) -> str:
 def test_requeued_job_runs_again(cluster: Cluster, tmp_path: Path) -> None:
     """``scontrol requeue`` on a running job: it runs a second time (SLURM_RESTART_COUNT=1) and completes.
 
-    slurmctld holds a requeued job back for cred_expire + 1 s (6 s here, measured once when the
-    config was set up); ``StartTime=now`` lifts it.
+    slurmctld holds a requeued job back for cred_expire + 1 s (6 s here) before it runs again.
     """
     marker = tmp_path / "runs"
     job = cluster.sbatch(requeue_script(marker), "--requeue", "--open-mode=append", f"--output={tmp_path}/out")
@@ -82,12 +81,11 @@ def test_requeued_job_runs_again(cluster: Cluster, tmp_path: Path) -> None:
     requeued = time.monotonic()
     cluster.run("scontrol", "requeue", job)
     cluster.wait_state(job, {"PENDING"}, timeout=20)
-    cluster.start_now(job)
     assert cluster.wait_job(job, timeout=40) == "COMPLETED"
     waited = time.monotonic() - requeued
     assert marker.read_text().split() == ["0", "1"]
     assert cluster.job(job)["Restarts"] == "1"  # type: ignore[index]
-    assert waited < 5, f"the requeued job took {waited:.1f} s to run again"
+    assert waited < 15, f"the requeued job took {waited:.1f} s to run again"
 
 
 def test_sacct_stand_in_reports_job_and_array_states(cluster: Cluster) -> None:
