@@ -222,6 +222,7 @@ def new_local_id() -> str:
 
 
 _STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+_DUPLICATE = ("UNIQUE constraint failed", "duplicate key value violates unique constraint")
 _DATASET_KEYS = ("name", "digest", "source_type", "source", "profile")
 
 
@@ -312,7 +313,17 @@ def apply(client: MlflowClient, entry: Mapping[str, Any], *, ids: Mapping[str, s
             client.log_artifact(run, str(path), artifact_path=entry.get("artifact_path"))
     elif op == "dataset":
         dataset = Dataset(**entry["dataset"])
-        client.log_inputs(run, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, entry["context"])])])
+        inputs = [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, entry["context"])])]
+        for attempt in range(3):
+            try:
+                client.log_inputs(run, datasets=inputs)
+                break
+            except MlflowException as err:
+                # Runs of a sweep logging one new dataset at once: the server's check-then-insert lets two
+                # inserts collide, and the loser's is refused. The dataset exists now; logging again links it.
+                if attempt == 2 or not any(m in str(err) for m in _DUPLICATE):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     elif op == "status":
         if entry["status"] == "RUNNING":
             client.update_run(run, status="RUNNING")
