@@ -151,7 +151,6 @@ class TrainRun:
 
 
 def ddp(work: Path, *, repeats: int, steps: int, one_thread: bool) -> list[Row]:
-    import torch
     from mlflow.tracking import MlflowClient
 
     from medsynth.config import compose
@@ -190,7 +189,7 @@ def ddp(work: Path, *, repeats: int, steps: int, one_thread: bool) -> list[Row]:
         n, _, rate = found[-1]
         if int(n) != steps:
             raise BenchError(f"trained {n} steps, not {steps}: {log}")
-        last = torch.load(out / "checkpoints" / "last.pt", weights_only=False, map_location="cpu")["step"]
+        last = saved_step(out / "checkpoints" / "last.pt")
         if last != steps:
             raise BenchError(f"last.pt of {out} holds step {last}, not {steps}")
         history = sorted(client.get_metric_history(run_id[-1], "loss"), key=lambda m: m.step)
@@ -239,7 +238,6 @@ def ddp(work: Path, *, repeats: int, steps: int, one_thread: bool) -> list[Row]:
 
 
 def sweep(work: Path, *, repeats: int) -> list[Row]:
-    import torch
 
     reason = slurm_unavailable_reason()
     if reason:
@@ -273,7 +271,7 @@ def sweep(work: Path, *, repeats: int) -> list[Row]:
                 wall, _ = run_logged(command(launcher, out), env=env, cwd=work, log=work / f"sweep{i}.log", timeout=900)
                 (stamp,) = (out / "sweeps").iterdir()
                 jobs = sorted((p for p in stamp.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-                got = [torch.load(p / "checkpoints" / "last.pt", weights_only=False, map_location="cpu")["step"] for p in jobs]
+                got = [saved_step(p / "checkpoints" / "last.pt") for p in jobs]
                 if got != [2, 3]:
                     raise BenchError(f"the {launcher} sweep in {out} left checkpoints at steps {got}, not [2, 3]")
                 walls[launcher].append(wall)
@@ -369,6 +367,13 @@ def spool(work: Path, *, repeats: int, points: int) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------- common
+
+
+def saved_step(checkpoint: Path) -> int:
+    """The step a checkpoint was saved at, read as data (``weights_only=True``: nothing in it runs)."""
+    import torch  # imported here, as the other torch users of this script do: the spool figure needs none
+
+    return int(torch.load(checkpoint, weights_only=True, map_location="cpu")["step"])
 
 
 def leftovers(marker: str) -> list[str]:
