@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -76,9 +77,15 @@ def test_training_goes_on_through_a_server_restart_and_every_step_arrives(phanto
     _wait_for("step_0000030.pt", checkpoints, training)
     server.stop()
     _wait_for("step_0000090.pt", checkpoints, training)  # two checkpoints while the server is away
-    assert training.poll() is None
-    assert _journaled(tmp_path / "out") > 0
-    server.start()
+    # the server takes seconds to start again, the training's last 60 steps may take less: pause the training
+    # meanwhile, so that it meets the restarted server instead of ending first
+    training.send_signal(signal.SIGSTOP)
+    try:
+        assert training.poll() is None
+        assert _journaled(tmp_path / "out") > 0
+        server.start()
+    finally:
+        training.send_signal(signal.SIGCONT)
     output, _ = training.communicate(timeout=600)
     assert training.returncode == 0, output[-3000:]
     assert "does not answer" in output and "answers again" in output

@@ -9,6 +9,7 @@ for this module (tests/slurm.py); the runs log to an `mlflow server` on loopback
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -128,11 +129,21 @@ def _wait_for(path: Path, process: subprocess.Popen, *, timeout: float = 300) ->
         time.sleep(0.1)
 
 
+def _resumed_steps(log: Path, process: subprocess.Popen, *, timeout: float = 300) -> int:
+    """The step a restarted job resumed from, once its log says so."""
+    deadline = time.monotonic() + timeout
+    while not (found := re.search(r"train: resuming from \S+ at step (\d+)", log.read_text())):
+        assert process.poll() is None, f"the sweep ended before resuming:\n{process.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no resume in {log} after {timeout} s"
+        time.sleep(0.1)
+    return int(found.group(1))
+
+
 def test_a_preempted_and_a_timed_out_job_resume_from_their_checkpoints(setup: SimpleNamespace) -> None:
     """SLURM requeues the job (preemption: the job is killed and starts again), then warns it of its time
     limit (USR2: submitit requeues it itself); each time it resumes with trainer.resume=auto."""
     output, cluster = setup.root / "requeue", setup.cluster
-    steps = 500  # about 12 s of training: a tiny network trains some 40 steps a second
+    steps = 600  # about 15 s of training: a tiny network trains some 40 steps a second
     sweep = _sweep(setup, "requeue", f"trainer.max_steps={steps}", "trainer.checkpoint_every=100", "trainer.keep_last=20",
                    "trainer.resume=auto", "hydra.launcher.max_num_timeout=3")
     checkpoints = lambda: _job_folders(output)[0] / "checkpoints"  # noqa: E731
@@ -144,7 +155,11 @@ def test_a_preempted_and_a_timed_out_job_resume_from_their_checkpoints(setup: Si
     (job_id,) = cluster.jobs()
     cluster.run("scontrol", "requeue", job_id)  # preemption with PreemptMode=REQUEUE
     cluster.wait_state(job_id, {"PENDING"}, timeout=60)  # SLURM holds it a few seconds (cred_expire + 1), then starts it
-    _wait_for(checkpoints() / "step_0000300.pt", sweep)
+    # submitit lets the first start train on through SIGTERM until SIGKILL (KillWait), so its last checkpoint
+    # is only known once the second start has resumed from it; one more checkpoint, then the warning
+    resumed = _resumed_steps(_job_folders(output)[0] / "train.log", sweep)
+    assert resumed + 100 < steps, f"the first start trained on to step {resumed} after the requeue"
+    _wait_for(checkpoints() / f"step_{resumed + 100:07d}.pt", sweep)
     cluster.run("scancel", "--signal=USR2", job_id)  # the warning SLURM sends signal_delay_s before the time limit
     _finish(sweep)
 
