@@ -53,7 +53,7 @@ def test_generate_stage_in_bf16_with_a_compiled_denoiser(tiny_config: Callable[.
     import nibabel as nib
 
     plain = tiny_config(f"device={DEVICE}", "trainer.max_steps=3", "generate.num_samples=2", "generate.formats=[nifti]",
-                        "generate.privacy_gate.enabled=false")
+                        "generate.privacy_gate.enabled=false", "generate.precision=fp32")
     run_stage("preprocess", plain)
     run_stage("train", plain)
     run_stage("generate", plain)

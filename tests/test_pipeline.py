@@ -11,6 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from medsynth.compute import resolve_precision
 from medsynth.data import read_manifest
 from medsynth.io import load_nifti
 from tests.conftest import phantom_overrides, run_stage
@@ -46,6 +47,8 @@ def test_demo_pipeline_end_to_end(tiny_config, tmp_path: Path) -> None:
     assert [r["sample_id"] for r in rows] == [f"syn_{i:05d}" for i in range(5)]
     assert len({r["seed"] for r in rows}) == 5
     assert all(r["checkpoint_sha256"] == rows[0]["checkpoint_sha256"] and r["steps"] == "3" for r in rows)
+    used = resolve_precision("auto", torch.device("cpu"))  # precision: auto is recorded as what it meant here
+    assert {r["precision"] for r in rows} == {used}
     by_id = {r["id"]: r for r in manifest["records"]}
     image, affine = load_nifti(out / "synthetic" / rows[0]["image"])
     label, label_affine = load_nifti(out / "synthetic" / rows[0]["label"])
@@ -64,6 +67,7 @@ def test_demo_pipeline_end_to_end(tiny_config, tmp_path: Path) -> None:
     assert all("better" in m and "meaning" in m for m in metrics.values())
     assert all(np.isfinite(m["value"]) for m in metrics.values() if m["value"] is not None)
     assert isinstance(evaluation["verdict"]["passed"], bool)
+    assert evaluation["precision"] == used
     assert (out / "evaluation" / "comparison.png").is_file()
     assert "Verdict" in (out / "evaluation" / "report.html").read_text()
     assert (out / "data" / "encoder.pt").is_file()
@@ -86,6 +90,7 @@ def test_demo_pipeline_end_to_end(tiny_config, tmp_path: Path) -> None:
     assert {"evaluation/metrics.json", "evaluation/comparison.png", "evaluation/report.html",
             "evaluation/most_similar_pairs.png"} <= artifact_paths(client, stages["evaluate"].info.run_id)
     assert stages["evaluate"].data.tags["medsynth.verdict"] == parent.data.tags["medsynth.verdict"]
+    assert stages["generate"].data.params["precision_used"] == stages["evaluate"].data.params["precision_used"] == used
     assert "data/manifest.json" in artifact_paths(client, stages["preprocess"].info.run_id)
     assert "config.yaml" in artifact_paths(client, run_id)
 

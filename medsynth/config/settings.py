@@ -825,7 +825,7 @@ class GenerateSettings:
     prompt: str | None = None
     class_distribution: dict[str, float] | None = None
     sampler: Sampler = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device computes it natively
     compile: bool = False
     labels: LabelSourceSettings = field(default_factory=LabelSourceSettings)
     dicom: DicomOutputSettings = field(default_factory=DicomOutputSettings)
@@ -947,6 +947,7 @@ class MembershipSettings:
     timesteps: list[int] = field(default_factory=lambda: [50, 200, 500])
     attacks: list[str] = field(default_factory=lambda: ["loss", "pia"])
     max_records: int | None = 128
+    batch_size: int = 16
 
     def __post_init__(self) -> None:
         check(
@@ -961,6 +962,7 @@ class MembershipSettings:
             "an integer >= 2 or null",
             self.max_records,
         )
+        check(self.batch_size >= 1, "evaluate.membership.batch_size", "an integer >= 1", self.batch_size)
         check(
             bool(self.attacks) and set(self.attacks) <= {"loss", "pia"} and len(set(self.attacks)) == len(self.attacks),
             "evaluate.membership.attacks",
@@ -999,6 +1001,7 @@ class EvaluateSettings:
     max_ssim_pairs: int = 2000
     seed: int = 0
     min_reference_dice: float = 0.3
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # the attacks' and segmenters' networks; auto as in generate
     segmenter: SegmenterSettings = field(default_factory=SegmenterSettings)
     membership: MembershipSettings = field(default_factory=MembershipSettings)
     limits: dict[str, LimitSettings | None] = field(default_factory=_default_limits)

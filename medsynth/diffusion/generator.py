@@ -30,6 +30,7 @@ from monai.networks.schedulers import Scheduler
 from torch import nn
 
 from medsynth import ConfigError, MedsynthError
+from medsynth.compute import autocast, layout, resolve_precision
 from medsynth.config.schema import from_mapping, to_mapping
 from medsynth.config.settings import (
     AUTOENCODERS,
@@ -339,6 +340,8 @@ class Generator:
         shadow = check_state_dict(shape_of, state["ema"]["shadow"], where=f"checkpoint {where}: ema.shadow")
         model = build()
         model.load_state_dict(shadow)
+        # sampling and the audit's passes run fastest in the layout of compute.layout (NHWC in 2D)
+        model.to(memory_format=layout(len(facts.image_size)))  # type: ignore[call-overload]  # torch's stubs lack the keyword
         return cls(
             model.eval(),
             facts.scheduler,
@@ -387,8 +390,9 @@ class Generator:
             guidance_scale: Classifier-free guidance of ``class`` / ``attributes`` models (default:
                 the checkpoint's); other models ignore it.
             sampler: A sampler name or a MONAI scheduler instance (default: the checkpoint's).
-            precision: ``fp32``, or ``bf16`` to run the network (and a latent decoder) under bf16
-                autocast; the samples come back in float32 either way.
+            precision: ``fp32``, ``bf16`` to run the network (and a latent decoder) under bf16
+                autocast, or ``auto``: bf16 where the device computes it natively
+                (:func:`medsynth.compute.resolve_precision`); the samples come back in float32 either way.
 
         Returns:
             Images and label maps on the CPU.
@@ -402,14 +406,17 @@ class Generator:
                 raise MedsynthError(f"a {self.conditioning!r} model needs one label map per seed ({n})")
         if self.guided and codes is None:
             codes = self.codes(attributes if attributes is not None else [{}] * n)
-        if precision not in ("fp32", "bf16"):
-            raise MedsynthError(f"precision must be fp32 or bf16, got {precision!r}")
-        scheduler = sampler if isinstance(sampler, Scheduler) else self.sampler(sampler)
         device = self.device
-        condition = self.model.condition(
-            labels.to(device) if labels is not None else None, codes.to(device) if codes is not None else None
-        )
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        try:
+            precision = resolve_precision(precision, device)
+        except ValueError as err:
+            raise MedsynthError(str(err)) from None
+        scheduler = sampler if isinstance(sampler, Scheduler) else self.sampler(sampler)
+        # plain tensors: a MONAI MetaTensor (a label map from a transform) would carry its metadata
+        # through every operation of every step, and torch.compile cannot trace it
+        labels, codes = (x.as_subclass(torch.Tensor).to(device) if x is not None else None for x in (labels, codes))
+        condition = self.model.condition(labels, codes)
+        with autocast(precision, device):
             x = sample(
                 self.model,
                 scheduler,

@@ -102,7 +102,7 @@ def denoising_errors(
             e = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(seed + k)).expand_as(x).to(device)
             t = torch.full((x.shape[0],), int(step), device=device, dtype=torch.long)
             x_t = scheduler.add_noise(original_samples=x, noise=e, timesteps=t)
-            error = (model(x_t, t, model.condition(label, code)) - prediction_target(scheduler, x, e, t)) ** 2
+            error = (model(x_t, t, model.condition(label, code)).float() - prediction_target(scheduler, x, e, t)) ** 2
             total[start : start + batch_size] += error.flatten(1).mean(dim=1).cpu()
         if on_batch is not None:
             on_batch(label.shape[0])

@@ -22,6 +22,7 @@ import torch
 from monai.networks.schedulers import RFlowScheduler, Scheduler
 from torch import nn
 
+from medsynth.compute import autocast
 from medsynth.config.settings import EncoderSettings, SegmenterSettings
 from medsynth.data import LabelledArrays, Record
 from medsynth.data.dataset import attribute_codes
@@ -229,6 +230,7 @@ def train_segmenters(
     spatial_dims: int,
     seed: int,
     device: torch.device | str,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> dict[str, nn.Module]:
     """Segmenters trained on the real training split, the synthetic set, and both together.
@@ -244,6 +246,7 @@ def train_segmenters(
         spatial_dims: 2 or 3.
         seed: Seed of each training.
         device: Where to train.
+        precision: ``fp32``, or ``bf16`` autocast for the forward passes (:func:`train_segmenter`).
         progress: Show progress bars.
 
     Returns:
@@ -264,6 +267,7 @@ def train_segmenters(
             lr=settings.lr,
             seed=seed,
             device=device,
+            precision=precision,
             progress=progress,
             desc=f"segmenter ({name})",
         )
@@ -321,6 +325,8 @@ def membership_errors(
     timesteps: Sequence[int],
     seed: int,
     attacks: Sequence[str] = MEMBERSHIP_ATTACKS,
+    batch_size: int = 16,
+    precision: str = "fp32",
     progress: bool = False,
     desc: str = "membership attacks",
 ) -> dict[str, np.ndarray]:
@@ -334,6 +340,9 @@ def membership_errors(
         seed: Seed of the ``loss`` attack's fixed noise draws (the same for every set, so sets are
             comparable); PIA draws no noise.
         attacks: Names from :data:`MEMBERSHIP_ATTACKS`.
+        batch_size: Records per network pass.
+        precision: ``fp32``, or ``bf16`` autocast for the network passes (the errors are reduced
+            in float32 either way).
         progress: Show a progress bar (records times attacks).
         desc: The progress bar's label.
 
@@ -352,22 +361,32 @@ def membership_errors(
     scheduler = build_scheduler(generator.scheduler)
     out: dict[str, np.ndarray] = {}
     bar = progress_bar(total=len(attacks) * len(data.images), desc=desc, unit="record", enabled=progress)
-    for attack in attacks:
-        if attack == "loss":
-            out[attack] = denoising_errors(
-                generator.model,
-                data.images,
-                data.labels,
-                scheduler,
-                timesteps=list(timesteps),
-                codes=codes,
-                seed=seed,
-                on_batch=bar.update,
-            ).numpy()
-        else:
-            out[attack] = pia_errors(
-                generator.model, data.images, data.labels, scheduler, timesteps=timesteps, codes=codes, on_batch=bar.update
-            ).numpy()
+    with autocast(precision, generator.device):
+        for attack in attacks:
+            if attack == "loss":
+                errors = denoising_errors(
+                    generator.model,
+                    data.images,
+                    data.labels,
+                    scheduler,
+                    timesteps=list(timesteps),
+                    codes=codes,
+                    seed=seed,
+                    batch_size=batch_size,
+                    on_batch=bar.update,
+                )
+            else:
+                errors = pia_errors(
+                    generator.model,
+                    data.images,
+                    data.labels,
+                    scheduler,
+                    timesteps=timesteps,
+                    codes=codes,
+                    batch_size=batch_size,
+                    on_batch=bar.update,
+                )
+            out[attack] = errors.float().numpy()
     bar.close()
     return out
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from medsynth import MedsynthError
+from medsynth.compute import resolve_precision
 from medsynth.config.schema import to_mapping
 from medsynth.config.settings import EncoderSettings, EvaluateSettings, PrivacySettings, RunSettings
 from medsynth.data import Manifest, load_split, read_manifest
@@ -101,6 +102,7 @@ def evaluate(
     config = {"evaluate": to_mapping(settings), "encoder": to_mapping(encoder), "privacy": to_mapping(privacy)}
     with stage_run(run, "evaluate", config, tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
         device = pick_device(run.device)
+        precision = resolve_precision(settings.precision, device, key="evaluate.precision")
         manifest = read_manifest(run.paths.data)
         require_records(
             manifest,
@@ -132,6 +134,7 @@ def evaluate(
                 "num_synthetic": len(synthetic),
                 "num_train": len(train),
                 "num_holdout": len(holdout),
+                "precision": precision,
                 "provenance": audited.record,
                 "differential_privacy": dp.as_json() if dp is not None else None,
             },
@@ -160,6 +163,7 @@ def evaluate(
                 spatial_dims=dims,
                 seed=settings.seed,
                 device=device,
+                precision=precision,
                 progress=run.progress,
             )
             attacked = {
@@ -178,6 +182,8 @@ def evaluate(
                     timesteps=settings.membership.timesteps,
                     attacks=settings.membership.attacks,
                     seed=settings.seed,
+                    batch_size=settings.membership.batch_size,
+                    precision=precision,
                     progress=run.progress,
                     desc=f"membership attacks ({name})",
                 )
@@ -246,6 +252,7 @@ def evaluate(
                 "checkpoint sha256": synthetic.rows[0].get("checkpoint_sha256", ""),
                 "MLflow run": run_id,
                 "differential privacy": dp.describe() if dp is not None else "none (trained without trainer.privacy)",
+                "attacks' and segmenters' precision": precision,
             }
             report = write_text(
                 out / "report.html",
@@ -262,6 +269,7 @@ def evaluate(
                 ),
             )
 
+        tracker.log_params(run_id, {"precision_used": precision})
         _log_results(tracker, run_id, parent_run_id, figures, result, (metrics_path, report, *pictures.values()))
         _describe_runs(tracker, run_id, parent_run_id, result, report=report)
         if dp is not None:

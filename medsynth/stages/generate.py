@@ -13,6 +13,7 @@ set again leaves one copy on the server.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from medsynth import ConfigError, MedsynthError, __version__
+from medsynth.compute import resolve_precision
 from medsynth.config.schema import to_mapping
 from medsynth.config.settings import (
     EncoderSettings,
@@ -84,6 +86,10 @@ def generate(
     config = {"generate": to_mapping(settings), "encoder": to_mapping(encoder), "privacy": to_mapping(privacy)}
     with stage_run(run, "generate", config, tracker=tracker, parent_run_id=parent_run_id) as (tracker, run_id):
         device = pick_device(run.device)
+        # auto becomes what it means on this device: the fingerprint, the manifest and the sampler see that
+        settings = dataclasses.replace(
+            settings, precision=resolve_precision(settings.precision, device, key="generate.precision")
+        )
         manifest = read_manifest(run.paths.data)
         checkpoint = settings.checkpoint or f"{run.paths.checkpoints}/last.pt"
         generator = _load_generator(checkpoint, manifest, run, device)
@@ -181,6 +187,7 @@ def generate(
                 "checkpoint_sha256": checkpoint_hash,
                 "num_samples": settings.num_samples,
                 "label_source": settings.labels.source if generator.conditioning == "mask" else "none",
+                "precision_used": settings.precision,
                 **{f"privacy_gate_{k}": v for k, v in gate_description.items()},
             },
         )
@@ -401,6 +408,7 @@ def _common_columns(
         "steps": settings.steps,
         "eta": settings.eta,
         "guidance_scale": settings.guidance_scale if generator.guided else "",
+        "precision": settings.precision,
         "label_generator_sha256": label_hash,
         "gate_method": gate_method,
         **dp_columns(dp),

@@ -62,6 +62,7 @@ MANIFEST_COLUMNS = (
     "steps",
     "eta",
     "guidance_scale",
+    "precision",
     "label_generator_sha256",
     "privacy_gate",
     "gate_pixel_nearness",

@@ -9,6 +9,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from torch import nn
 
+from medsynth.compute import layout
 from medsynth.data import LabelledArrays, infinite_batches
 from medsynth.training.loop import train
 
@@ -25,6 +26,7 @@ def train_segmenter(
     seed: int = 0,
     flip_dims: Sequence[int] = (0,),
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
     progress: bool = False,
     desc: str = "segmenter",
 ) -> nn.Module:
@@ -41,6 +43,8 @@ def train_segmenter(
         seed: Seed for initialisation and batches.
         flip_dims: Spatial axes of random flip augmentation.
         device: Where to train.
+        precision: ``fp32``, or ``bf16`` autocast for the forward pass and loss (the weights and
+            the optimiser stay in float32).
         progress: Show a progress bar.
         desc: Progress bar label.
 
@@ -56,12 +60,13 @@ def train_segmenter(
         strides=(2,) * (len(channels) - 1),
         num_res_units=1,
     ).to(device)
+    model.to(memory_format=layout(spatial_dims))  # type: ignore[call-overload]  # torch accepts it; its stubs lack the keyword
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
     batches = infinite_batches(data, batch_size=batch_size, seed=seed, flip_dims=flip_dims)
 
     def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, ...], step: int) -> torch.Tensor:
         images, labels, _ = batch
-        return criterion(m(images.to(device)), labels.to(device))
+        return criterion(m(images.to(device, memory_format=layout(images.dim() - 2))).float(), labels.to(device))
 
     train(
         model,
@@ -69,6 +74,7 @@ def train_segmenter(
         batches=batches,
         optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
         max_steps=steps,
+        precision=precision,
         progress=progress,
         desc=desc,
     )
