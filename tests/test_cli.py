@@ -135,8 +135,9 @@ def test_the_log_holds_medsynth_not_library_chatter(tmp_path: Path) -> None:
     lines = (result.stdout + result.stderr).splitlines()
     assert any("[medsynth][INFO] - generate:" in line for line in lines)
     assert not [line for line in lines if "[highdicom" in line], "highdicom INFO records reached the log"
+    # generate alone writes the DICOM series, from the model the run trained, into a folder of its own
     env_result = subprocess.run(
-        [sys.executable, "-m", "medsynth.cli", *args, "paths.output=verbose"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=300, env={**os.environ, "MEDSYNTH_LIBRARY_LOGS": "1"})
+        [sys.executable, "-m", "medsynth.cli", "generate", *args[1:], f"paths.synthetic={tmp_path / 'verbose'}"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MEDSYNTH_LIBRARY_LOGS": "1"})
     assert env_result.returncode == 0, env_result.stderr[-3000:]
     assert any("[highdicom" in line for line in (env_result.stdout + env_result.stderr).splitlines())
