@@ -227,7 +227,7 @@ def crafted_file(trained: dict[str, Any], case: Case, planted: Planted, folder: 
     return path, pattern
 
 
-def refused(call: Callable[[], Any], *, pattern: str, names: str, planted: Planted) -> str:
+def assert_refused(call: Callable[[], Any], *, pattern: str, names: str, planted: Planted) -> str:
     """``call`` raises one line that names ``names`` (the file) and matches ``pattern`` (the key); nothing planted changed."""
     with pytest.raises(MedsynthError) as err:
         call()
@@ -254,7 +254,7 @@ ids = [case.id for case in CASES]
 @pytest.mark.parametrize("case", CASES, ids=ids)
 def test_generator_from_checkpoint_refuses(case: Case, trained: dict[str, Any], planted: Planted, tmp_path: Path) -> None:
     path, pattern = crafted_file(trained, case, planted, tmp_path)
-    refused(lambda: Generator.from_checkpoint(path), pattern=pattern, names=str(path), planted=planted)
+    assert_refused(lambda: Generator.from_checkpoint(path), pattern=pattern, names=str(path), planted=planted)
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
@@ -263,7 +263,7 @@ def test_generate_refuses(case: Case, trained: dict[str, Any], planted: Planted,
     path, pattern = crafted_file(trained, case, planted, tmp_path)
     cfg = trained["cfg"]
     settings = with_paths(cfg, tmp_path, generate=dataclasses.replace(cfg.generate, checkpoint=str(path)))
-    refused(lambda: run_stage("generate", settings), pattern=pattern, names=str(path), planted=planted)
+    assert_refused(lambda: run_stage("generate", settings), pattern=pattern, names=str(path), planted=planted)
     assert not (Path(settings.paths.synthetic) / "manifest.csv").exists()
 
 
@@ -273,7 +273,7 @@ def test_resume_refuses(case: Case, trained: dict[str, Any], planted: Planted, t
     path, pattern = crafted_file(trained, case, planted, tmp_path)
     cfg = trained["cfg"]
     settings = with_paths(cfg, tmp_path, trainer=dataclasses.replace(cfg.trainer, resume=str(path), max_steps=3))
-    refused(lambda: run_stage("train", settings), pattern=pattern, names=str(path), planted=planted)
+    assert_refused(lambda: run_stage("train", settings), pattern=pattern, names=str(path), planted=planted)
     assert not list(Path(settings.paths.checkpoints).glob("*.pt"))
 
 
@@ -294,7 +294,7 @@ def test_evaluate_refuses(case: Case, trained: dict[str, Any], planted: Planted,
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    refused(lambda: run_stage("evaluate", settings), pattern=pattern, names=str(path), planted=planted)
+    assert_refused(lambda: run_stage("evaluate", settings), pattern=pattern, names=str(path), planted=planted)
     assert not (Path(settings.paths.evaluation) / "metrics.json").exists()
 
 
@@ -314,7 +314,7 @@ def test_run_id_and_registered_model_refuse(case: Case, trained: dict[str, Any],
     source = f"{client.get_run(run_id).info.artifact_uri}/generator"
     version = client.create_model_version(REGISTERED, source, run_id=run_id).version
     for name in (run_id, f"runs:/{run_id}", f"models:/{REGISTERED}/{version}"):
-        refused(lambda: Generator.from_checkpoint(name, tracking_uri=trained["uri"], download_dir=tmp_path / "downloads"),
+        assert_refused(lambda: Generator.from_checkpoint(name, tracking_uri=trained["uri"], download_dir=tmp_path / "downloads"),
                 pattern=pattern, names=name, planted=planted)
 
 
@@ -366,7 +366,7 @@ def test_autoencoder_cache_refuses(case: str, latent: dict[str, Any], planted: P
         pattern = re.escape("model.autoencoder.network.channels[1]._target_")
     path = tmp_path / "autoencoder.pt"
     torch.save(cache, path)
-    refused(lambda: _fit(latent, path), pattern=pattern, names=str(path), planted=planted)
+    assert_refused(lambda: _fit(latent, path), pattern=pattern, names=str(path), planted=planted)
 
 
 def test_train_stage_refuses_a_crafted_autoencoder_cache(latent: dict[str, Any], planted: Planted, tmp_path: Path) -> None:
@@ -377,7 +377,7 @@ def test_train_stage_refuses_a_crafted_autoencoder_cache(latent: dict[str, Any],
     path = Path(settings.paths.checkpoints) / "autoencoder.pt"
     path.parent.mkdir(parents=True)
     torch.save(cache, path)
-    refused(lambda: run_stage("train", settings), pattern=re.escape(repr(key)), names=str(path), planted=planted)
+    assert_refused(lambda: run_stage("train", settings), pattern=re.escape(repr(key)), names=str(path), planted=planted)
     assert [p.name for p in path.parent.iterdir()] == ["autoencoder.pt"]
 
 
@@ -412,7 +412,7 @@ def test_encoder_cache_refuses(case: str, trained: dict[str, Any], planted: Plan
         pattern = re.escape("encoder._target_")
     path = data / "encoder.pt"
     torch.save(saved, path)
-    refused(lambda: saved_encoder(data, settings=cfg.encoder), pattern=pattern, names=str(path), planted=planted)
+    assert_refused(lambda: saved_encoder(data, settings=cfg.encoder), pattern=pattern, names=str(path), planted=planted)
 
 
 def test_generate_refuses_a_crafted_encoder_cache(trained: dict[str, Any], planted: Planted, tmp_path: Path) -> None:
@@ -424,7 +424,7 @@ def test_generate_refuses_a_crafted_encoder_cache(trained: dict[str, Any], plant
     settings = dataclasses.replace(with_paths(trained["cfg"], tmp_path), paths=dataclasses.replace(
         PathsSettings.under(str(tmp_path / "out")), data=str(data)))
     settings = dataclasses.replace(settings, generate=dataclasses.replace(settings.generate, checkpoint=str(trained["checkpoint"])))
-    refused(lambda: run_stage("generate", settings), pattern=re.escape(repr(key)), names=str(data / "encoder.pt"),
+    assert_refused(lambda: run_stage("generate", settings), pattern=re.escape(repr(key)), names=str(data / "encoder.pt"),
             planted=planted)
     assert not (Path(settings.paths.synthetic) / "manifest.csv").exists()
 

@@ -428,7 +428,7 @@ BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], str, str]] = [
 ]
 
 
-def _clean_refusal(status: int, body: bytes, reason: str) -> None:
+def _assert_clean_refusal(status: int, body: bytes, reason: str) -> None:
     """A 400 whose JSON body is ``{"error_code", "message"}`` with the reason alone: no traceback, no echo."""
     assert status == 400, (status, body[:500])
     answer = json.loads(body)
@@ -477,7 +477,7 @@ def test_concurrent_clients_get_answers_and_bad_requests_get_400(server: dict[st
         predictions = json.loads(body)["predictions"]
         assert len(predictions) == 2 and all(p["shape"] == [16, 16] for p in predictions)
     for status, body, reason in bad:
-        _clean_refusal(status, body, reason)
+        _assert_clean_refusal(status, body, reason)
 
 
 def _load_benchmark() -> Any:
@@ -522,7 +522,7 @@ def test_oversize_chunked_body_is_refused(server: dict[str, Any]) -> None:
         connection.request("POST", "/invocations", body=iter(chunks), headers={"Content-Type": "application/json"},
                            encode_chunked=True)
         response = connection.getresponse()
-        _clean_refusal(response.status, response.read(), "the request body has more than 20000 bytes; at most 20000 "
+        _assert_clean_refusal(response.status, response.read(), "the request body has more than 20000 bytes; at most 20000 "
                                                           "per request (MEDSYNTH_SERVE_MAX_BODY_BYTES): send fewer rows")
     finally:
         connection.close()

@@ -386,7 +386,7 @@ def membership_errors(
                     batch_size=batch_size,
                     on_batch=bar.update,
                 )
-            out[attack] = errors.float().numpy()
+            out[attack] = errors.numpy()  # summed in float32 by the attack
     bar.close()
     return out
 

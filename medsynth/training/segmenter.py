@@ -60,13 +60,14 @@ def train_segmenter(
         strides=(2,) * (len(channels) - 1),
         num_res_units=1,
     ).to(device)
-    model.to(memory_format=layout(spatial_dims))  # type: ignore[call-overload]  # torch accepts it; its stubs lack the keyword
+    memory_format = layout(spatial_dims)
+    model.to(memory_format=memory_format)  # type: ignore[call-overload]  # torch accepts it; its stubs lack the keyword
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
     batches = infinite_batches(data, batch_size=batch_size, seed=seed, flip_dims=flip_dims)
 
     def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, ...], step: int) -> torch.Tensor:
         images, labels, _ = batch
-        return criterion(m(images.to(device, memory_format=layout(images.dim() - 2))).float(), labels.to(device))
+        return criterion(m(images.to(device, memory_format=memory_format)).float(), labels.to(device))
 
     train(
         model,
